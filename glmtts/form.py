@@ -1,0 +1,231 @@
+"""Decode an HTTP form body the way upstream's stack (Starlette + python-multipart) does.
+
+Upstream reads a form for every endpoint that declares form fields:
+- ``multipart/form-data`` and ``application/x-www-form-urlencoded`` are parsed (media type
+  matched case-insensitively, parameters ignored except the multipart ``boundary``/``charset``);
+- any other or no ``Content-Type`` gives an *empty* form, so the endpoint reports its required
+  fields as missing (422), never 415;
+- a parse failure is ``400 {"detail": ...}`` with Starlette's wording where it has one.
+
+Where upstream silently accepts something ambiguous we answer 400 instead (see docs/contract.md,
+"Stricter than upstream"): duplicate declared fields are checked by the caller, text that is not
+valid in its charset, and a multipart body cut off before its closing boundary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from urllib.parse import unquote_to_bytes
+
+from glmtts.errors import HTTPDetailError
+
+MAX_FIELDS = 1000  # Starlette's default max_fields / max_files
+MAX_FILES = 1000
+MAX_FIELD_BYTES = 1024 * 1024  # Starlette's max_part_size for non-file parts and urlencoded fields
+MAX_PART_HEADER_BYTES = 16 * 1024  # one part's header block; python-multipart has no bound, we do
+MAX_BOUNDARY_LENGTH = 70  # RFC 2046 section 5.1.1
+
+INVALID_MULTIPART = "Invalid multipart data."
+
+
+class FormError(HTTPDetailError):
+    """The body is not a well-formed form (400)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(400, detail)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadedFile:
+    """A multipart part sent with a ``filename``."""
+
+    filename: str
+    content_type: str | None
+    data: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+FormValue = str | UploadedFile
+
+
+@dataclass(frozen=True)
+class FormData:
+    """The ordered (name, value) items of a form; duplicates are kept for the caller to judge."""
+
+    items: tuple[tuple[str, FormValue], ...] = ()
+    _by_name: dict[str, list[FormValue]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, value in self.items:
+            self._by_name.setdefault(name, []).append(value)
+
+    def getlist(self, name: str) -> list[FormValue]:
+        return list(self._by_name.get(name, ()))
+
+    def get(self, name: str) -> FormValue | None:
+        """The last value under ``name`` (Starlette's choice), or None."""
+        values = self._by_name.get(name)
+        return values[-1] if values else None
+
+    def names(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
+    """Split a Content-Type into its lower-cased media type and its parameters."""
+    if not content_type:
+        return "", {}
+    head, _, rest = content_type.partition(";")
+    return head.strip().lower(), _parse_params(rest)
+
+
+def parse_form(content_type: str | None, body: bytes) -> FormData:
+    """Parse a request body into FormData, or raise FormError (400)."""
+    kind, params = media_type(content_type)
+    if kind == "multipart/form-data":
+        boundary = params.get("boundary")
+        if boundary is None:
+            raise FormError("Missing boundary in multipart.")
+        return _parse_multipart(body, boundary, params.get("charset", "utf-8"))
+    if kind == "application/x-www-form-urlencoded":
+        return _parse_urlencoded(body)
+    return FormData()
+
+
+# --- urlencoded -----------------------------------------------------------------------------
+
+
+def _parse_urlencoded(body: bytes) -> FormData:
+    items: list[tuple[str, FormValue]] = []
+    for chunk in body.split(b"&"):
+        if not chunk:
+            continue
+        if len(items) >= MAX_FIELDS:
+            raise FormError(f"Too many fields. Maximum number of fields is {MAX_FIELDS}.")
+        raw_name, _, raw_value = chunk.partition(b"=")
+        if len(raw_value) > MAX_FIELD_BYTES:
+            raise FormError(f"Field exceeded maximum size of {MAX_FIELD_BYTES // 1024}KB.")
+        name = _percent_decode(raw_name, what="field name")
+        items.append((name, _percent_decode(raw_value, what=f"form field '{name}'")))
+    return FormData(tuple(items))
+
+
+def _percent_decode(raw: bytes, *, what: str) -> str:
+    try:
+        return unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormError(f"Invalid UTF-8 in {what}.") from None
+
+
+# --- multipart ------------------------------------------------------------------------------
+
+_TOKEN_PARAM = re.compile(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)', re.S)
+
+
+def _parse_params(text: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for match in _TOKEN_PARAM.finditer(text):
+        key, value = match.group(1).lower(), match.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params.setdefault(key, value)
+    return params
+
+
+def _parse_multipart(body: bytes, boundary_text: str, charset: str) -> FormData:
+    if not boundary_text or len(boundary_text) > MAX_BOUNDARY_LENGTH:
+        raise FormError(f"Invalid multipart boundary: must be 1 to {MAX_BOUNDARY_LENGTH} characters.")
+    try:
+        b"".decode(charset)
+    except LookupError:
+        raise FormError(f"Unknown charset '{charset}' in Content-Type.") from None
+    delimiter = b"--" + boundary_text.encode("latin-1", "replace")
+    # python-multipart skips blank lines before the first boundary and rejects anything else.
+    pos = 0
+    while body.startswith(b"\r\n", pos):
+        pos += 2
+    if not body.startswith(delimiter, pos):
+        if not body[pos:]:
+            return FormData()
+        raise FormError(INVALID_MULTIPART)
+    pos += len(delimiter)
+    separator = b"\r\n" + delimiter
+    items: list[tuple[str, FormValue]] = []
+    files = fields = 0
+    while True:
+        if body.startswith(b"--", pos):
+            return FormData(tuple(items))  # closing delimiter; the epilogue is ignored
+        if not body.startswith(b"\r\n", pos):
+            raise FormError(INVALID_MULTIPART if pos < len(body) else _UNTERMINATED)
+        headers_end = body.find(b"\r\n\r\n", pos + 2)
+        if headers_end < 0 or headers_end - pos > MAX_PART_HEADER_BYTES:
+            if headers_end < 0 and len(body) - pos <= MAX_PART_HEADER_BYTES:
+                raise FormError(_UNTERMINATED)
+            raise FormError(f"Part headers exceed {MAX_PART_HEADER_BYTES // 1024}KB.")
+        headers = _part_headers(body[pos + 2 : headers_end])
+        data_start = headers_end + 4
+        data_end = body.find(separator, data_start)
+        if data_end < 0:
+            raise FormError(_UNTERMINATED)
+        name, filename = _disposition(headers, charset)
+        data = body[data_start:data_end]
+        pos = data_end + len(separator)
+        if filename is None:
+            fields += 1
+            if fields > MAX_FIELDS:
+                raise FormError(f"Too many fields. Maximum number of fields is {MAX_FIELDS}.")
+            if len(data) > MAX_FIELD_BYTES:
+                raise FormError(f"Part exceeded maximum size of {MAX_FIELD_BYTES // 1024}KB.")
+            items.append((name, _decode(data, charset, f"form field '{name}'")))
+            continue
+        files += 1
+        if files > MAX_FILES:
+            raise FormError(f"Too many files. Maximum number of files is {MAX_FILES}.")
+        if filename == "":
+            continue  # what a browser sends for an empty file input; upstream sees no file
+        content_type = next((v for k, v in headers if k == "content-type"), None)
+        items.append((name, UploadedFile(filename=filename, content_type=content_type, data=data,
+                                         headers=tuple(headers))))
+
+
+_UNTERMINATED = "Invalid multipart data: the body ends before the closing boundary."
+
+
+def _part_headers(block: bytes) -> list[tuple[str, str]]:
+    headers: list[tuple[str, str]] = []
+    for line in block.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon or not name.strip() or b"\n" in line or b"\r" in line or b"\0" in line:
+            raise FormError(INVALID_MULTIPART)
+        headers.append((name.strip().decode("latin-1").lower(), value.strip().decode("latin-1")))
+    return headers
+
+
+def _disposition(headers: list[tuple[str, str]], charset: str) -> tuple[str, str | None]:
+    raw = next((v for k, v in headers if k == "content-disposition"), "")
+    _, _, rest = raw.partition(";")
+    params = _parse_params(rest)
+    if "name" not in params:
+        raise FormError('The Content-Disposition header field "name" must be provided.')
+    # Header bytes were read as latin-1; names and filenames may be UTF-8 (RFC 7578 section 5.1).
+    name = _decode(params["name"].encode("latin-1", "replace"), charset, "a form field name")
+    filename = params.get("filename")
+    if filename is not None:
+        filename = _decode(filename.encode("latin-1", "replace"), charset, f"the filename of '{name}'")
+    return name, filename
+
+
+def _decode(data: bytes, charset: str, what: str) -> str:
+    try:
+        return data.decode(charset)
+    except UnicodeDecodeError:
+        raise FormError(f"Invalid {charset} in {what}.") from None

@@ -1,0 +1,580 @@
+"""The sidecar's configuration: YAML in, validated and frozen pydantic models out.
+
+Everything is checked once, at load (and again on reload): unknown keys, wrong types, impossible
+values and cross-field conflicts become one `ConfigError` listing every problem as
+`key.path: problem`. Nothing is re-read or re-validated at use.
+
+A new section is one more `ConfigSection` subclass and one more field on `SidecarConfig`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import os
+import re
+import shlex
+import string
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "PLACEHOLDERS",
+    "BackendSpec",
+    "BackendsConfig",
+    "ConfigError",
+    "ConfigSection",
+    "HealthConfig",
+    "LimitsConfig",
+    "ListenConfig",
+    "LoggingConfig",
+    "QueueConfig",
+    "RestartConfig",
+    "ShutdownConfig",
+    "SidecarConfig",
+    "default_config_path",
+    "default_config_text",
+    "load_config",
+    "parse_config",
+]
+
+# Placeholders that `backends.command` and `backends.env` values may use.
+PLACEHOLDERS = ("port", "gpu", "index", "python", "host")
+_SAMPLE_VALUES: dict[str, object] = {
+    "port": 18050, "gpu": "0", "index": 0, "python": "python3", "host": "127.0.0.1",
+}
+_GPU_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+Key = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` holds one `key.path: problem` line each."""
+
+    def __init__(self, source: str, problems: Iterable[str]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"invalid configuration in {source}:\n{lines}")
+
+
+class _Problems(ValueError):
+    """Raised by validators: problems keyed *relative to the value being validated*."""
+
+    def __init__(self, problems: list[tuple[Key, str]]) -> None:
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
+
+
+def _raise_if(problems: list[tuple[Key, str]]) -> None:
+    if problems:
+        raise _Problems(problems)
+
+
+class ConfigSection(BaseModel):
+    """Base of every config model: unknown keys are errors and values never change after load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(ConfigSection):
+    host: StrictStr = Field(default="127.0.0.1", min_length=1)
+    port: StrictInt = Field(default=8049, ge=0, le=65535)  # 0: ephemeral, for tests
+
+
+class HealthConfig(ConfigSection):
+    path: StrictStr = Field(default="/api/v1/health", pattern=r"^/")
+    interval_s: StrictFloat = Field(default=2.0, gt=0)
+    timeout_s: StrictFloat = Field(default=2.0, gt=0)
+    start_timeout_s: StrictFloat = Field(default=120.0, gt=0)
+
+
+class RestartConfig(ConfigSection):
+    backoff_initial_s: StrictFloat = Field(default=0.5, gt=0)
+    backoff_max_s: StrictFloat = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _max_not_below_initial(self) -> RestartConfig:
+        if self.backoff_max_s < self.backoff_initial_s:
+            problem = f"must be >= backoff_initial_s ({self.backoff_initial_s})"
+            raise _Problems([(("backoff_max_s",), problem)])
+        return self
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendSpec:
+    """One backend of the pool: a process we start (`managed`) or an external URL."""
+
+    id: str
+    index: int
+    gpu: str | None
+    host: str
+    port: int
+    url: str
+    managed: bool
+
+
+class BackendsConfig(ConfigSection):
+    command: tuple[StrictStr, ...] = (
+        "{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", "0.05", "--seed", "{index}",
+    )
+    cwd: Path | None = None  # absolute after load; relative paths are taken from the config file's directory
+    env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    host: StrictStr = Field(default="127.0.0.1", min_length=1)
+    gpus: tuple[StrictStr, ...] = ("0", "1")
+    processes_per_gpu: StrictInt = Field(default=1, ge=1)
+    base_port: StrictInt = Field(default=18050, ge=1, le=65535)
+    slots: StrictInt = Field(default=1, ge=1)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    restart: RestartConfig = Field(default_factory=RestartConfig)
+    stop_grace_s: StrictFloat = Field(default=10.0, ge=0)
+    request_timeout_s: StrictFloat = Field(default=900.0, gt=0)
+    external: tuple[StrictStr, ...] = ()  # normalised to scheme://host:port at load
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split_command(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return shlex.split(value)
+            except ValueError as exc:
+                raise ValueError(f"cannot split the command string: {exc}") from None
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, command: tuple[str, ...]) -> tuple[str, ...]:
+        if not command:
+            raise ValueError("must name a program to run")
+        _raise_if([((i,), p) for i, arg in enumerate(command) if (p := _template_problem(arg))])
+        return command
+
+    @field_validator("cwd", mode="before")
+    @classmethod
+    def _resolve_cwd(cls, value: object, info: ValidationInfo) -> object:
+        if value is None:
+            return None
+        if not isinstance(value, str | os.PathLike) or not str(value):
+            raise ValueError("must be a directory path or null")
+        path = Path(value).expanduser()
+        base_dir = (info.context or {}).get("base_dir") or Path.cwd()
+        return Path(os.path.normpath(Path(base_dir) / path))
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _stringify_env(cls, value: object) -> object:
+        # `OMP_NUM_THREADS: 4` is what people write; bools stay errors (is it "true" or "1"?).
+        if isinstance(value, Mapping):
+            return {k: _int_to_str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
+        problems: list[tuple[Key, str]] = []
+        for name, template in env.items():
+            if not _ENV_NAME.fullmatch(name):
+                problems.append(((name,), "not a valid environment variable name"))
+            elif problem := _template_problem(template):
+                problems.append(((name,), problem))
+        _raise_if(problems)
+        return env
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _stringify_gpus(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            return [_int_to_str(v) for v in value]
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _check_gpus(cls, gpus: tuple[str, ...]) -> tuple[str, ...]:
+        problems: list[tuple[Key, str]] = []
+        first_at: dict[str, int] = {}
+        for i, gpu in enumerate(gpus):
+            if not _GPU_ID.fullmatch(gpu):
+                problems.append(((i,), f"GPU id {gpu!r} must be letters, digits and _ . : - only"))
+            elif gpu in first_at:
+                problems.append(((i,), f"duplicate GPU id {gpu!r} (also gpus[{first_at[gpu]}])"))
+            else:
+                first_at[gpu] = i
+        _raise_if(problems)
+        return gpus
+
+    @field_validator("external")
+    @classmethod
+    def _check_external(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        problems: list[tuple[Key, str]] = []
+        normalised: list[str] = []
+        for i, url in enumerate(urls):
+            try:
+                scheme, host, port = _parse_backend_url(url)
+            except ValueError as exc:
+                problems.append(((i,), str(exc)))
+                continue
+            canonical = f"{scheme}://{_url_host(host)}:{port}"
+            if canonical in normalised:
+                problems.append(((i,), f"duplicate external backend {canonical}"))
+            normalised.append(canonical)
+        _raise_if(problems)
+        return tuple(normalised)
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> BackendsConfig:
+        problems: list[tuple[Key, str]] = []
+        count = self.managed_count
+        if not self.gpus and not self.external:
+            problems.append((("gpus",), "must list at least one GPU when there are no external backends"))
+        last_port = self.base_port + count - 1
+        if count and last_port > 65535:
+            problems.append((
+                ("base_port",),
+                f"{count} backends need ports {self.base_port}..{last_port}, past 65535",
+            ))
+        templates = [*self.command, *self.env.values()]
+        if count and not any("port" in _placeholder_names(t) for t in templates):
+            problems.append((
+                ("command",),
+                "must use {port} (in the command or env) so each backend listens on its own port",
+            ))
+        for spec in self.layout():
+            if not spec.managed and spec.host == self.host and self._in_managed_range(spec.port):
+                problems.append((
+                    ("external", spec.index - count),
+                    f"port {spec.port} is inside the managed range starting at base_port {self.base_port}",
+                ))
+        _raise_if(problems)
+        return self
+
+    @property
+    def managed_count(self) -> int:
+        return len(self.gpus) * self.processes_per_gpu
+
+    def _in_managed_range(self, port: int) -> bool:
+        return self.base_port <= port < self.base_port + self.managed_count
+
+    def command_argv(self, *, port: int, gpu: str, index: int, python: str, host: str) -> list[str]:
+        """The argv of managed backend `index`, placeholders substituted (`{{`/`}}` are literal)."""
+        values = {"port": port, "gpu": gpu, "index": index, "python": python, "host": host}
+        return [arg.format(**values) for arg in self.command]
+
+    def environment(self, *, port: int, gpu: str, index: int, python: str, host: str) -> dict[str, str]:
+        """The extra environment of managed backend `index` (to be laid over the sidecar's own)."""
+        values = {"port": port, "gpu": gpu, "index": index, "python": python, "host": host}
+        return {name: template.format(**values) for name, template in self.env.items()}
+
+    def layout(self) -> list[BackendSpec]:
+        """Managed processes GPU by GPU on consecutive ports from `base_port`, then externals."""
+        specs = [
+            BackendSpec(
+                id=f"gpu{gpu}-{k}",
+                index=index,
+                gpu=gpu,
+                host=self.host,
+                port=self.base_port + index,
+                url=f"http://{_url_host(self.host)}:{self.base_port + index}",
+                managed=True,
+            )
+            for index, (gpu, k) in enumerate(
+                (gpu, k) for gpu in self.gpus for k in range(self.processes_per_gpu)
+            )
+        ]
+        for j, url in enumerate(self.external):
+            _, host, port = _parse_backend_url(url)
+            specs.append(BackendSpec(
+                id=f"ext-{j}", index=len(specs), gpu=None, host=host, port=port, url=url, managed=False,
+            ))
+        return specs
+
+
+class LimitsConfig(ConfigSection):
+    max_body_bytes: StrictInt = Field(default=20 * 1024 * 1024, ge=1024)
+    max_text_chars: StrictInt = Field(default=10_000, ge=1)
+
+
+class QueueConfig(ConfigSection):
+    max_size: StrictInt = Field(default=100, ge=1)
+
+
+class ShutdownConfig(ConfigSection):
+    drain_timeout_s: StrictFloat = Field(default=30.0, ge=0)
+
+
+class LoggingConfig(ConfigSection):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    backend_output: StrictBool = True
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class SidecarConfig(ConfigSection):
+    """The whole file. Every section is optional, so `{}` is a valid configuration."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    backends: BackendsConfig = Field(default_factory=BackendsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check_addresses(self) -> SidecarConfig:
+        problems: list[tuple[Key, str]] = []
+        listen, backends = self.listen, self.backends
+        if listen.port and backends.managed_count and backends._in_managed_range(listen.port):
+            problems.append((
+                ("backends", "base_port"),
+                f"backend ports {backends.base_port}..{backends.base_port + backends.managed_count - 1} "
+                f"include listen.port {listen.port}",
+            ))
+        for spec in backends.layout():
+            if not spec.managed and _is_own_address(spec.host, spec.port, listen):
+                problems.append((
+                    ("backends", "external", spec.index - backends.managed_count),
+                    f"{spec.url} is the sidecar's own listen address",
+                ))
+        _raise_if(problems)
+        return self
+
+    def check_paths(self, source: str = "<config>") -> None:
+        """Check what lies outside the file (directories exist); raise ConfigError if not.
+
+        `load_config`/`parse_config` call this unless told not to, so a validated config has
+        been checked against this machine; pass `check_paths=False` to validate a file meant for
+        another machine (e.g. the production example on a laptop).
+        """
+        cwd = self.backends.cwd
+        if cwd is not None and not cwd.is_dir():
+            raise ConfigError(source, [f"backends.cwd: not an existing directory: {cwd}"])
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+_SOURCE_TREE_DEFAULT = Path(__file__).resolve().parent.parent / "config" / "sidecar.yaml"
+
+
+def default_config_path() -> Path:
+    """`config/sidecar.yaml` in a source checkout, else the packaged `scheduler/default_config.yaml`."""
+    if _SOURCE_TREE_DEFAULT.is_file():
+        return _SOURCE_TREE_DEFAULT
+    return Path(str(importlib.resources.files("scheduler") / "default_config.yaml"))
+
+
+def default_config_text() -> str:
+    """The default config file, comments included (for `--print-default-config`)."""
+    return default_config_path().read_text(encoding="utf-8")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, check_paths: bool = True) -> SidecarConfig:
+    """Read, validate and freeze a config file (None: the default). Raises ConfigError.
+
+    Relative paths inside the file (`backends.cwd`) are taken from the file's directory.
+    """
+    file = default_config_path() if path is None else Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(file), [f"cannot read the file: {exc}"]) from None
+    return parse_config(text, str(file), base_dir=file.resolve().parent, check_paths=check_paths)
+
+
+def parse_config(
+    text: str,
+    source: str = "<string>",
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    check_paths: bool = True,
+) -> SidecarConfig:
+    """Validate YAML text; `source` names it in errors; relative paths start at `base_dir` (default: cwd)."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(source, [_yaml_problem(source, exc)]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"YAML error: {exc}"]) from None
+    if data is None:  # an empty file: all defaults
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"top level must be a mapping of sections, got {_type_name(data)}"])
+    context = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd()}
+    try:
+        config = SidecarConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise ConfigError(source, _problem_lines(exc)) from None
+    if check_paths:
+        config.check_paths(source)
+    return config
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r}", key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(source: str, exc: yaml.MarkedYAMLError) -> str:
+    mark, context_mark = exc.problem_mark, exc.context_mark
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}: " if mark else f"{source}: "
+    message = f"{where}YAML syntax error: {exc.problem or exc.context}"
+    if exc.context and exc.problem:
+        started = ""
+        if context_mark:
+            started = f" started at line {context_mark.line + 1}, column {context_mark.column + 1}"
+        message += f" ({exc.context}{started})"
+    return message
+
+
+def _problem_lines(exc: ValidationError) -> list[str]:
+    lines: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, _Problems):
+            lines.extend(f"{_key_path(loc + key)}: {message}" for key, message in cause.problems)
+        elif error["type"] == "extra_forbidden":
+            lines.append(f"{_key_path(loc)}: {_unknown_key_message(loc)}")
+        else:
+            message = str(cause) if isinstance(cause, ValueError) else _lower_first(error["msg"])
+            if not isinstance(error["input"], dict):
+                message += f" (got {_short_repr(error['input'])})"
+            lines.append(f"{_key_path(loc)}: {message}")
+    return lines
+
+
+def _key_path(loc: Key) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            path += f".{part}" if path else part
+        else:
+            path += f"[{part!r}]"
+    return path or "(top level)"
+
+
+def _unknown_key_message(loc: Key) -> str:
+    known = _known_keys(loc[:-1])
+    if not known:
+        return "unknown key"
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key ({hint}known: {', '.join(known)})"
+
+
+def _known_keys(section: Key) -> list[str]:
+    model: type[BaseModel] = SidecarConfig
+    for part in section:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _template_problem(template: str) -> str | None:
+    """Why `template` cannot be substituted, or None when it can."""
+    known = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
+    try:
+        names = _placeholder_names(template)
+    except ValueError as exc:
+        return f"bad placeholder syntax ({exc}); write {{{{ or }}}} for a literal brace"
+    for name in names:
+        if name not in PLACEHOLDERS:
+            return f"unknown placeholder {{{name}}}; known: {known}"
+    try:
+        template.format(**_SAMPLE_VALUES)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+        return f"placeholder cannot be substituted ({exc!r}); known: {known}"
+    return None
+
+
+def _placeholder_names(template: str) -> list[str]:
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
+def _parse_backend_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an `http(s)://host[:port]` URL; ValueError says what is wrong."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r} must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} has no host")
+    if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{url!r} must be just scheme://host:port (no user, path, query or fragment)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    if port == 0:
+        raise ValueError(f"{url!r} has an invalid port")
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def _is_own_address(host: str, port: int, listen: ListenConfig) -> bool:
+    if port != listen.port:
+        return False
+    return host == listen.host or (listen.host in _WILDCARD_HOSTS and host in _LOOPBACK_HOSTS)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _int_to_str(value: object) -> object:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _lower_first(message: str) -> str:
+    return message[:1].lower() + message[1:] if message[1:2].islower() else message
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else type(value).__name__
