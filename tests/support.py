@@ -1,0 +1,144 @@
+"""Helpers for tests that run real processes on loopback: free ports, start, wait, clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client as httpclient
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def http(method: str, url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """One blocking HTTP exchange with exactly these headers (no default Content-Type added)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = httpclient.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.request(method, path or "/", body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(url: str, timeout: float = 10.0) -> Any:
+    status, _, body = http("GET", url, timeout=timeout)
+    assert status == 200, (url, status, body[:300])
+    return json.loads(body)
+
+
+@dataclass
+class Service:
+    """A process we started, in its own process group, with its output in a file."""
+
+    argv: list[str]
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        # Whatever the leader left in its group (it should be nothing) goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+
+def start_process(argv: Sequence[str], url: str, *, env: dict[str, str] | None = None,
+                  cwd: Path | None = None) -> Service:
+    log = tempfile.NamedTemporaryFile(prefix="glmtts-test-", suffix=".log", delete=False)  # noqa: SIM115
+    # The checkout's packages win even when a process runs elsewhere (cwd) or nothing is installed.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            cwd=cwd or ROOT, env={**os.environ, "PYTHONPATH": path, **(env or {})},
+                            start_new_session=True)
+    log.close()
+    return Service(argv=list(argv), url=url, proc=proc, log_path=Path(log.name))
+
+
+def wait_http(service: Service, path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not service.alive():
+            raise AssertionError(f"{service.argv} exited {service.proc.returncode}:\n{service.output()}")
+        try:
+            status, _, _ = http("GET", service.url + path, timeout=2.0)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{service.argv} not answering {path} after {timeout} s:\n{service.output()}")
+
+
+def start_emulator(*args: str, env: dict[str, str] | None = None, time_scale: float = 0.01,
+                   wait: bool = True, cwd: Path | None = None) -> Service:
+    port = free_port()
+    argv = [sys.executable, "-m", "glmtts.emulator", "--port", str(port), "--time-scale", str(time_scale),
+            *args]
+    service = start_process(argv, f"http://127.0.0.1:{port}", env=env, cwd=cwd)
+    if wait:
+        try:
+            wait_http(service, "/api/v1/health")
+        except BaseException:
+            service.stop()
+            raise
+    return service
+
+
+@contextlib.contextmanager
+def emulator(*args: str, **kwargs: Any) -> Iterator[Service]:
+    service = start_emulator(*args, **kwargs)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def pid_gone(pid: int) -> bool:
+    """True when ``pid`` no longer exists (reaped or never a zombie of ours)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "State:\tZ" in status.read_text()
