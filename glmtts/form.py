@@ -14,6 +14,7 @@ valid in its charset, and a multipart body cut off before its closing boundary.
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from glmtts.errors import HTTPDetailError
 MAX_FIELDS = 1000  # Starlette's default max_fields / max_files
 MAX_FILES = 1000
 MAX_FIELD_BYTES = 1024 * 1024  # Starlette's max_part_size for non-file parts and urlencoded fields
-MAX_PART_HEADER_BYTES = 16 * 1024  # one part's header block; python-multipart has no bound, we do
+MAX_PART_HEADER_BYTES = 16 * 1024  # one part's header block (python-multipart 0.0.34 allows 4224 bytes)
 MAX_BOUNDARY_LENGTH = 70  # RFC 2046 section 5.1.1
 
 INVALID_MULTIPART = "Invalid multipart data."
@@ -128,26 +129,35 @@ def _percent_decode(raw: bytes, *, what: str) -> str:
 
 # --- multipart ------------------------------------------------------------------------------
 
-_TOKEN_PARAM = re.compile(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)', re.S)
+_TOKEN_PARAM = re.compile(r'[ \t]*([^\s=;]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;]*)[ \t]*(?:;|$)', re.S | re.ASCII)
+# Codecs that decode bytes to text but can yield lone surrogates or are not charsets at all.
+_NOT_CHARSETS = frozenset({"utf-7", "unicode-escape", "raw-unicode-escape", "punycode", "idna"})
 
 
 def _parse_params(text: str) -> dict[str, str]:
+    """Content-Type / Content-Disposition parameters; a repeated one: the last wins, as upstream."""
     params: dict[str, str] = {}
     for match in _TOKEN_PARAM.finditer(text):
-        key, value = match.group(1).lower(), match.group(2).strip()
+        key, value = match.group(1).lower(), match.group(2).strip(" \t")
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        params.setdefault(key, value)
+        params[key] = value
     return params
+
+
+def _check_charset(charset: str) -> None:
+    try:
+        info = codecs.lookup(charset)
+    except (LookupError, ValueError, UnicodeError):
+        raise FormError(f"Unknown charset {charset!r} in Content-Type.") from None
+    if not getattr(info, "_is_text_encoding", True) or info.name.replace("_", "-") in _NOT_CHARSETS:
+        raise FormError(f"Unknown charset {charset!r} in Content-Type.")
 
 
 def _parse_multipart(body: bytes, boundary_text: str, charset: str) -> FormData:
     if not boundary_text or len(boundary_text) > MAX_BOUNDARY_LENGTH:
         raise FormError(f"Invalid multipart boundary: must be 1 to {MAX_BOUNDARY_LENGTH} characters.")
-    try:
-        b"".decode(charset)
-    except LookupError:
-        raise FormError(f"Unknown charset '{charset}' in Content-Type.") from None
+    _check_charset(charset)
     delimiter = b"--" + boundary_text.encode("latin-1", "replace")
     # python-multipart skips blank lines before the first boundary and rejects anything else.
     pos = 0
@@ -164,16 +174,19 @@ def _parse_multipart(body: bytes, boundary_text: str, charset: str) -> FormData:
     while True:
         if body.startswith(b"--", pos):
             return FormData(tuple(items))  # closing delimiter; the epilogue is ignored
+        while body[pos : pos + 1] in (b" ", b"\t"):
+            pos += 1  # RFC 2046 transport padding
         if not body.startswith(b"\r\n", pos):
             raise FormError(INVALID_MULTIPART if pos < len(body) else _UNTERMINATED)
-        headers_end = body.find(b"\r\n\r\n", pos + 2)
+        # A part may have no header line at all (then upstream reports its missing name).
+        headers_end = pos if body.startswith(b"\r\n", pos + 2) else body.find(b"\r\n\r\n", pos + 2)
         if headers_end < 0 or headers_end - pos > MAX_PART_HEADER_BYTES:
             if headers_end < 0 and len(body) - pos <= MAX_PART_HEADER_BYTES:
                 raise FormError(_UNTERMINATED)
             raise FormError(f"Part headers exceed {MAX_PART_HEADER_BYTES // 1024}KB.")
-        headers = _part_headers(body[pos + 2 : headers_end])
+        headers = _part_headers(body[pos + 2 : headers_end]) if headers_end > pos else []
         data_start = headers_end + 4
-        data_end = body.find(separator, data_start)
+        data_end = _find_delimiter(body, separator, data_start)
         if data_end < 0:
             raise FormError(_UNTERMINATED)
         name, filename = _disposition(headers, charset)
@@ -192,9 +205,25 @@ def _parse_multipart(body: bytes, boundary_text: str, charset: str) -> FormData:
             raise FormError(f"Too many files. Maximum number of files is {MAX_FILES}.")
         if filename == "":
             continue  # what a browser sends for an empty file input; upstream sees no file
-        content_type = next((v for k, v in headers if k == "content-type"), None)
+        content_type = next((v for k, v in reversed(headers) if k == "content-type"), None)
         items.append((name, UploadedFile(filename=filename, content_type=content_type, data=data,
                                          headers=tuple(headers))))
+
+
+def _find_delimiter(body: bytes, separator: bytes, start: int) -> int:
+    """The next CRLF--boundary that really is a delimiter: followed by "--", padding or CRLF.
+
+    Anything else after it is part data, as python-multipart reads it.
+    """
+    while True:
+        found = body.find(separator, start)
+        if found < 0:
+            return -1
+        after = found + len(separator)
+        rest = body[after : after + 2]
+        if rest == b"--" or rest.startswith((b"\r", b" ", b"\t")) or after >= len(body) - 1:
+            return found
+        start = found + 1
 
 
 _UNTERMINATED = "Invalid multipart data: the body ends before the closing boundary."
@@ -211,7 +240,8 @@ def _part_headers(block: bytes) -> list[tuple[str, str]]:
 
 
 def _disposition(headers: list[tuple[str, str]], charset: str) -> tuple[str, str | None]:
-    raw = next((v for k, v in headers if k == "content-disposition"), "")
+    # A repeated header: the last one wins, as in python-multipart.
+    raw = next((v for k, v in reversed(headers) if k == "content-disposition"), "")
     _, _, rest = raw.partition(";")
     params = _parse_params(rest)
     if "name" not in params:
@@ -226,6 +256,8 @@ def _disposition(headers: list[tuple[str, str]], charset: str) -> tuple[str, str
 
 def _decode(data: bytes, charset: str, what: str) -> str:
     try:
-        return data.decode(charset)
-    except UnicodeDecodeError:
+        text = data.decode(charset)
+        text.encode("utf-8")  # no lone surrogates: the value must be text we can echo back
+    except UnicodeError:
         raise FormError(f"Invalid {charset} in {what}.") from None
+    return text
