@@ -1,0 +1,71 @@
+"""One health probe of a backend: `GET {url}{health.path}` as upstream's api_server answers it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from scheduler.config import HealthConfig
+
+__all__ = ["HealthResult", "ModelKey", "parse_health", "probe_health"]
+
+ModelKey = tuple[int, bool]  # (model_sample_rate, model_use_phoneme) of the loaded model
+
+_MAX_BODY_BYTES = 64 * 1024  # a health answer is ~150 bytes; never read an unbounded body
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealthResult:
+    healthy: bool
+    model_key: ModelKey | None = None  # None when no model is loaded (or the answer was unhealthy)
+    error: str | None = None  # why it is not healthy, for logs and `last_error`
+
+
+def parse_health(status: int, body: bytes) -> HealthResult:
+    """Healthy iff 200 and a JSON object with `status == "healthy"`."""
+    if status != 200:
+        return HealthResult(healthy=False, error=f"health answered HTTP {status}")
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return HealthResult(healthy=False, error="health answer is not JSON")
+    if not isinstance(data, dict):
+        return HealthResult(healthy=False, error="health answer is not a JSON object")
+    if data.get("status") != "healthy":
+        return HealthResult(healthy=False, error=f"health status is {data.get('status')!r}")
+    return HealthResult(healthy=True, model_key=_model_key(data))
+
+
+def _model_key(data: dict[str, Any]) -> ModelKey | None:
+    rate, phoneme = data.get("model_sample_rate"), data.get("model_use_phoneme")
+    if data.get("model_loaded") is not True:
+        return None
+    if isinstance(rate, int) and not isinstance(rate, bool) and isinstance(phoneme, bool):
+        return (rate, phoneme)
+    return None
+
+
+async def probe_health(session: aiohttp.ClientSession, base_url: str, config: HealthConfig) -> HealthResult:
+    """One probe, bounded by `config.timeout_s`; never raises for network or protocol failures."""
+    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+    try:
+        async with session.get(base_url + config.path, timeout=timeout, allow_redirects=False) as resp:
+            body = bytearray()
+            while chunk := await resp.content.read(_MAX_BODY_BYTES + 1 - len(body)):
+                body += chunk
+                if len(body) > _MAX_BODY_BYTES:
+                    return HealthResult(healthy=False, error="health answer is too large")
+            return parse_health(resp.status, bytes(body))
+    except asyncio.TimeoutError:
+        return HealthResult(healthy=False, error=f"health timed out after {config.timeout_s:g} s")
+    except aiohttp.ClientError as exc:
+        return HealthResult(healthy=False, error=f"health failed: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
