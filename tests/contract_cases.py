@@ -117,13 +117,17 @@ def health_ok(body: dict[str, Any]) -> None:
 
 
 def concurrency_ok(body: dict[str, Any]) -> None:
+    # The shape clients rely on; the numbers are the server's own (upstream's semaphores, or the
+    # sidecar's pool).
     assert body["success"] is True
-    for name, limit in (("short_text", 10), ("long_text", 3)):
+    for name in ("short_text", "long_text"):
         stats = body["stats"][name]
         assert {"active", "total", "limit", "available"} <= set(stats)
-        assert stats["limit"] == limit and stats["available"] == limit - stats["active"]
-    assert body["config"]["concurrency"] == {"short_text": 10, "long_text": 3, "threshold": 200}
-    assert body["config"]["timeout"] == {"short_text": 60, "medium_text": 300, "long_text": 600}
+        assert all(isinstance(stats[k], int) for k in ("active", "total", "limit", "available"))
+        assert stats["available"] <= stats["limit"]
+    assert set(body["config"]["concurrency"]) == {"short_text", "long_text", "threshold"}
+    assert set(body["config"]["timeout"]) == {"short_text", "medium_text", "long_text"}
+    assert {"queue", "workers"} <= set(body["config"])
 
 
 PROMPT_AUDIO = ("voice.wav", open(EXAMPLE_A.prompt_audio_path, "rb").read())  # noqa: SIM115

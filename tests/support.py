@@ -142,3 +142,70 @@ def pid_gone(pid: int) -> bool:
         return True
     status = Path(f"/proc/{pid}/status")
     return status.exists() and "State:\tZ" in status.read_text()
+
+
+def free_port_range(count: int, host: str = "127.0.0.1") -> int:
+    """A base port such that base .. base+count-1 are all free right now."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def sidecar_config(*, backends: int = 2, slots: int = 1, time_scale: float = 0.01,
+                   emulator_args: Sequence[str] = (), extra: str = "") -> tuple[str, int]:
+    """A sidecar YAML config on free loopback ports; returns (yaml, listen port)."""
+    port = free_port()
+    base = free_port_range(backends)
+    command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", str(time_scale),
+               "--seed", "{index}", *emulator_args]
+    text = f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+backends:
+  command: {json.dumps(command)}
+  gpus: {json.dumps([str(i) for i in range(backends)])}
+  base_port: {base}
+  slots: {slots}
+  health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
+  restart: {{backoff_initial_s: 0.2, backoff_max_s: 2.0}}
+  stop_grace_s: 5.0
+{extra}
+"""
+    return text, port
+
+
+def start_sidecar(config_text: str, port: int, tmp_dir: Path, *, wait_ready: bool = True) -> Service:
+    config = tmp_dir / f"sidecar-{port}.yaml"
+    config.write_text(config_text)
+    service = start_process([sys.executable, "-m", "scheduler", "--config", str(config)],
+                            f"http://127.0.0.1:{port}")
+    if wait_ready:
+        try:
+            wait_http(service, "/readyz", timeout=60)
+            backends = get_json(service.url + "/api/v1/health")["backends"]
+            deadline = time.monotonic() + 60
+            while any(b["state"] != "ready" for b in backends) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                backends = get_json(service.url + "/api/v1/health")["backends"]
+            assert all(b["state"] == "ready" for b in backends), backends
+        except BaseException:
+            service.stop()
+            raise
+    return service
+
+
+def backend_pids(service: Service) -> list[int]:
+    return [b["pid"] for b in get_json(service.url + "/api/v1/health")["backends"]]

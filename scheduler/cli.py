@@ -1,0 +1,79 @@
+"""``glmtts-sidecar``: run the sidecar, or check and print its configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from glmtts import __version__
+from scheduler.config import ConfigError, default_config_path, default_config_text, load_config
+from scheduler.logs import setup_logging
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="glmtts-sidecar",
+        description="Length-aware admission, fair queueing and deadlines in front of GLM-TTS backends.",
+        epilog="Exit status: 0 clean stop, 1 runtime failure (e.g. the port is taken), 2 bad configuration.",
+    )
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help=f"YAML configuration (default: the packaged {default_config_path().name})")
+    p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    p.add_argument("--print-default-config", action="store_true", help="print the default configuration")
+    p.add_argument("--version", action="version", version=f"glmtts-sidecar {__version__}")
+    return p
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (a core dependency on Linux and macOS), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.print_default_config:
+        sys.stdout.write(default_config_text())
+        return EXIT_OK
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"glmtts-sidecar: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        backends = config.backends.layout()
+        print(f"configuration OK: listen {config.listen.host}:{config.listen.port}, "
+              f"{len(backends)} backend(s): {', '.join(b.id + '=' + b.url for b in backends)}")
+        return EXIT_OK
+    setup_logging(config.logging)
+    from scheduler.app import build_app
+
+    app = build_app(config)
+    try:
+        web.run_app(app, host=config.listen.host, port=config.listen.port, loop=new_event_loop(),
+                    shutdown_timeout=config.shutdown.drain_timeout_s, handler_cancellation=True,
+                    access_log=None, print=lambda message: logging.getLogger("glmtts_sidecar").info(
+                        "listening on http://%s:%d", config.listen.host, config.listen.port))
+    except OSError as exc:
+        logging.getLogger("glmtts_sidecar").error("cannot serve on %s:%d: %s", config.listen.host,
+                                                  config.listen.port, exc)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

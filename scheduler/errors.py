@@ -1,0 +1,78 @@
+"""The sidecar's own error answers: each knows its status, reason and Retry-After.
+
+    SidecarError                 {"detail": str, "reason": str, ...}
+    ├── PayloadTooLarge   413    body or text over the configured limit
+    ├── QueueFull         429    the queue is at its bound (Retry-After: predicted drain time)
+    ├── NoBackend         503    no backend can serve: all down or starting
+    ├── Draining          503    shutting down: no new work
+    ├── DeadlineExpired   408    upstream's wording
+    ├── BackendFailed     502    the backend went away before answering, retries exhausted
+    └── Unauthorized      401    admin token missing or wrong
+
+Errors upstream itself would give (validation) are glmtts.errors.HTTPDetailError, answered with
+upstream's exact bytes instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from glmtts.errors import dump_json
+
+
+class SidecarError(Exception):
+    status = 500
+    reason = "internal"
+
+    def __init__(self, detail: str, *, retry_after: float | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.detail, "reason": self.reason, **self.extra}
+
+    def body_bytes(self) -> bytes:
+        return dump_json(self.body())
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class PayloadTooLarge(SidecarError):
+    status = 413
+    reason = "too_large"
+
+
+class QueueFull(SidecarError):
+    status = 429
+    reason = "queue_full"
+
+
+class NoBackend(SidecarError):
+    status = 503
+    reason = "no_backend"
+
+
+class Draining(SidecarError):
+    status = 503
+    reason = "draining"
+
+
+class DeadlineExpired(SidecarError):
+    status = 408
+    reason = "deadline"
+
+
+class BackendFailed(SidecarError):
+    status = 502
+    reason = "backend_failed"
+
+
+class Unauthorized(SidecarError):
+    status = 401
+    reason = "unauthorized"

@@ -1,0 +1,44 @@
+"""Which prompt indexes the backends know, so an unknown index is rejected at the edge.
+
+Each backend has its own prompt cache (upstream's design); writes go to every backend, so they
+agree as long as everyone writes through the sidecar. The catalogue is the index list of one
+ready backend, refreshed after every write and, at most once a second, when a request names an
+index it does not list (someone may have added it behind our back).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+REFRESH_INTERVAL_S = 1.0
+
+
+class PromptCatalogue:
+    def __init__(self, fetch: Callable[[], Awaitable[set[str] | None]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._fetch = fetch  # the index list of a ready backend, None when none could answer
+        self._clock = clock
+        self._indexes: set[str] | None = None
+        self._fetched_at = float("-inf")
+
+    @property
+    def indexes(self) -> set[str] | None:
+        return None if self._indexes is None else set(self._indexes)
+
+    async def refresh(self) -> None:
+        self._fetched_at = self._clock()
+        fetched = await self._fetch()
+        if fetched is not None:
+            self._indexes = fetched
+
+    def invalidate(self) -> None:
+        self._fetched_at = float("-inf")
+
+    async def has(self, index: str) -> bool:
+        """True unless the backends are known not to have ``index`` (unknown counts as yes)."""
+        if self._indexes is not None and index in self._indexes:
+            return True
+        if self._clock() - self._fetched_at >= REFRESH_INTERVAL_S:
+            await self.refresh()
+        return self._indexes is None or index in self._indexes

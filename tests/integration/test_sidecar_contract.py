@@ -1,0 +1,41 @@
+"""The emulator's contract table, unchanged, through the sidecar: same status, same body."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.contract_cases import CASES, Case, run_step
+from tests.support import Service, get_json, http, sidecar_config, start_sidecar
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    text, port = sidecar_config(backends=2)
+    service = start_sidecar(text, port, Path(tmp_path_factory.mktemp("sidecar")))
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_contract(sidecar: Service, case: Case) -> None:
+    for step in case.steps:
+        run_step(sidecar.url, step, http)
+
+
+def backend_requests(sidecar: Service) -> int:
+    backends = get_json(sidecar.url + "/api/v1/health")["backends"]
+    return sum(get_json(b["url"] + "/emulator/stats")["tts_received"] for b in backends)
+
+
+def test_invalid_requests_never_reach_a_backend(sidecar: Service) -> None:
+    invalid = [step for case in CASES for step in case.steps if step.path == "/api/v1/tts" and step.status != 200]
+    before = backend_requests(sidecar)
+    for step in invalid:
+        run_step(sidecar.url, step, http)
+    assert len(invalid) > 25
+    assert backend_requests(sidecar) == before
