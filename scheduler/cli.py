@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from glmtts import __version__
+from glmtts.loop import new_event_loop
 from scheduler.config import ConfigError, default_config_path, default_config_text, load_config
 from scheduler.logs import setup_logging
 
@@ -29,16 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-default-config", action="store_true", help="print the default configuration")
     p.add_argument("--version", action="version", version=f"glmtts-sidecar {__version__}")
     return p
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed (a core dependency on Linux and macOS), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -235,6 +235,9 @@ class Proxy:
         out.headers[REQUEST_ID] = job.id
         out.headers["X-Backend"] = backend.id
         out.headers["X-Queue-Wait"] = f"{queued_s:.3f}"
+        # Service = until the backend's answer began: the synthesis itself.
+        service_ms = (time.monotonic() - started) * 1000
+        out.headers["Server-Timing"] = f"queue;dur={queued_s * 1000:.1f}, service;dur={service_ms:.1f}"
         if resp.content_length is not None:
             out.content_length = resp.content_length
         outcome = "ok"

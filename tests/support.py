@@ -209,3 +209,13 @@ def start_sidecar(config_text: str, port: int, tmp_dir: Path, *, wait_ready: boo
 
 def backend_pids(service: Service) -> list[int]:
     return [b["pid"] for b in get_json(service.url + "/api/v1/health")["backends"]]
+
+
+def wait_until(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -19,6 +18,7 @@ from glmtts.emulator.prompts import PromptStore
 from glmtts.emulator.synthetic import SyntheticEngine
 from glmtts.emulator.timing import MEASURED_THROUGHPUT, ServiceModel
 from glmtts.emulator.upstream import UpstreamConfig
+from glmtts.loop import new_event_loop
 
 UVICORN_KEEPALIVE_S = 5.0  # uvicorn's --timeout-keep-alive default: idle connections close after 5 s
 
@@ -141,16 +141,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     web.run_app(app, host=args.host, port=args.port, keepalive_timeout=UVICORN_KEEPALIVE_S,
                 access_log=None, print=lambda msg: print(msg, flush=True), handle_signals=True,
                 shutdown_timeout=1.0, loop=new_event_loop())
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed (it is a core dependency), else asyncio's default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
 
 
 if __name__ == "__main__":

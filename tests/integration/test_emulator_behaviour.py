@@ -17,7 +17,7 @@ import pytest
 
 from glmtts.emulator.prompts import DEFAULT_PROMPTS
 from tests.contract_cases import multipart
-from tests.support import Service, emulator, get_json, http, start_emulator
+from tests.support import Service, emulator, get_json, http, start_emulator, wait_until
 
 SHORT = "今天天气很好，我们去公园散步。"  # 15 chars
 LONG = ("从前有一座山，山上有一座庙，庙里有一个老和尚在给小和尚讲故事。" * 16)[:500]
@@ -41,15 +41,6 @@ def set_faults(server: Service, **faults: Any) -> tuple[int, dict[str, Any]]:
     status, _, raw = http("POST", server.url + "/emulator/faults", body=json.dumps(faults).encode(),
                           headers={"Content-Type": "application/json"})
     return status, json.loads(raw)
-
-
-def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_same_seed_and_input_give_the_same_audio_in_any_process() -> None:
@@ -275,3 +266,31 @@ def test_fault_health_flapping() -> None:
             time.sleep(0.05)
         assert seen == {200, 503}
         assert say(server, SHORT)[0] == 200  # only health flaps
+
+
+def test_idle_keep_alive_connections_close_after_5_seconds_like_uvicorn() -> None:
+    with emulator() as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+            idle_from = time.monotonic()
+            assert sock.recv(65536) == b""  # blocks until the server closes the idle connection
+            idle = time.monotonic() - idle_from
+    assert 4.0 < idle < 7.0, idle
+
+
+def test_torch_engine_serves_over_http() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from glmtts.wav import from_base64, read_wav
+
+    with emulator("--engine", "torch") as server:
+        status, body = say(server, "你好，世界。", seed="3")
+        again = say(server, "你好，世界。", seed="3")[1]
+        assert status == 200 and body["success"] is True
+        audio = read_wav(from_base64(body["audio_base64"]))
+        assert audio.sample_rate == 24000 and audio.duration > 0.5
+        assert again["audio_base64"] == body["audio_base64"]
+        assert stats(server)["engine"] == "torch"

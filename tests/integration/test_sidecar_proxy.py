@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +24,7 @@ from tests.support import (
     pid_gone,
     sidecar_config,
     start_sidecar,
+    wait_until,
 )
 
 SHORT = "今天天气很好，我们去公园散步。"
@@ -41,15 +42,6 @@ def tts(service: Service, text: str = SHORT, *, timeout: float = 60.0, headers: 
 def backends(service: Service) -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = get_json(service.url + "/api/v1/health")["backends"]
     return result
-
-
-def wait_until(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture()
@@ -80,6 +72,7 @@ def test_request_id_is_kept_echoed_and_forwarded(sidecar: Service) -> None:
     assert status == 200 and headers["X-Request-ID"] == "trace-42"
     backend = next(b for b in backends(sidecar) if b["id"] == headers["X-Backend"])
     assert get_json(backend["url"] + "/emulator/stats")["last_request_id"] == "trace-42"
+    assert re.fullmatch(r"queue;dur=\d+\.\d, service;dur=\d+\.\d", headers["Server-Timing"])
     status, headers, _ = tts(sidecar)
     assert len(headers["X-Request-ID"]) == 32
     status, headers, _ = http("GET", sidecar.url + "/nope", headers={"X-Request-ID": "r-1"})
