@@ -114,25 +114,57 @@ class Admin:
         return json_response(payload, 200 if ready else 503)
 
     async def concurrency(self, request: web.Request) -> web.Response:
-        """Upstream's shape, for the pool: limits are backend slots; plus the queue."""
+        """Upstream's shape for the pool: upstream's short/long split at 200 characters, limits from
+        backend slots and the length classes' caps; plus the queue."""
         proxy = self.proxy
+        scheduler = proxy.scheduler
         slots = len(proxy.ready_backends()) * proxy.dispatcher.slots
-        stats = {cls: {"active": proxy.counters.active[cls], "total": proxy.counters.served[cls],
-                       "limit": slots, "available": max(0, slots - proxy.dispatcher.in_service())}
-                 for cls in ("short_text", "long_text")}
-        cap = proxy.config.backends.request_timeout_s
+        long_cap = scheduler.classes.cap(scheduler.classes.of(LONG_THRESHOLD_CHARS + 1).name, slots)
+        limits = {"short_text": slots, "long_text": slots if long_cap is None else long_cap}
+        active = {"short_text": 0, "long_text": 0}
+        for run in scheduler.running.values():
+            active[_upstream_class(run.job.chars)] += 1
+        stats = {cls: {"active": active[cls], "total": proxy.served[cls], "limit": limits[cls],
+                       "available": max(0, limits[cls] - active[cls])} for cls in active}
+        tiers = proxy.config.deadlines
         backends = len(proxy.pool.backends)
         return json_response({
             "success": True,
             "stats": stats,
             "config": {
-                "concurrency": {"short_text": slots, "long_text": slots, "threshold": 200},
-                "timeout": {"short_text": cap, "medium_text": cap, "long_text": cap},
-                "queue": {"max_size": proxy.dispatcher.queue.max_size, "worker_count": backends,
-                          "enabled": True},
+                "concurrency": {"short_text": limits["short_text"], "long_text": limits["long_text"],
+                                "threshold": LONG_THRESHOLD_CHARS},
+                "timeout": {"short_text": tiers.tier_for(50), "medium_text": tiers.tier_for(LONG_THRESHOLD_CHARS),
+                            "long_text": tiers.tier_for(LONG_THRESHOLD_CHARS + 1)},
+                "queue": {"max_size": scheduler.queue.max_size, "worker_count": backends, "enabled": True},
                 "workers": backends,
             },
-            "queue": {"depth": len(proxy.dispatcher.queue), "max_size": proxy.dispatcher.queue.max_size},
+            "queue": scheduler.status(proxy.dispatcher.clock()),
+        })
+
+    async def queue_status(self, request: web.Request) -> web.Response:
+        """Queue depth by band, tenant and class; predicted waits for a new request; backends."""
+        proxy = self.proxy
+        scheduler = proxy.scheduler
+        now = proxy.dispatcher.clock()
+        status = scheduler.status(now)
+        status["by_band"] = {proxy.tenants.band_names[b]: n for b, n in status["by_band"].items()}
+        views = proxy.dispatcher.views()
+        estimates = {}
+        for name, chars, units in (("short", 20, 20.0), ("long", 500, 500.0)):
+            job = scheduler.make_job(id="~estimate", chars=chars, units=units, model_key=(24000, False), now=now,
+                                     band=proxy.tenants.default_band)
+            outlook = scheduler.outlook(job, now, views)
+            estimates[name] = {"chars": chars, "wait_s": round(outlook.wait_s, 3),
+                               "service_s": round(outlook.service_s, 3), "deadline_s": round(outlook.budget_s, 3)}
+        return json_response({
+            **status,
+            "policy": {"order": proxy.config.queue.order, "deadlines": proxy.config.deadlines.policy,
+                       "bands": list(proxy.tenants.band_names), "tenants": proxy.tenants.names},
+            "estimates": estimates,
+            "cost": scheduler.cost.describe(),
+            "slow_backends": sorted(scheduler.cost.slow_backends()),
+            "backends": [b.as_json() for b in proxy.pool.backends],
         })
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -156,6 +188,13 @@ async def fetch_prompt_indexes(proxy: Proxy) -> set[str] | None:
             except (ValueError, KeyError, TypeError):
                 log.warning("backend %s: unreadable prompt list", backend.id)
     return None
+
+
+LONG_THRESHOLD_CHARS = 200  # upstream's TEXT_LENGTH_THRESHOLD
+
+
+def _upstream_class(chars: int) -> str:
+    return "long_text" if chars > LONG_THRESHOLD_CHARS else "short_text"
 
 
 def _maybe_json(body: bytes) -> Any:

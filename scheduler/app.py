@@ -19,7 +19,9 @@ from aiohttp import web
 from backend.client import BackendClient
 from backend.pool import BackendPool
 from scheduler.admin import Admin, fetch_prompt_indexes
+from scheduler.build import build_scheduler, build_tenants
 from scheduler.config import SidecarConfig
+from scheduler.dispatcher import Dispatcher
 from scheduler.prompts import PromptCatalogue
 from scheduler.proxy import Proxy
 
@@ -34,7 +36,7 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable) -> web.App
     refreshes: set[asyncio.Task[None]] = set()
 
     def on_backend_change() -> None:
-        proxy.dispatcher.pump()
+        dispatcher.pump()
         if proxy.prompts.indexes is None and proxy.ready_backends() and not refreshes:
             task = asyncio.ensure_future(proxy.prompts.refresh())
             refreshes.add(task)
@@ -43,7 +45,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable) -> web.App
     pool = BackendPool(config.backends, python=python, on_change=on_backend_change,
                        log_output=config.logging.backend_output)
     catalogue = PromptCatalogue(lambda: fetch_prompt_indexes(proxy))
-    proxy = Proxy(config, pool, client, catalogue)
+    dispatcher = Dispatcher(build_scheduler(config), lambda: pool.backends, slots=config.backends.slots)
+    proxy = Proxy(config, pool, client, catalogue, dispatcher, build_tenants(config))
     admin = Admin(proxy)
 
     app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[proxy.middleware])
@@ -58,6 +61,7 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable) -> web.App
     routes.add_post("/api/v1/clear_cache", admin.fan_out)
     routes.add_get("/api/v1/health", admin.health, allow_head=False)
     routes.add_get("/api/v1/stats/concurrency", admin.concurrency, allow_head=False)
+    routes.add_get("/api/v1/queue", admin.queue_status, allow_head=False)
     routes.add_get("/openapi.json", admin.forward_read, allow_head=False)
     routes.add_get("/docs", admin.forward_read, allow_head=False)
     routes.add_get("/healthz", admin.healthz)
@@ -66,8 +70,9 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable) -> web.App
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await client.start()
         await pool.start()
-        log.info("sidecar up: %d backend(s), slots %d, queue bound %d", len(pool.backends),
-                 config.backends.slots, config.queue.max_size)
+        log.info("sidecar up: %d backend(s), slots %d, queue %s bounded at %d, deadlines %s",
+                 len(pool.backends), config.backends.slots, config.queue.order, config.queue.max_size,
+                 config.deadlines.policy)
         try:
             yield
         finally:

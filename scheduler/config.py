@@ -15,8 +15,9 @@ import os
 import re
 import shlex
 import string
+import typing
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -37,19 +39,30 @@ from pydantic import (
 )
 
 __all__ = [
+    "MIN_KEY_CHARS",
     "PLACEHOLDERS",
     "BackendSpec",
     "BackendsConfig",
+    "ClassConfig",
     "ConfigError",
     "ConfigSection",
+    "CostConfig",
+    "DeadlinesConfig",
     "HealthConfig",
+    "LearnedDeadlineConfig",
     "LimitsConfig",
     "ListenConfig",
     "LoggingConfig",
+    "PrioritiesConfig",
     "QueueConfig",
     "RestartConfig",
+    "RetriesConfig",
     "ShutdownConfig",
     "SidecarConfig",
+    "TenantConfig",
+    "TenantPolicy",
+    "TenantsConfig",
+    "TierConfig",
     "default_config_path",
     "default_config_text",
     "load_config",
@@ -64,6 +77,11 @@ _SAMPLE_VALUES: dict[str, object] = {
 _GPU_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_LABEL = r"^[a-z][a-z0-9_]*$"  # class and band names: metric label values
+_TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: it travels in a header
+_ENV_PREFIX = "env:"
+MIN_KEY_CHARS = 16
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -96,7 +114,7 @@ def _raise_if(problems: list[tuple[Key, str]]) -> None:
 class ConfigSection(BaseModel):
     """Base of every config model: unknown keys are errors and values never change after load."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ListenConfig(ConfigSection):
@@ -315,8 +333,213 @@ class LimitsConfig(ConfigSection):
     max_text_chars: StrictInt = Field(default=10_000, ge=1)
 
 
+class ClassConfig(ConfigSection):
+    """A length class: texts of up to `max_chars` characters not in an earlier class (None: no bound)."""
+
+    name: StrictStr = Field(pattern=_LABEL)
+    max_chars: StrictInt | None = Field(ge=1)
+    max_in_service: StrictInt | None = Field(default=None, ge=1)  # pool-wide; None: no cap
+
+
+_DEFAULT_CLASSES = (
+    ClassConfig(name="short", max_chars=50),
+    ClassConfig(name="medium", max_chars=200),
+    ClassConfig(name="long", max_chars=None, max_in_service=3),
+)
+
+
+class CostConfig(ConfigSection):
+    """Priors of the service-time model, `base_s + per_unit_s * units` (the seed's 3.5 s / 80 s)."""
+
+    base_s: StrictFloat = Field(default=0.3125, ge=0)
+    per_unit_s: StrictFloat = Field(default=0.159375, gt=0)
+    p95_ratio: StrictFloat = Field(default=1.3, ge=1)
+    prior_weight: StrictFloat = Field(default=10.0, ge=0)
+    window: StrictInt = Field(default=256, ge=16, le=100_000)
+    reload_s: StrictFloat = Field(default=20.0, ge=0)
+    slow_ratio: StrictFloat = Field(default=1.5, gt=1)
+    slow_min_samples: StrictInt = Field(default=10, ge=1)
+
+
+class TierConfig(ConfigSection):
+    max_chars: StrictInt | None = Field(ge=1)
+    timeout_s: StrictFloat = Field(gt=0)
+
+
+class LearnedDeadlineConfig(ConfigSection):
+    factor: StrictFloat = Field(default=2.0, ge=1)
+    buffer_s: StrictFloat = Field(default=10.0, ge=0)
+    min_s: StrictFloat = Field(default=15.0, gt=0)
+    max_s: StrictFloat = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _max_not_below_min(self) -> LearnedDeadlineConfig:
+        if self.max_s < self.min_s:
+            raise _Problems([(("max_s",), f"must be >= min_s ({self.min_s})")])
+        return self
+
+    def deadline_s(self, p95_s: float) -> float:
+        """clamp(p95_s * factor + buffer_s, min_s, max_s)."""
+        return min(max(p95_s * self.factor + self.buffer_s, self.min_s), self.max_s)
+
+
+class DeadlinesConfig(ConfigSection):
+    policy: Literal["tiers", "learned"] = "tiers"
+    tiers: tuple[TierConfig, ...] = (
+        TierConfig(max_chars=50, timeout_s=60.0),
+        TierConfig(max_chars=200, timeout_s=300.0),
+        TierConfig(max_chars=None, timeout_s=600.0),
+    )
+    learned: LearnedDeadlineConfig = Field(default_factory=LearnedDeadlineConfig)
+    client_header: StrictBool = True
+    reject_unmeetable: StrictBool = True
+
+    @field_validator("tiers")
+    @classmethod
+    def _check_tiers(cls, tiers: tuple[TierConfig, ...]) -> tuple[TierConfig, ...]:
+        _raise_if(_ladder_problems([tier.max_chars for tier in tiers], "tier"))
+        return tiers
+
+    def tier_for(self, chars: int) -> float:
+        """The `tiers` deadline, in seconds, of a text of `chars` characters."""
+        return next(t.timeout_s for t in self.tiers if t.max_chars is None or chars <= t.max_chars)
+
+
+class PrioritiesConfig(ConfigSection):
+    bands: tuple[StrictStr, ...] = ("interactive", "standard", "batch")  # highest first
+    default: StrictStr = "standard"
+
+    @field_validator("bands")
+    @classmethod
+    def _check_bands(cls, bands: tuple[str, ...]) -> tuple[str, ...]:
+        if not bands:
+            raise _Problems([((), "must list at least one band")])
+        problems: list[tuple[Key, str]] = []
+        for i, band in enumerate(bands):
+            if not re.fullmatch(_LABEL, band):
+                problems.append(((i,), f"band name {band!r} must match {_LABEL}"))
+            elif band in bands[:i]:
+                problems.append(((i,), f"duplicate band {band!r} (also bands[{bands.index(band)}])"))
+        _raise_if(problems)
+        return bands
+
+    @model_validator(mode="after")
+    def _default_is_a_band(self) -> PrioritiesConfig:
+        if self.default not in self.bands:
+            raise _Problems([(("default",), f"{self.default!r} is not one of bands ({', '.join(self.bands)})")])
+        return self
+
+
+class TenantPolicy(ConfigSection):
+    """What a tenant may do: its fair-queueing weight, the bands it may use, its queue bound."""
+
+    weight: StrictFloat = Field(default=1.0, gt=0)
+    bands: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)  # None: every band
+    max_queued: StrictInt | None = Field(default=None, ge=1)  # None: queue.max_per_tenant
+
+
+class TenantConfig(TenantPolicy):
+    """A named tenant; a request carrying one of its `keys` (Authorization: Bearer) belongs to it."""
+
+    name: StrictStr = Field(pattern=_TENANT_NAME)
+    keys: tuple[SecretStr, ...] = ()  # resolved ("env:NAME" read at load) and masked in reprs
+
+    @field_validator("name")
+    @classmethod
+    def _not_default(cls, name: str) -> str:
+        if name == "default":
+            raise ValueError("'default' is the tenant of requests without a key; choose another name")
+        return name
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _resolve_keys(cls, value: object) -> object:
+        # Raise _Problems only: pydantic's own errors would echo the key.
+        if not isinstance(value, list | tuple):
+            raise _Problems([((), "must be a list of API keys")])
+        problems: list[tuple[Key, str]] = []
+        keys: list[str] = []
+        for i, item in enumerate(value):
+            key, problem = _resolve_key(item)
+            if problem is None and key in keys:
+                problem = f"same key as keys[{keys.index(key)}]"
+            if problem is not None:
+                problems.append(((i,), problem))
+            keys.append(key)
+        _raise_if(problems)
+        return tuple(SecretStr(key) for key in keys)
+
+
+class TenantsConfig(ConfigSection):
+    require_key: StrictBool = False
+    trust_header: StrictBool = False
+    default: TenantPolicy = Field(default_factory=TenantPolicy)
+    list: tuple[TenantConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_tenants(self) -> TenantsConfig:
+        problems: list[tuple[Key, str]] = []
+        if self.require_key and self.trust_header:
+            problems.append((("trust_header",), "has no effect when require_key is true; set one of them"))
+        if self.require_key and not self.list:
+            problems.append((("require_key",), "no tenant is listed, so every request would get 401"))
+        names: dict[str, int] = {}
+        key_at: dict[str, tuple[int, int]] = {}
+        for i, tenant in enumerate(self.list):
+            if tenant.name in names:
+                problem = f"duplicate tenant name {tenant.name!r} (also list[{names[tenant.name]}])"
+                problems.append((("list", i, "name"), problem))
+            names.setdefault(tenant.name, i)
+            if not tenant.keys and not self.trust_header:
+                problems.append((
+                    ("list", i, "keys"),
+                    "must list at least one key: with trust_header false no request could reach this tenant",
+                ))
+            for k, secret in enumerate(tenant.keys):
+                key = secret.get_secret_value()
+                if key in key_at and key_at[key][0] != i:
+                    j, m = key_at[key]
+                    problems.append((("list", i, "keys", k), f"same key as list[{j}].keys[{m}]"))
+                key_at.setdefault(key, (i, k))
+        _raise_if(problems)
+        return self
+
+    def by_key(self) -> dict[str, TenantConfig]:
+        """API key (resolved, unmasked) → its tenant; build it once per loaded config."""
+        return {secret.get_secret_value(): tenant for tenant in self.list for secret in tenant.keys}
+
+
 class QueueConfig(ConfigSection):
     max_size: StrictInt = Field(default=100, ge=1)
+    max_per_tenant: StrictInt | None = Field(default=None, ge=1)  # None: max_size
+    order: Literal["fair", "fifo"] = "fair"
+    within_tenant: Literal["fifo", "shortest_first"] = "fifo"
+    aging_s: StrictFloat = Field(default=30.0, gt=0)
+    band_aging_s: StrictFloat = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> QueueConfig:
+        problems: list[tuple[Key, str]] = []
+        if self.max_per_tenant is not None and self.max_per_tenant > self.max_size:
+            problems.append((("max_per_tenant",), f"must be <= max_size ({self.max_size})"))
+        if self.order == "fifo" and self.within_tenant != "fifo":
+            problems.append((
+                ("within_tenant",), f"{self.within_tenant} needs order: fair (order: fifo is one FIFO for all)",
+            ))
+        _raise_if(problems)
+        return self
+
+    def tenant_bound(self, policy: TenantPolicy) -> int:
+        """Most waiting jobs of one tenant: its max_queued, else max_per_tenant, else max_size."""
+        if policy.max_queued is not None:
+            return policy.max_queued
+        return self.max_size if self.max_per_tenant is None else self.max_per_tenant
+
+
+class RetriesConfig(ConfigSection):
+    max_attempts: StrictInt = Field(default=2, ge=1, le=10)  # 1: never retry
+    budget_ratio: StrictFloat = Field(default=0.2, ge=0, le=1)
+    budget_min: StrictInt = Field(default=3, ge=0)
 
 
 class ShutdownConfig(ConfigSection):
@@ -340,12 +563,33 @@ class SidecarConfig(ConfigSection):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     backends: BackendsConfig = Field(default_factory=BackendsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    classes: tuple[ClassConfig, ...] = _DEFAULT_CLASSES
+    cost: CostConfig = Field(default_factory=CostConfig)
+    deadlines: DeadlinesConfig = Field(default_factory=DeadlinesConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    priorities: PrioritiesConfig = Field(default_factory=PrioritiesConfig)
+    tenants: TenantsConfig = Field(default_factory=TenantsConfig)
+    retries: RetriesConfig = Field(default_factory=RetriesConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
+    @field_validator("classes")
+    @classmethod
+    def _check_classes(cls, classes: tuple[ClassConfig, ...]) -> tuple[ClassConfig, ...]:
+        problems = _ladder_problems([c.max_chars for c in classes], "class")
+        names = [c.name for c in classes]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                problems.append(((i, "name"), f"duplicate class name {name!r} (also classes[{names.index(name)}])"))
+        _raise_if(problems)
+        return classes
+
     @model_validator(mode="after")
-    def _check_addresses(self) -> SidecarConfig:
+    def _check_across_sections(self) -> SidecarConfig:
+        _raise_if(self._address_problems() + self._tenant_problems())
+        return self
+
+    def _address_problems(self) -> list[tuple[Key, str]]:
         problems: list[tuple[Key, str]] = []
         listen, backends = self.listen, self.backends
         if listen.port and backends.managed_count and backends._in_managed_range(listen.port):
@@ -360,8 +604,24 @@ class SidecarConfig(ConfigSection):
                     ("backends", "external", spec.index - backends.managed_count),
                     f"{spec.url} is the sidecar's own listen address",
                 ))
-        _raise_if(problems)
-        return self
+        return problems
+
+    def _tenant_problems(self) -> list[tuple[Key, str]]:
+        problems: list[tuple[Key, str]] = []
+        bands, max_size = self.priorities.bands, self.queue.max_size
+        policies: list[tuple[Key, TenantPolicy]] = [(("tenants", "default"), self.tenants.default)]
+        policies += [(("tenants", "list", i), tenant) for i, tenant in enumerate(self.tenants.list)]
+        for key, policy in policies:
+            for k, band in enumerate(policy.bands or ()):
+                if band not in bands:
+                    problems.append(((*key, "bands", k), f"{band!r} is not in priorities.bands ({', '.join(bands)})"))
+            if policy.max_queued is not None and policy.max_queued > max_size:
+                problems.append(((*key, "max_queued"), f"must be <= queue.max_size ({max_size})"))
+        return problems
+
+    def class_of(self, chars: int) -> ClassConfig:
+        """The length class of a text of `chars` characters."""
+        return next(c for c in self.classes if c.max_chars is None or chars <= c.max_chars)
 
     def check_paths(self, source: str = "<config>") -> None:
         """Check what lies outside the file (directories exist); raise ConfigError if not.
@@ -474,7 +734,8 @@ def _problem_lines(exc: ValidationError) -> list[str]:
             lines.append(f"{_key_path(loc)}: {_unknown_key_message(loc)}")
         else:
             message = str(cause) if isinstance(cause, ValueError) else _lower_first(error["msg"])
-            if not isinstance(error["input"], dict):
+            # Values under `tenants` may be API keys: never echo them.
+            if not isinstance(error["input"], dict) and loc[:1] != ("tenants",):
                 message += f" (got {_short_repr(error['input'])})"
             lines.append(f"{_key_path(loc)}: {message}")
     return lines
@@ -502,14 +763,16 @@ def _unknown_key_message(loc: Key) -> str:
 
 
 def _known_keys(section: Key) -> list[str]:
-    model: type[BaseModel] = SidecarConfig
+    node: object = SidecarConfig
     for part in section:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):  # an item of a `tuple[Model, ...]` field
+            args = typing.get_args(node) if typing.get_origin(node) is tuple else ()
+            node = args[0] if args else None
+        elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        else:
             return []
-        model = annotation
-    return list(model.model_fields)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
 def _template_problem(template: str) -> str | None:
@@ -527,6 +790,41 @@ def _template_problem(template: str) -> str | None:
     except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
         return f"placeholder cannot be substituted ({exc!r}); known: {known}"
     return None
+
+
+def _ladder_problems(bounds: Sequence[int | None], item: str) -> list[tuple[Key, str]]:
+    """Problems of `max_chars` bounds that must ascend and end with the one null (no upper bound)."""
+    if not bounds:
+        return [((), f"must list at least one {item}")]
+    problems: list[tuple[Key, str]] = []
+    last = len(bounds) - 1
+    for i, bound in enumerate(bounds):
+        if bound is None and i != last:
+            problems.append(((i, "max_chars"), f"only the last {item} may have max_chars: null (no upper bound)"))
+        elif bound is not None and i == last:
+            problems.append(((i, "max_chars"), f"the last {item} must have max_chars: null, so every length has one"))
+        if i and bound is not None and (previous := bounds[i - 1]) is not None and bound <= previous:
+            problems.append(((i, "max_chars"), f"must be greater than the previous {item}'s max_chars ({previous})"))
+    return problems
+
+
+def _resolve_key(item: object) -> tuple[str, str | None]:
+    """(the API key, None) or (whatever, why it is unusable); the message never contains the key."""
+    if not isinstance(item, str):
+        return "", "must be a string"
+    key, source = item, "must"
+    if item.startswith(_ENV_PREFIX):
+        name = item[len(_ENV_PREFIX):]
+        if not _ENV_NAME.fullmatch(name):
+            return "", f"{name!r} after {_ENV_PREFIX} is not a valid environment variable name"
+        if name not in os.environ:
+            return "", f"environment variable {name} is not set"
+        key, source = os.environ[name], f"environment variable {name} must"
+    if len(key) < MIN_KEY_CHARS:
+        return key, f"{source} hold at least {MIN_KEY_CHARS} characters"
+    if not _KEY_CHARS.fullmatch(key):
+        return key, f"{source} hold printable ASCII only, without spaces"
+    return key, None
 
 
 def _placeholder_names(template: str) -> list[str]:

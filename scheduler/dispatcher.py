@@ -1,8 +1,9 @@
-"""The async edge of the scheduling core: jobs wait here for a backend slot.
+"""The async edge of the scheduling core: where requests wait and timers fire.
 
-The queue and the choice of backend are pure (scheduler.queue, scheduler.dispatch); this module
-owns the futures that wake a waiting request, and runs the matching whenever something changes:
-a job arrives, a slot frees up, a backend changes state.
+scheduler.core.Scheduler decides (pure); this module owns what it cannot: the futures that wake
+a waiting request with its backend, and one timer for the earliest queued deadline, so a job
+expires on time even when no backend frees up. It runs the scheduler after every change: a job
+arrives or leaves, a slot frees, a backend changes state.
 """
 
 from __future__ import annotations
@@ -13,62 +14,103 @@ from collections.abc import Callable, Sequence
 
 from backend.pool import Backend
 from backend.state import BackendState
-from scheduler.dispatch import Candidate, choose_backend
-from scheduler.queue import FifoQueue, Job
+from scheduler.admission import Rejection
+from scheduler.core import BackendView, Scheduler
+from scheduler.queue import Job
+
+ALIVE = (BackendState.STARTING, BackendState.READY, BackendState.UNHEALTHY, BackendState.RESTARTING)
+
+
+class QueuedDeadline(Exception):
+    """The job's deadline passed while it waited."""
 
 
 class Dispatcher:
-    def __init__(self, backends: Callable[[], Sequence[Backend]], *, slots: int, max_queue: int,
+    def __init__(self, scheduler: Scheduler, backends: Callable[[], Sequence[Backend]], *, slots: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.scheduler = scheduler
         self._backends = backends
         self.slots = slots
-        self.queue = FifoQueue(max_queue)
+        self.clock = clock
         self._waiting: dict[str, asyncio.Future[Backend]] = {}
-        self._clock = clock
+        self._timer: asyncio.TimerHandle | None = None
 
-    def submit(self, job: Job) -> asyncio.Future[Backend]:
-        """Queue a job; the future resolves to the backend whose slot it now holds.
+    def views(self) -> list[BackendView]:
+        return [BackendView(id=b.id, ready=b.state is BackendState.READY, alive=b.state in ALIVE,
+                            slots=self.slots, model_key=b.model_key) for b in self._backends()]
 
-        Raises scheduler.queue.QueueFullError when the queue is at its bound.
-        """
-        self.queue.push(job)
+    def offer(self, job: Job) -> Rejection | asyncio.Future[Backend]:
+        """Admit a job: a future resolving to the backend whose slot it holds; or why not."""
+        rejection = self.scheduler.offer(job, self.clock(), self.views())
+        if rejection is not None:
+            return rejection
+        return self._wait(job)
+
+    def _wait(self, job: Job) -> asyncio.Future[Backend]:
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         self._waiting[job.id] = future
         self.pump()
         return future
 
-    def withdraw(self, job: Job) -> bool:
-        """The job's client gave up; True if it was still waiting (no slot was taken)."""
-        future = self._waiting.pop(job.id, None)
-        if future is not None and not future.done():
-            future.cancel()
-        return self.queue.remove(job)
+    def withdraw(self, job: Job, future: asyncio.Future[Backend]) -> None:
+        """The client gave up while waiting: leave the queue, or give back a slot just assigned."""
+        self._waiting.pop(job.id, None)
+        if self.scheduler.cancel(job.id) is None and future.done() and not future.cancelled() \
+                and future.exception() is None:
+            self.finish(job, future.result(), ok=False)
+        else:
+            self.pump()
 
-    def release(self, backend: Backend) -> None:
-        """The backend finished one request (answered, or known to have stopped working on it)."""
+    def requeue(self, job: Job, backend: Backend) -> asyncio.Future[Backend]:
+        """The backend failed before answering: back in line, where the job was."""
         backend.in_flight = max(0, backend.in_flight - 1)
+        self.scheduler.requeue(job.id, self.clock())
+        return self._wait(job)
+
+    def answered_early(self, job: Job) -> None:
+        self.scheduler.answered_early(job.id)
+
+    def finish(self, job: Job, backend: Backend, *, ok: bool) -> None:
+        """The backend is done with the job (answered, or known to have stopped working on it)."""
+        if self.scheduler.finish(job.id, self.clock(), ok=ok) is not None:
+            backend.in_flight = max(0, backend.in_flight - 1)
         self.pump()
 
     def pump(self) -> None:
-        """Give waiting jobs, in queue order, to backends with a free slot."""
-        while len(self.queue):
-            job = self.queue.peek()
-            assert job is not None
-            backends = {b.id: b for b in self._backends() if b.state is BackendState.READY}
-            chosen = choose_backend(job.model_key, [
-                Candidate(id=b.id, free_slots=self.slots - b.in_flight, in_flight=b.in_flight,
-                          model_key=b.model_key) for b in backends.values()])
-            if chosen is None:
-                return
-            self.queue.pop()
-            backend = backends[chosen]
+        """Run the scheduler and wake the requests it dispatched."""
+        backends = {b.id: b for b in self._backends()}
+        for assignment in self.scheduler.schedule(self.clock(), self.views()):
+            backend = backends[assignment.backend_id]
             backend.in_flight += 1
-            future = self._waiting.pop(job.id)
+            future = self._waiting.pop(assignment.job.id, None)
+            if future is None or future.done():  # its client is gone: nobody will use the slot
+                self.scheduler.finish(assignment.job.id, self.clock(), ok=False)
+                backend.in_flight -= 1
+                continue
             future.set_result(backend)
+        self._arm_timer()
 
-    def free_slots(self) -> int:
-        return sum(max(0, self.slots - b.in_flight) for b in self._backends()
-                   if b.state is BackendState.READY)
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        at = self.scheduler.next_deadline()
+        if at is not None:
+            delay = max(0.0, at - self.clock())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        for job in self.scheduler.expire(self.clock()):
+            future = self._waiting.pop(job.id, None)
+            if future is not None and not future.done():
+                future.set_exception(QueuedDeadline(job.id))
+        self.pump()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def in_service(self) -> int:
-        return sum(b.in_flight for b in self._backends())
+        return len(self.scheduler.running)

@@ -1,17 +1,18 @@
-"""The client-facing handlers: upstream's API, scheduled and forwarded to the backend pool.
+"""The client-facing TTS path: validate, attribute, admit, wait, forward, stream back.
 
 ``POST /api/v1/tts`` is validated at the edge (upstream's exact error, no backend touched),
-waits in the queue for a backend slot, and is forwarded with the client's original body bytes;
-the backend's answer streams back without being held whole. Everything else is passed to one
-ready backend (reads) or every backend (prompt writes, clear_cache) -- see scheduler.admin.
+attributed to a tenant and a priority band, given a deadline, admitted or turned away with a
+reason, queued until the scheduler gives it a backend slot, and forwarded with the client's
+original body bytes; the backend's answer streams back without being held whole. The other
+upstream endpoints are in scheduler.admin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,20 +27,25 @@ from glmtts.contract import check_tts, parse_tts_form
 from glmtts.errors import HTTPDetailError, dump_json
 from glmtts.form import parse_form
 from glmtts.text import units
+from scheduler.admission import Rejection
 from scheduler.config import SidecarConfig
-from scheduler.dispatcher import Dispatcher
-from scheduler.errors import BackendFailed, NoBackend, PayloadTooLarge, QueueFull, SidecarError
+from scheduler.deadlines import client_budget, timeout_message
+from scheduler.dispatcher import Dispatcher, QueuedDeadline
+from scheduler.errors import BackendFailed, DeadlineExpired, NoBackend, PayloadTooLarge, Rejected, SidecarError
 from scheduler.prompts import PromptCatalogue
-from scheduler.queue import Job, QueueFullError
+from scheduler.queue import Job
+from scheduler.retry import RetryBudget
+from scheduler.tenants import TenantDirectory, TenantError
 
 log = logging.getLogger("glmtts_sidecar.proxy")
 access_log = logging.getLogger("glmtts_sidecar.access")
 
 REQUEST_ID = "X-Request-ID"
-MAX_ATTEMPTS = 2  # a request whose backend went away before answering is tried once more elsewhere
 STREAM_CHUNK = 64 * 1024
 # Backend answer headers worth passing on; hop-by-hop and framing headers are ours to set.
 PASSED_HEADERS = ("Content-Type", "Allow", "Retry-After")
+# FastAPI serialises TTSResponse in field order, so a success starts with exactly this.
+SUCCESS_PREFIX = b'{"success":true'
 
 
 def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -53,6 +59,10 @@ def error_response(exc: SidecarError | HTTPDetailError) -> web.Response:
                         headers={"Content-Type": "application/json", **headers})
 
 
+def rejection_error(rejection: Rejection) -> Rejected:
+    return Rejected(rejection.status, rejection.reason.value, rejection.detail, retry_after=rejection.retry_after_s)
+
+
 def request_id(request: web.Request) -> str:
     """The client's X-Request-ID when it is a sane token, else a new one."""
     given = request.headers.get(REQUEST_ID, "")
@@ -62,33 +72,32 @@ def request_id(request: web.Request) -> str:
 
 
 @dataclass
-class Counters:
-    """Totals by length class, for /api/v1/stats/concurrency."""
+class Outcome:
+    """What happened to one TTS request, for the access log."""
 
-    served: dict[str, int] = field(default_factory=lambda: {"short_text": 0, "long_text": 0})
-    active: dict[str, int] = field(default_factory=lambda: {"short_text": 0, "long_text": 0})
-
-
-LONG_THRESHOLD_CHARS = 200  # upstream's TEXT_LENGTH_THRESHOLD
-
-
-def length_class(chars: int) -> str:
-    return "long_text" if chars > LONG_THRESHOLD_CHARS else "short_text"
+    status: int = 0
+    outcome: str = "ok"
+    reason: str | None = None
+    backend: str | None = None
+    queue_s: float = 0.0
+    service_s: float | None = None
+    attempts: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Proxy:
-    def __init__(self, config: SidecarConfig, pool: BackendPool, client: BackendClient,
-                 prompts: PromptCatalogue) -> None:
+    def __init__(self, config: SidecarConfig, pool: BackendPool, client: BackendClient, prompts: PromptCatalogue,
+                 dispatcher: Dispatcher, tenants: TenantDirectory) -> None:
         self.config = config
         self.pool = pool
         self.client = client
         self.prompts = prompts
-        self.dispatcher = Dispatcher(lambda: pool.backends, slots=config.backends.slots,
-                                     max_queue=config.queue.max_size)
-        self.counters = Counters()
-        # Mean service seconds (EWMA), starting from the seed's short-text figure.
-        self.mean_service_s = 3.5
+        self.dispatcher = dispatcher
+        self.scheduler = dispatcher.scheduler
+        self.tenants = tenants
+        self.retries = RetryBudget(ratio=config.retries.budget_ratio, min_concurrent=config.retries.budget_min)
         self._orphans: set[asyncio.Task[None]] = set()
+        self.served = {"short_text": 0, "long_text": 0}  # answers by upstream's 200-character split
 
     # --- middleware: request ids, upstream-shaped 404/405/413 --------------------------------
 
@@ -117,7 +126,7 @@ class Proxy:
     # --- POST /api/v1/tts ---------------------------------------------------------------------
 
     async def tts(self, request: web.Request) -> web.StreamResponse:
-        received = time.monotonic()
+        arrived = self.dispatcher.clock()
         rid: str = request["request_id"]
         limits = self.config.limits
         if request.content_length is not None and request.content_length > limits.max_body_bytes:
@@ -135,142 +144,197 @@ class Proxy:
             return error_response(PayloadTooLarge(
                 f"input_text is {tts.chars} characters; the limit is {limits.max_text_chars}",
                 limit=limits.max_text_chars))
-        job = Job(id=rid, chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key,
-                  enqueued_at=received)
+        try:
+            who = self.tenants.attribute(authorization=request.headers.get("Authorization"),
+                                         tenant_header=request.headers.get("X-Tenant"),
+                                         priority_header=request.headers.get("X-Priority"))
+            budget = self._client_budget(request)
+        except TenantError as exc:
+            return json_response({"detail": exc.detail, "reason": exc.reason}, exc.status)
+        except ValueError as exc:
+            return json_response({"detail": str(exc), "reason": "bad_timeout"}, 400)
+        job = self.scheduler.make_job(
+            id=rid, chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key, now=arrived,
+            tenant=who.tenant.name, weight=who.tenant.weight, band=who.band, tenant_bound=who.tenant.max_queued,
+            client_budget_s=budget)
+        record = Outcome()
         headers = {"Content-Type": content_type or "", REQUEST_ID: rid}
         try:
-            return await self._serve(request, job, body, headers)
+            response = await self._serve(request, job, body, headers, record)
         except SidecarError as exc:
-            log.info("request %s: %s (%s)", rid, exc.reason, exc.detail)
-            return error_response(exc)
+            record.status, record.outcome, record.reason = exc.status, "rejected", exc.reason
+            response = error_response(exc)
+        except asyncio.CancelledError:
+            record.outcome, record.reason = "client_gone", "client_gone"
+            raise
+        finally:
+            self._log(job, record, arrived)
+        return response
 
-    async def _serve(self, request: web.Request, job: Job, body: bytes,
-                     headers: dict[str, str]) -> web.StreamResponse:
-        cls = length_class(job.chars)
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            backend = await self._wait_for_slot(job)
-            queued_s = time.monotonic() - job.enqueued_at
-            started = time.monotonic()
-            self.counters.active[cls] += 1
-            try:
-                resp = await self._send(backend, job, body, headers)
-            except BackendUnavailable as exc:
-                self.counters.active[cls] -= 1
-                self.pool.report_failure(backend, str(exc))
-                self.dispatcher.release(backend)
-                log.warning("request %s: backend %s failed before answering (%s); attempt %d of %d",
-                            job.id, backend.id, exc, attempt, MAX_ATTEMPTS)
-                job.enqueued_at = time.monotonic()
-                continue
-            try:
-                return await self._stream_back(request, job, backend, resp, queued_s, started)
-            finally:
-                self.counters.active[cls] -= 1
-                self.counters.served[cls] += 1
-        raise BackendFailed(f"Backends went away before answering (tried {MAX_ATTEMPTS} times)")
+    def _client_budget(self, request: web.Request) -> float | None:
+        header = request.headers.get("X-Request-Timeout")
+        if header is None or not self.config.deadlines.client_header:
+            return None
+        return client_budget(float("inf"), header)
 
-    async def _wait_for_slot(self, job: Job) -> Backend:
-        if not any(b.state not in (BackendState.STOPPING, BackendState.STOPPED) for b in self.pool.backends):
-            raise NoBackend("No backend is running", retry_after=self.config.backends.restart.backoff_max_s)
+    async def _serve(self, request: web.Request, job: Job, body: bytes, headers: dict[str, str],
+                     record: Outcome) -> web.StreamResponse:
+        self.retries.record_request(self.dispatcher.clock())
+        admitted = self.dispatcher.offer(job)
+        if isinstance(admitted, Rejection):
+            raise rejection_error(admitted)
+        future = admitted
+        retrying = False  # holds a permit of the retry budget
         try:
-            future = self.dispatcher.submit(job)
-        except QueueFullError as exc:
-            raise QueueFull(f"The queue is full ({exc.size} requests waiting)",
-                            retry_after=self._predicted_drain_s()) from None
+            while True:
+                backend = await self._wait(job, future)
+                record.attempts += 1
+                record.backend = backend.id
+                record.queue_s = self.dispatcher.clock() - job.arrived_at
+                started = self.dispatcher.clock()
+                try:
+                    resp = await self._send(backend, job, body, headers, record)
+                except BackendUnavailable as exc:
+                    self.pool.report_failure(backend, str(exc))
+                    now = self.dispatcher.clock()
+                    if retrying:
+                        self.retries.release()
+                    retrying = (record.attempts < self.config.retries.max_attempts and now < job.deadline_at
+                                and self.retries.try_acquire(now))
+                    if not retrying:
+                        self.dispatcher.finish(job, backend, ok=False)
+                        raise BackendFailed(f"Backend {backend.id} went away before answering: {exc}") from None
+                    log.warning("request %s: backend %s failed before answering (%s); trying again", job.id,
+                                backend.id, exc)
+                    future = self.dispatcher.requeue(job, backend)
+                    continue
+                record.service_s = self.dispatcher.clock() - started
+                return await self._stream_back(request, job, backend, resp, record, started)
+        finally:
+            if retrying:
+                self.retries.release()
+
+    async def _wait(self, job: Job, future: asyncio.Future[Backend]) -> Backend:
         try:
             return await future
+        except QueuedDeadline:
+            raise self._expired(job) from None
         except asyncio.CancelledError:
-            # The client went away while queued: leave the queue; if a slot had just been
-            # assigned, give it back.
-            if not self.dispatcher.withdraw(job) and future.done() and not future.cancelled():
-                self.dispatcher.release(future.result())
+            self.dispatcher.withdraw(job, future)  # the client went away while queued
             raise
 
-    def _predicted_drain_s(self) -> float:
-        """Until the queue can take one more job: until the next busy slot is expected to free."""
-        busy = max(1, self.dispatcher.in_service())
-        return self.mean_service_s / busy
+    def _expired(self, job: Job) -> DeadlineExpired:
+        budget = job.deadline_at - job.arrived_at
+        return DeadlineExpired(timeout_message(budget, job.chars))
 
-    async def _send(self, backend: Backend, job: Job, body: bytes,
-                    headers: dict[str, str]) -> aiohttp.ClientResponse:
-        """Forward the original bytes; shielded, because the backend cannot be cancelled anyway:
-        if our client leaves, the slot stays busy until the backend answers (then it is freed)."""
+    async def _send(self, backend: Backend, job: Job, body: bytes, headers: dict[str, str],
+                    record: Outcome) -> aiohttp.ClientResponse:
+        """Forward the original bytes and wait for the answer's headers, until the deadline.
+
+        The exchange is shielded: GLM-TTS cannot cancel, so when the deadline passes or the client
+        leaves, the backend slot stays busy until the backend answers, and is freed then.
+        """
         task = asyncio.ensure_future(self.client.open(
             "POST", backend.url + "/api/v1/tts", body=body, headers=headers,
             timeout=self.config.backends.request_timeout_s))
+        left = job.deadline_at - self.dispatcher.clock()
         try:
-            return await asyncio.shield(task)
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, left))
+        except asyncio.TimeoutError:
+            self.dispatcher.answered_early(job)
+            self._orphan(task, backend, job)
+            record.outcome = "deadline_running"
+            raise self._expired(job) from None
         except asyncio.CancelledError:
             self._orphan(task, backend, job)
             raise
         except BackendTimeout as exc:
             self.pool.report_failure(backend, str(exc))
-            self.dispatcher.release(backend)
+            self.dispatcher.finish(job, backend, ok=False)
             raise BackendFailed(f"Backend {backend.id} did not answer within "
                                 f"{self.config.backends.request_timeout_s:g} s") from exc
 
     def _orphan(self, task: asyncio.Future[aiohttp.ClientResponse], backend: Backend, job: Job) -> None:
+        """Keep the slot busy until the backend really finishes the abandoned request."""
         async def finish() -> None:
+            ok = False
             try:
                 resp = await task
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    await resp.read()
+                    ok = resp.status == 200 and (await resp.read()).startswith(SUCCESS_PREFIX)
                 resp.release()
             except (BackendUnavailable, BackendTimeout) as exc:
                 self.pool.report_failure(backend, str(exc))
             finally:
-                self.dispatcher.release(backend)
-                log.info("request %s: client left; backend %s finished the orphaned work", job.id, backend.id)
+                self.dispatcher.finish(job, backend, ok=ok)
+                log.info("request %s: backend %s finished work whose client was already answered", job.id,
+                         backend.id)
 
         orphan = asyncio.ensure_future(finish())
         self._orphans.add(orphan)
         orphan.add_done_callback(self._orphans.discard)
 
-    async def _stream_back(self, request: web.Request, job: Job, backend: Backend,
-                           resp: aiohttp.ClientResponse, queued_s: float, started: float) -> web.StreamResponse:
+    async def _stream_back(self, request: web.Request, job: Job, backend: Backend, resp: aiohttp.ClientResponse,
+                           record: Outcome, started: float) -> web.StreamResponse:
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         for name in PASSED_HEADERS:
             if name in resp.headers:
                 out.headers[name] = resp.headers[name]
         out.headers[REQUEST_ID] = job.id
         out.headers["X-Backend"] = backend.id
-        out.headers["X-Queue-Wait"] = f"{queued_s:.3f}"
+        out.headers["X-Queue-Wait"] = f"{record.queue_s:.3f}"
         # Service = until the backend's answer began: the synthesis itself.
-        service_ms = (time.monotonic() - started) * 1000
-        out.headers["Server-Timing"] = f"queue;dur={queued_s * 1000:.1f}, service;dur={service_ms:.1f}"
+        out.headers["Server-Timing"] = (f"queue;dur={record.queue_s * 1000:.1f}, "
+                                        f"service;dur={(record.service_s or 0.0) * 1000:.1f}")
         if resp.content_length is not None:
             out.content_length = resp.content_length
-        outcome = "ok"
+        record.status = resp.status
+        ok = False
         try:
             try:
                 await out.prepare(request)
+                first = True
                 async for chunk in resp.content.iter_chunked(STREAM_CHUNK):
+                    if first:
+                        ok = resp.status == 200 and chunk.startswith(SUCCESS_PREFIX)
+                        first = False
                     await out.write(chunk)
                 await out.write_eof()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 # The backend died mid-answer: bytes already went out, so no retry; cut the client off.
-                outcome = "backend_cut"
+                ok = False
+                record.outcome = "backend_cut"
                 self.pool.report_failure(backend, f"answer cut short: {exc}")
                 if request.transport is not None:
                     request.transport.close()
             except (ConnectionResetError, asyncio.CancelledError):
-                outcome = "client_gone"
+                record.outcome = "client_gone"
                 raise
         finally:
             resp.release()
-            if resp.status == 200 and outcome == "ok":
+            if ok:
                 backend.model_key = job.model_key
+            elif record.outcome == "ok":
+                record.outcome = "backend_error" if resp.status >= 500 else "failed"
             backend.served += 1
-            self.dispatcher.release(backend)
-            service_s = time.monotonic() - started
-            if outcome == "ok":
-                self.mean_service_s += 0.1 * (service_s - self.mean_service_s)
-            access_log.info("%s POST /api/v1/tts %d chars=%d backend=%s queue=%.3fs service=%.3fs outcome=%s",
-                            job.id, resp.status, job.chars, backend.id, queued_s, service_s, outcome)
+            self.served["long_text" if job.chars > 200 else "short_text"] += 1
+            self.dispatcher.finish(job, backend, ok=ok)
         return out
 
+    def _log(self, job: Job, record: Outcome, arrived: float) -> None:
+        entry = {
+            "id": job.id, "tenant": job.tenant, "band": self.tenants.band_names[job.band], "chars": job.chars,
+            "units": job.units, "class": job.cls, "predicted_s": round(job.predicted_s, 3),
+            "service_s": None if record.service_s is None else round(record.service_s, 3),
+            "queue_s": round(record.queue_s, 3), "total_s": round(self.dispatcher.clock() - arrived, 3),
+            "backend": record.backend, "status": record.status, "outcome": record.outcome,
+            "reason": record.reason, "attempts": record.attempts,
+        }
+        access_log.info(json.dumps(entry, ensure_ascii=False))
+
     async def close(self) -> None:
-        """Wait for orphaned backend work, so the process leaves no slot accounting dangling."""
+        """Wait for orphaned backend work, so no slot accounting is left dangling."""
+        self.dispatcher.close()
         if self._orphans:
             await asyncio.gather(*self._orphans, return_exceptions=True)
 

@@ -9,8 +9,13 @@ import pytest
 from scheduler import config as config_module
 from scheduler.config import (
     BackendSpec,
+    ClassConfig,
     ConfigError,
+    CostConfig,
+    LearnedDeadlineConfig,
+    QueueConfig,
     SidecarConfig,
+    TenantPolicy,
     default_config_path,
     default_config_text,
     load_config,
@@ -19,6 +24,11 @@ from scheduler.config import (
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = [REPO / "config" / "sidecar.yaml", REPO / "config" / "glmtts-production.yaml"]
+PRODUCTION_KEYS = {
+    "GLMTTS_SIDECAR_KEY_EXAMPLE_APP": "prod-key-0123456789abcdef",
+    "GLMTTS_SIDECAR_KEY_EXAMPLE_APP_NEXT": "prod-key-next-0123456789",
+}
+EMULATOR_TIME_SCALE = 0.05
 
 
 def problems_of(text: str) -> tuple[str, ...]:
@@ -27,12 +37,33 @@ def problems_of(text: str) -> tuple[str, ...]:
     return caught.value.problems
 
 
+@pytest.fixture
+def production_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in PRODUCTION_KEYS.items():
+        monkeypatch.setenv(name, value)
+
+
 # -- shipped files ------------------------------------------------------------------------------
 
 
-def test_default_file_is_exactly_the_defaults() -> None:
-    assert load_config(None) == SidecarConfig()
-    assert load_config(default_config_path()) == parse_config("{}") == parse_config("")
+def test_default_file_is_exactly_the_defaults_but_for_the_scaled_cost_priors() -> None:
+    shipped = load_config(None)
+    assert shipped.model_copy(update={"cost": CostConfig()}) == SidecarConfig()
+    assert shipped.cost != CostConfig()
+    assert parse_config("{}") == parse_config("") == SidecarConfig()
+
+
+def test_default_files_cost_priors_are_the_seeds_times_the_emulators_time_scale() -> None:
+    shipped, seed = load_config(None), CostConfig()
+    command = shipped.backends.command
+    assert command[command.index("--time-scale") + 1] == str(EMULATOR_TIME_SCALE)
+    for name in ("base_s", "per_unit_s", "reload_s"):
+        assert getattr(shipped.cost, name) == pytest.approx(getattr(seed, name) * EMULATOR_TIME_SCALE)
+    unscaled = {"base_s", "per_unit_s", "reload_s"}
+    assert shipped.cost.model_dump(exclude=unscaled) == seed.model_dump(exclude=unscaled)
+    # The seed: ~3.5 s at ~20 cost units, ~80 s at ~500.
+    assert seed.base_s + seed.per_unit_s * 20 == pytest.approx(3.5)
+    assert seed.base_s + seed.per_unit_s * 500 == pytest.approx(80.0)
 
 
 def test_default_config_text_is_the_default_file() -> None:
@@ -47,6 +78,7 @@ def test_default_config_path_falls_back_to_package_data(monkeypatch: pytest.Monk
     assert path.parent == Path(config_module.__file__).resolve().parent
 
 
+@pytest.mark.usefixtures("production_env")
 def test_production_example_loads_without_path_checks() -> None:
     production = load_config(REPO / "config" / "glmtts-production.yaml", check_paths=False)
     backends = production.backends
@@ -62,8 +94,27 @@ def test_production_example_loads_without_path_checks() -> None:
     }
     assert backends.health.start_timeout_s == 600.0
     assert production.listen.host == "127.0.0.1"
+    assert production.cost == CostConfig()  # the seed's priors, unscaled
+    assert production.deadlines.policy == "learned"
+    assert production.deadlines.tier_for(51) == 300.0
+    assert production.class_of(201).max_in_service == 3
+    by_key = production.tenants.by_key()
+    assert set(by_key) == set(PRODUCTION_KEYS.values())
+    assert {tenant.name for tenant in by_key.values()} == {"example-app"}
 
 
+def test_production_example_names_its_missing_key_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PRODUCTION_KEYS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        load_config(REPO / "config" / "glmtts-production.yaml", check_paths=False)
+    assert caught.value.problems == tuple(
+        f"tenants.list[0].keys[{i}]: environment variable {name} is not set"
+        for i, name in enumerate(PRODUCTION_KEYS)
+    )
+
+
+@pytest.mark.usefixtures("production_env")
 def test_production_cwd_is_checked_against_this_machine(tmp_path: Path) -> None:
     text = (REPO / "config" / "glmtts-production.yaml").read_text(encoding="utf-8")
     missing = tmp_path / "GLM-TTS"
@@ -172,8 +223,142 @@ def test_config_is_frozen() -> None:
         config.listen.port = 1
     with pytest.raises(pydantic.ValidationError):
         config.backends = config.backends
+    with pytest.raises(pydantic.ValidationError):
+        config.cost.base_s = 1.0
+    with pytest.raises(pydantic.ValidationError):
+        config.tenants.default.weight = 2.0
     with pytest.raises(AttributeError):
         config.backends.layout()[0].port = 1  # type: ignore[misc]
+
+
+# -- scheduling policy --------------------------------------------------------------------------
+
+
+def test_empty_mapping_gives_the_seeds_scheduling_policy() -> None:
+    config = parse_config("{}")
+    assert [(c.name, c.max_chars, c.max_in_service) for c in config.classes] == [
+        ("short", 50, None), ("medium", 200, None), ("long", None, 3),
+    ]
+    assert (config.cost.base_s, config.cost.per_unit_s, config.cost.reload_s) == (0.3125, 0.159375, 20.0)
+    assert (config.cost.p95_ratio, config.cost.prior_weight, config.cost.window) == (1.3, 10.0, 256)
+    assert (config.cost.slow_ratio, config.cost.slow_min_samples) == (1.5, 10)
+    deadlines = config.deadlines
+    assert deadlines.policy == "tiers"
+    assert [(t.max_chars, t.timeout_s) for t in deadlines.tiers] == [(50, 60.0), (200, 300.0), (None, 600.0)]
+    assert deadlines.learned == LearnedDeadlineConfig(factor=2.0, buffer_s=10.0, min_s=15.0, max_s=600.0)
+    assert deadlines.client_header and deadlines.reject_unmeetable
+    queue = config.queue
+    assert (queue.max_size, queue.max_per_tenant, queue.order, queue.within_tenant) == (100, None, "fair", "fifo")
+    assert (queue.aging_s, queue.band_aging_s) == (30.0, 60.0)
+    assert config.priorities.bands == ("interactive", "standard", "batch")
+    assert config.priorities.default == "standard"
+    tenants = config.tenants
+    assert (tenants.require_key, tenants.trust_header, tenants.list) == (False, False, ())
+    assert tenants.default == TenantPolicy(weight=1.0, bands=None, max_queued=None)
+    assert tenants.by_key() == {}
+    retries = config.retries
+    assert (retries.max_attempts, retries.budget_ratio, retries.budget_min) == (2, 0.2, 3)
+
+
+@pytest.mark.parametrize(
+    ("chars", "name", "timeout_s"),
+    [(0, "short", 60.0), (1, "short", 60.0), (50, "short", 60.0), (51, "medium", 300.0),
+     (200, "medium", 300.0), (201, "long", 600.0), (10_000, "long", 600.0)],
+)
+def test_class_of_and_tier_for_boundaries(chars: int, name: str, timeout_s: float) -> None:
+    config = SidecarConfig()
+    assert config.class_of(chars).name == name
+    assert config.deadlines.tier_for(chars) == timeout_s
+
+
+def test_custom_classes_and_tiers() -> None:
+    config = parse_config(
+        "classes:\n"
+        "  - {name: tiny, max_chars: 10, max_in_service: 8}\n"
+        "  - {name: rest, max_chars: null}\n"
+        "deadlines: {tiers: [{max_chars: null, timeout_s: 42}]}\n"
+    )
+    assert config.class_of(10) == ClassConfig(name="tiny", max_chars=10, max_in_service=8)
+    assert config.class_of(11) == ClassConfig(name="rest", max_chars=None)
+    assert config.deadlines.tier_for(0) == config.deadlines.tier_for(10**6) == 42.0
+
+
+def test_learned_deadline_is_clamped() -> None:
+    learned = LearnedDeadlineConfig(factor=2.0, buffer_s=10.0, min_s=15.0, max_s=600.0)
+    assert learned.deadline_s(1.0) == 15.0
+    assert learned.deadline_s(20.0) == 50.0
+    assert learned.deadline_s(1000.0) == 600.0
+
+
+def test_tenant_bound_takes_the_most_specific_bound() -> None:
+    queue = QueueConfig(max_size=100)
+    assert queue.tenant_bound(TenantPolicy()) == 100
+    per_tenant = QueueConfig(max_size=100, max_per_tenant=10)
+    assert per_tenant.tenant_bound(TenantPolicy()) == 10
+    assert per_tenant.tenant_bound(TenantPolicy(max_queued=30)) == 30
+
+
+def test_tenants_with_literal_and_env_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACME_TTS_KEY", "acme-from-env-0123456789")
+    config = parse_config(
+        "queue: {max_per_tenant: 20}\n"
+        "priorities: {bands: [high, low], default: low}\n"
+        "tenants:\n"
+        "  default: {weight: 0.5, bands: [low], max_queued: 5}\n"
+        "  list:\n"
+        "    - {name: acme, keys: ['env:ACME_TTS_KEY', acme-literal-0123456789], weight: 3, bands: [high, low]}\n"
+        "    - {name: Other.team-2, keys: [other-0123456789abcdef], max_queued: 100}\n"
+    )
+    tenants = config.tenants
+    acme, other = tenants.list
+    assert tenants.by_key() == {
+        "acme-from-env-0123456789": acme, "acme-literal-0123456789": acme, "other-0123456789abcdef": other,
+    }
+    assert (acme.weight, acme.bands, acme.max_queued) == (3.0, ("high", "low"), None)
+    assert [key.get_secret_value() for key in acme.keys] == ["acme-from-env-0123456789", "acme-literal-0123456789"]
+    assert config.queue.tenant_bound(acme) == 20
+    assert config.queue.tenant_bound(other) == 100
+    assert config.queue.tenant_bound(tenants.default) == 5
+
+
+def test_keyless_tenants_are_allowed_when_the_header_is_trusted() -> None:
+    tenants = parse_config("tenants: {trust_header: true, list: [{name: batch-jobs}]}").tenants
+    assert tenants.list[0].keys == ()
+    assert tenants.by_key() == {}
+
+
+def test_env_key_must_be_long_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHORT_KEY", "tooShort123")
+    problems = problems_of("tenants: {list: [{name: a, keys: ['env:SHORT_KEY']}]}")
+    assert problems == ("tenants.list[0].keys[0]: environment variable SHORT_KEY must hold at least 16 characters",)
+    assert not any("tooShort123" in line for line in problems)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "tenants: {list: [{name: a, keys: [tooShortKey42]}]}",
+        "tenants: {list: [{name: a, keys: tooShortKey42}]}",
+        "tenants: {list: [tooShortKey42]}",
+        "tenants: {list: tooShortKey42}",
+        "tenants: {list: [{name: a, keys: [tooShortKey42], weight: tooShortKey42}]}",
+        "tenants: {list: [{name: a, keys: [0123456789abcdef]}, {name: b, keys: [0123456789abcdef]}]}",
+    ],
+)
+def test_keys_never_appear_in_errors(text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    message = str(caught.value)
+    assert "tenants." in message
+    assert "tooShortKey42" not in message
+    assert "0123456789abcdef" not in message
+
+
+def test_keys_never_appear_in_reprs() -> None:
+    config = parse_config("tenants: {list: [{name: a, keys: [secret-0123456789abcdef]}]}")
+    for shown in (repr(config), str(config), repr(config.tenants.list[0]), config.model_dump_json()):
+        assert "secret-0123456789abcdef" not in shown
+    assert "**********" in repr(config.tenants.list[0])
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -246,6 +431,142 @@ def test_config_is_frozen() -> None:
         ),
         ("logging: {backend_output: maybe}", r"^logging\.backend_output: input should be a valid boolean"),
         ("listen: 5", r"^listen: input should be a valid dictionary"),
+        # -- scheduling policy
+        ("classes: []", r"^classes: must list at least one class$"),
+        ("classes: [{name: Long, max_chars: null}]", r"^classes\[0\]\.name: string should match pattern"),
+        ("classes: [{name: a, max_chars: 0}]", r"^classes\[0\]\.max_chars: input should be greater than or equal to 1"),
+        ("classes: [{name: a}]", r"^classes\[0\]\.max_chars: field required$"),
+        ("classes: [{name: a, max_chars: null, max_in_service: 0}]", r"^classes\[0\]\.max_in_service: input should be"),
+        (
+            "classes: [{name: a, max_chars: null}, {name: b, max_chars: null}]",
+            r"^classes\[0\]\.max_chars: only the last class may have max_chars: null",
+        ),
+        (
+            "classes: [{name: a, max_chars: 50}, {name: b, max_chars: 200}]",
+            r"^classes\[1\]\.max_chars: the last class must have max_chars: null",
+        ),
+        (
+            "classes: [{name: a, max_chars: 50}, {name: b, max_chars: 50}, {name: c, max_chars: null}]",
+            r"^classes\[1\]\.max_chars: must be greater than the previous class's max_chars \(50\)$",
+        ),
+        (
+            "classes: [{name: a, max_chars: 50}, {name: a, max_chars: null}]",
+            r"^classes\[1\]\.name: duplicate class name 'a' \(also classes\[0\]\)$",
+        ),
+        (
+            "classes: [{name: a, max_chars: null, max_inservice: 1}]",
+            r"^classes\[0\]\.max_inservice: unknown key \(did you mean 'max_in_service'\?",
+        ),
+        ("cost: {base_s: -0.1}", r"^cost\.base_s: input should be greater than or equal to 0"),
+        ("cost: {per_unit_s: 0}", r"^cost\.per_unit_s: input should be greater than 0"),
+        ("cost: {p95_ratio: 0.9}", r"^cost\.p95_ratio: input should be greater than or equal to 1"),
+        ("cost: {prior_weight: -1}", r"^cost\.prior_weight: input should be greater than or equal to 0"),
+        ("cost: {window: 15}", r"^cost\.window: input should be greater than or equal to 16"),
+        ("cost: {window: 100001}", r"^cost\.window: input should be less than or equal to 100000"),
+        ("cost: {window: 20.0}", r"^cost\.window: input should be a valid integer"),
+        ("cost: {reload_s: -1}", r"^cost\.reload_s: input should be greater than or equal to 0"),
+        ("cost: {slow_ratio: 1}", r"^cost\.slow_ratio: input should be greater than 1"),
+        ("cost: {slow_min_samples: 0}", r"^cost\.slow_min_samples: input should be greater than or equal to 1"),
+        ("cost: {base_s: .inf}", r"^cost\.base_s: input should be a finite number"),
+        ("cost: {per_unit_s: .nan}", r"^cost\.per_unit_s: input should be a finite number"),
+        ("deadlines: {policy: fixed}", r"^deadlines\.policy: input should be 'tiers' or 'learned'"),
+        ("deadlines: {tiers: []}", r"^deadlines\.tiers: must list at least one tier$"),
+        (
+            "deadlines: {tiers: [{max_chars: 50, timeout_s: 60}]}",
+            r"^deadlines\.tiers\[0\]\.max_chars: the last tier must have max_chars: null",
+        ),
+        (
+            "deadlines: {tiers: [{max_chars: 200, timeout_s: 1}, {max_chars: 50, timeout_s: 1},"
+            " {max_chars: null, timeout_s: 1}]}",
+            r"^deadlines\.tiers\[1\]\.max_chars: must be greater than the previous tier's max_chars \(200\)$",
+        ),
+        (
+            "deadlines: {tiers: [{max_chars: null, timeout_s: 0}]}",
+            r"^deadlines\.tiers\[0\]\.timeout_s: input should be greater than 0",
+        ),
+        ("deadlines: {learned: {factor: 0.5}}", r"^deadlines\.learned\.factor: input should be greater than or equal"),
+        ("deadlines: {learned: {buffer_s: -1}}", r"^deadlines\.learned\.buffer_s: input should be greater than or"),
+        ("deadlines: {learned: {min_s: 0}}", r"^deadlines\.learned\.min_s: input should be greater than 0"),
+        (
+            "deadlines: {learned: {min_s: 30, max_s: 20}}",
+            r"^deadlines\.learned\.max_s: must be >= min_s \(30\.0\)$",
+        ),
+        ("deadlines: {client_header: yes please}", r"^deadlines\.client_header: input should be a valid boolean"),
+        ("queue: {max_per_tenant: 0}", r"^queue\.max_per_tenant: input should be greater than or equal to 1"),
+        ("queue: {max_size: 10, max_per_tenant: 11}", r"^queue\.max_per_tenant: must be <= max_size \(10\)$"),
+        ("queue: {order: lifo}", r"^queue\.order: input should be 'fair' or 'fifo'"),
+        ("queue: {within_tenant: longest_first}", r"^queue\.within_tenant: input should be 'fifo' or 'shortest_first'"),
+        (
+            "queue: {order: fifo, within_tenant: shortest_first}",
+            r"^queue\.within_tenant: shortest_first needs order: fair",
+        ),
+        ("queue: {aging_s: 0}", r"^queue\.aging_s: input should be greater than 0"),
+        ("queue: {band_aging_s: -1}", r"^queue\.band_aging_s: input should be greater than 0"),
+        ("priorities: {bands: []}", r"^priorities\.bands: must list at least one band$"),
+        ("priorities: {bands: [high, High]}", r"^priorities\.bands\[1\]: band name 'High' must match"),
+        ("priorities: {bands: [high, low, high]}", r"^priorities\.bands\[2\]: duplicate band 'high' \(also bands\[0\]"),
+        ("priorities: {bands: [high, low]}", r"^priorities\.default: 'standard' is not one of bands \(high, low\)$"),
+        ("tenants: {default: {weight: 0}}", r"^tenants\.default\.weight: input should be greater than 0$"),
+        ("tenants: {default: {bands: []}}", r"^tenants\.default\.bands: tuple should have at least 1 item"),
+        ("tenants: {default: {max_queued: 0}}", r"^tenants\.default\.max_queued: input should be greater than or"),
+        (
+            "tenants: {default: {bands: [standard, urgent]}}",
+            r"^tenants\.default\.bands\[1\]: 'urgent' is not in priorities\.bands \(interactive, standard, batch\)$",
+        ),
+        ("tenants: {default: {max_queued: 101}}", r"^tenants\.default\.max_queued: must be <= queue\.max_size \(100"),
+        (
+            "tenants: {list: [{name: a, keys: [0123456789abcdef], max_queued: 101}]}",
+            r"^tenants\.list\[0\]\.max_queued: must be <= queue\.max_size \(100\)$",
+        ),
+        (
+            "tenants: {list: [{name: a, keys: [0123456789abcdef], bands: [batch, bulk]}]}",
+            r"^tenants\.list\[0\]\.bands\[1\]: 'bulk' is not in priorities\.bands",
+        ),
+        ("tenants: {list: [{keys: [0123456789abcdef]}]}", r"^tenants\.list\[0\]\.name: field required$"),
+        ("tenants: {list: [{name: -a, keys: [0123456789abcdef]}]}", r"^tenants\.list\[0\]\.name: string should match"),
+        (
+            "tenants: {list: [{name: default, keys: [0123456789abcdef]}]}",
+            r"^tenants\.list\[0\]\.name: 'default' is the tenant of requests without a key",
+        ),
+        (
+            "tenants: {list: [{name: a, keys: [0123456789abcdef]}, {name: a, keys: [fedcba9876543210]}]}",
+            r"^tenants\.list\[1\]\.name: duplicate tenant name 'a' \(also list\[0\]\)$",
+        ),
+        ("tenants: {list: [{name: a}]}", r"^tenants\.list\[0\]\.keys: must list at least one key"),
+        ("tenants: {list: [{name: a, keys: 0123456789abcdef}]}", r"^tenants\.list\[0\]\.keys: must be a list of"),
+        ("tenants: {list: [{name: a, keys: [1234567890123456789]}]}", r"^tenants\.list\[0\]\.keys\[0\]: must be a str"),
+        (
+            "tenants: {list: [{name: a, keys: ['0123456789 abcdef']}]}",
+            r"^tenants\.list\[0\]\.keys\[0\]: must hold printable ASCII only, without spaces$",
+        ),
+        (
+            "tenants: {list: [{name: a, keys: [0123456789abcdef, 0123456789abcdef]}]}",
+            r"^tenants\.list\[0\]\.keys\[1\]: same key as keys\[0\]$",
+        ),
+        (
+            "tenants: {list: [{name: a, keys: [0123456789abcdef]},"
+            " {name: b, keys: [x123456789abcdef, 0123456789abcdef]}]}",
+            r"^tenants\.list\[1\]\.keys\[1\]: same key as list\[0\]\.keys\[0\]$",
+        ),
+        (
+            "tenants: {list: [{name: a, keys: ['env:9LIVES']}]}",
+            r"^tenants\.list\[0\]\.keys\[0\]: '9LIVES' after env: is not a valid environment variable name$",
+        ),
+        (
+            "tenants: {list: [{name: a, keys: [0123456789abcdef], wieght: 2}]}",
+            r"^tenants\.list\[0\]\.wieght: unknown key \(did you mean 'weight'\? "
+            r"known: weight, bands, max_queued, name, keys\)$",
+        ),
+        ("tenants: {require_key: true}", r"^tenants\.require_key: no tenant is listed, so every request would get 401"),
+        (
+            "tenants: {require_key: true, trust_header: true, list: [{name: a, keys: [0123456789abcdef]}]}",
+            r"^tenants\.trust_header: has no effect when require_key is true",
+        ),
+        ("retries: {max_attempts: 0}", r"^retries\.max_attempts: input should be greater than or equal to 1"),
+        ("retries: {max_attempts: 11}", r"^retries\.max_attempts: input should be less than or equal to 10"),
+        ("retries: {budget_ratio: 1.5}", r"^retries\.budget_ratio: input should be less than or equal to 1"),
+        ("retries: {budget_ratio: -0.1}", r"^retries\.budget_ratio: input should be greater than or equal to 0"),
+        ("retries: {budget_min: -1}", r"^retries\.budget_min: input should be greater than or equal to 0"),
         ("- listen", r"^top level must be a mapping of sections, got a list$"),
         ("just text", r"^top level must be a mapping of sections, got a string$"),
     ],
@@ -265,6 +586,16 @@ def test_every_problem_is_listed_in_the_message() -> None:
     assert message.startswith("invalid configuration in my.yaml:\n")
     for key in ("listen.port: ", "queue.max_size: ", "extra: unknown key"):
         assert f"\n  {key}" in message
+
+
+def test_cross_section_problems_are_listed_together() -> None:
+    problems = problems_of(
+        "listen: {port: 18050}\n"
+        "tenants: {default: {bands: [urgent], max_queued: 500}}\n"
+    )
+    assert [line.split(":")[0] for line in problems] == [
+        "backends.base_port", "tenants.default.bands[0]", "tenants.default.max_queued",
+    ]
 
 
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:

@@ -1,0 +1,77 @@
+"""Admission: answer now what would otherwise time out later. Pure.
+
+A job is turned away, with the reason named and a Retry-After predicted from the backlog, when
+no backend can serve (503), the queue or the tenant's share of it is full (429), or -- when the
+policy says so -- its predicted wait plus service already exceeds its deadline (429).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Reason(Enum):
+    NO_BACKEND = "no_backend"  # nothing is running or starting
+    QUEUE_FULL = "queue_full"  # the total bound
+    TENANT_QUEUE_FULL = "tenant_queue_full"  # this tenant's bound
+    DEADLINE_UNMEETABLE = "deadline_unmeetable"  # predicted wait + service > deadline
+
+
+STATUS = {
+    Reason.NO_BACKEND: 503,
+    Reason.QUEUE_FULL: 429,
+    Reason.TENANT_QUEUE_FULL: 429,
+    Reason.DEADLINE_UNMEETABLE: 429,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rejection:
+    reason: Reason
+    detail: str
+    retry_after_s: float
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.reason]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outlook:
+    """What the scheduler predicts for one job if it were admitted now."""
+
+    can_serve: bool  # some backend is ready or starting
+    queued: int
+    max_queued: int
+    tenant_queued: int
+    tenant_max: int
+    wait_s: float  # predicted time in the queue
+    service_s: float  # predicted service time (mean)
+    budget_s: float  # deadline minus now
+    next_free_s: float  # predicted time until any slot frees (a place opens in a full queue)
+    tenant_next_s: float  # predicted time until this tenant's next queued job leaves the queue
+
+
+def admit(outlook: Outlook, *, reject_unmeetable: bool) -> Rejection | None:
+    """None to admit, else why not and when to try again."""
+    o = outlook
+    if not o.can_serve:
+        return Rejection(reason=Reason.NO_BACKEND, detail="No backend is running or starting",
+                         retry_after_s=max(1.0, o.next_free_s))
+    if o.queued >= o.max_queued:
+        return Rejection(reason=Reason.QUEUE_FULL,
+                         detail=f"The queue is full ({o.queued} requests waiting)",
+                         retry_after_s=o.next_free_s)
+    if o.tenant_queued >= o.tenant_max:
+        return Rejection(reason=Reason.TENANT_QUEUE_FULL,
+                         detail=f"Your requests fill your share of the queue ({o.tenant_queued} waiting)",
+                         retry_after_s=o.tenant_next_s)
+    if reject_unmeetable and o.wait_s + o.service_s > o.budget_s:
+        return Rejection(
+            reason=Reason.DEADLINE_UNMEETABLE,
+            detail=(f"Predicted wait {o.wait_s:.1f} s plus service {o.service_s:.1f} s exceeds the "
+                    f"{o.budget_s:.1f} s deadline"),
+            # Once the backlog ahead has drained by the excess, it would fit.
+            retry_after_s=o.wait_s + o.service_s - o.budget_s)
+    return None

@@ -1,0 +1,43 @@
+"""From a validated configuration to the scheduling core's objects (the one place that knows both)."""
+
+from __future__ import annotations
+
+from scheduler.config import SidecarConfig, TenantPolicy
+from scheduler.core import ClassRule, LengthClasses, Scheduler
+from scheduler.cost import CostModel, CostPriors
+from scheduler.deadlines import Tier, make_policy
+from scheduler.queue import make_queue
+from scheduler.tenants import DEFAULT_TENANT, Tenant, TenantDirectory
+
+
+def build_scheduler(config: SidecarConfig, *, cost: CostModel | None = None) -> Scheduler:
+    """``cost``: keep a learned model across a reload of the policies."""
+    c, d, q = config.cost, config.deadlines, config.queue
+    if cost is None:
+        cost = CostModel(CostPriors(base_s=c.base_s, per_unit_s=c.per_unit_s, p95_ratio=c.p95_ratio,
+                                    prior_weight=c.prior_weight, window=c.window, reload_s=c.reload_s,
+                                    slow_ratio=c.slow_ratio, slow_min_samples=c.slow_min_samples))
+    policy = make_policy(d.policy, tiers=[Tier(max_chars=t.max_chars, timeout_s=t.timeout_s) for t in d.tiers],
+                         factor=d.learned.factor, buffer_s=d.learned.buffer_s, min_s=d.learned.min_s,
+                         max_s=d.learned.max_s)
+    queue = make_queue(q.order, max_size=q.max_size, max_per_tenant=q.max_per_tenant,
+                       within_tenant=q.within_tenant, aging_s=q.aging_s, band_aging_s=q.band_aging_s)
+    classes = LengthClasses([ClassRule(name=k.name, max_chars=k.max_chars, max_in_service=k.max_in_service)
+                             for k in config.classes])
+    return Scheduler(queue=queue, cost=cost, classes=classes, deadlines=policy, reject_unmeetable=d.reject_unmeetable)
+
+
+def build_tenants(config: SidecarConfig) -> TenantDirectory:
+    bands = config.priorities.bands
+    t = config.tenants
+
+    def tenant(name: str, policy: TenantPolicy) -> Tenant:
+        allowed = tuple(sorted(bands.index(b) for b in policy.bands)) if policy.bands else ()
+        return Tenant(name=name, weight=policy.weight, bands=allowed,
+                      max_queued=config.queue.tenant_bound(policy))
+
+    return TenantDirectory(
+        tenants=[tenant(item.name, item) for item in t.list],
+        keys={key: item.name for key, item in t.by_key().items()},
+        default=tenant(DEFAULT_TENANT, t.default), band_names=bands, default_band=config.priorities.default,
+        require_key=t.require_key, trust_header=t.trust_header)
