@@ -167,7 +167,9 @@ def free_port_range(count: int, host: str = "127.0.0.1") -> int:
 
 def sidecar_config(*, backends: int = 2, slots: int = 1, time_scale: float = 0.01,
                    emulator_args: Sequence[str] = (), extra: str = "") -> tuple[str, int]:
-    """A sidecar YAML config on free loopback ports; returns (yaml, listen port)."""
+    """A sidecar YAML config on free loopback ports; returns (yaml, listen port).
+
+    The cost priors are the seed's, scaled like the emulators' timing."""
     port = free_port()
     base = free_port_range(backends)
     command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", str(time_scale),
@@ -182,6 +184,7 @@ backends:
   health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
   restart: {{backoff_initial_s: 0.2, backoff_max_s: 2.0}}
   stop_grace_s: 5.0
+cost: {{base_s: {0.3125 * time_scale!r}, per_unit_s: {0.159375 * time_scale!r}, reload_s: {20.0 * time_scale!r}}}
 {extra}
 """
     return text, port

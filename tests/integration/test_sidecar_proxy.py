@@ -148,7 +148,7 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_no_process(tmp_path: Pat
     try:
         pids = backend_pids(service)
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(tts, service, LONG[:200] + str(i)) for i in range(4)]
+            futures = [pool.submit(tts, service, LONG[:190] + str(i)) for i in range(4)]
             wait_until(lambda: sum(b["in_flight"] for b in backends(service)) == 2, what="requests in flight")
             os.kill(service.pid, signal.SIGTERM)
             results = [future.result() for future in futures]
