@@ -30,7 +30,7 @@ STATUS = {
 class Rejection:
     reason: Reason
     detail: str
-    retry_after_s: float
+    retry_after_s: float | None  # None: trying again will not help
 
     @property
     def status(self) -> int:
@@ -67,6 +67,10 @@ def admit(outlook: Outlook, *, reject_unmeetable: bool) -> Rejection | None:
         return Rejection(reason=Reason.TENANT_QUEUE_FULL,
                          detail=f"Your requests fill your share of the queue ({o.tenant_queued} waiting)",
                          retry_after_s=o.tenant_next_s)
+    if reject_unmeetable and o.service_s > o.budget_s:
+        return Rejection(reason=Reason.DEADLINE_UNMEETABLE,
+                         detail=(f"Predicted service {o.service_s:.1f} s alone exceeds the {o.budget_s:.1f} s "
+                                 "deadline"), retry_after_s=None)
     if reject_unmeetable and o.wait_s + o.service_s > o.budget_s:
         return Rejection(
             reason=Reason.DEADLINE_UNMEETABLE,

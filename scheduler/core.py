@@ -138,38 +138,50 @@ class Scheduler:
         assignments: list[Assignment] = []
         ready = [b for b in backends if b.ready]
         pool_slots = sum(b.slots for b in ready)
+        # What each backend will have loaded once this pass's assignments run.
+        loaded: dict[str, ModelKey | None] = {b.id: b.model_key for b in ready}
+        demand: dict[ModelKey, float] = {}  # queued work by model configuration
+        for queued in self.queue.jobs():
+            demand[queued.model_key] = demand.get(queued.model_key, 0.0) + queued.predicted_s
         while True:
-            candidates = self._candidates(ready, now)
+            candidates = self._candidates(ready, now, loaded)
             if not any(c.free_slots for c in candidates):
                 break
             in_service = Counter(r.job.cls for r in self.running.values())
+            waiting: dict[ModelKey, float] = {}  # work already waiting for a backend of a configuration
             chosen: Assignment | None = None
             for job in self.queue.candidates(now):
                 cap = self.classes.cap(job.cls, pool_slots)
                 if cap is not None and in_service[job.cls] >= cap:
                     continue
-                choice = choose_backend(job.model_key, candidates, reload_s=self.cost.reload_s)
+                choice = choose_backend(job.model_key, candidates, reload_s=self.cost.reload_s,
+                                        waiting_s=waiting.get(job.model_key, 0.0), demand=demand)
                 if choice is not None:
                     chosen = Assignment(job=job, backend_id=choice.backend_id, reload=choice.reload)
                     break
+                waiting[job.model_key] = waiting.get(job.model_key, 0.0) + job.predicted_s
             if chosen is None:
                 break
             self.queue.take(chosen.job, now)
+            demand[chosen.job.model_key] -= chosen.job.predicted_s
             self.running[chosen.job.id] = Running(job=chosen.job, backend_id=chosen.backend_id, started_at=now)
             self.tally.dispatched += 1
-            self.tally.reloads += chosen.reload and any(
-                b.id == chosen.backend_id and b.model_key is not None for b in ready)
+            if chosen.reload and loaded[chosen.backend_id] is not None:
+                self.tally.reloads += 1
+            loaded[chosen.backend_id] = chosen.job.model_key
             assignments.append(chosen)
         return assignments
 
-    def _candidates(self, ready: Sequence[BackendView], now: float) -> list[Candidate]:
+    def _candidates(self, ready: Sequence[BackendView], now: float,
+                    loaded: dict[str, ModelKey | None] | None = None) -> list[Candidate]:
         in_flight: Counter[str] = Counter()
         remaining: dict[str, float] = {}
         for run in self.running.values():
             in_flight[run.backend_id] += 1
             left = max(0.0, run.job.predicted_s - (now - run.started_at))
             remaining[run.backend_id] = remaining.get(run.backend_id, 0.0) + left
-        return [Candidate(id=b.id, slots=b.slots, in_flight=in_flight[b.id], model_key=b.model_key,
+        keys = loaded if loaded is not None else {b.id: b.model_key for b in ready}
+        return [Candidate(id=b.id, slots=b.slots, in_flight=in_flight[b.id], model_key=keys[b.id],
                           remaining_s=remaining.get(b.id, 0.0)) for b in ready]
 
     # --- jobs out ------------------------------------------------------------------------------
@@ -224,9 +236,10 @@ class Scheduler:
     def requeue(self, job_id: str, now: float) -> bool:
         """A dispatched job whose backend failed before answering goes back in line where it was
         (it keeps its arrival time, place and deadline); False if it was not running."""
-        run = self.running.pop(job_id, None)
-        if run is None:
+        run = self.running.get(job_id)
+        if run is None or run.answered_early:  # its client already has its answer: nothing to redo
             return False
+        del self.running[job_id]
         self.queue.push(run.job, now, force=True)
         heapq.heappush(self._deadlines, (run.job.deadline_at, run.job.seq, run.job.id))
         return True
@@ -253,13 +266,14 @@ class Scheduler:
         )
 
     def _next_free_s(self, ready: Sequence[BackendView], now: float) -> float:
+        """Predicted seconds until the queue can move: a slot is free and nothing waits for one,
+        else the earliest predicted end of running work (a free slot that queued jobs cannot use,
+        because of a class cap or affinity, does not count)."""
         candidates = self._candidates(ready, now)
-        if not candidates:
-            return 1.0
-        if any(c.free_slots for c in candidates):
+        if any(c.free_slots for c in candidates) and not len(self.queue):
             return 0.0
         left = [max(0.0, r.job.predicted_s - (now - r.started_at)) for r in self.running.values()]
-        return min(left) if left else 0.0
+        return min(left) if left else 1.0
 
     def _in_service_remaining_s(self, now: float) -> float:
         return sum(max(0.0, r.job.predicted_s - (now - r.started_at)) for r in self.running.values())

@@ -3,13 +3,14 @@
 A backend holds one model configuration (sample_rate, use_phoneme) at a time and reloads, for
 tens of seconds, to serve another. So: a free backend already loaded with the job's
 configuration if there is one; otherwise, if a busy backend with that configuration will be
-free sooner than a reload would take, wait for it; otherwise switch a free backend, preferring
-one with nothing loaded; ties go to the least predicted remaining work.
+free -- for this job, after the same-configuration work queued before it -- sooner than a reload
+would take, wait for it; otherwise switch a free backend that no queued job of its own
+configuration needs, preferring one with nothing loaded; ties go to the least remaining work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from scheduler.queue import ModelKey
@@ -43,8 +44,15 @@ class Choice:
     reload: bool  # the backend must switch its model configuration first
 
 
-def choose_backend(job_key: ModelKey, candidates: Sequence[Candidate], *, reload_s: float = 0.0) -> Choice | None:
-    """The backend for a job with configuration ``job_key``, or None to keep it waiting."""
+def choose_backend(job_key: ModelKey, candidates: Sequence[Candidate], *, reload_s: float = 0.0,
+                   waiting_s: float = 0.0, demand: Mapping[ModelKey, float] | None = None) -> Choice | None:
+    """The backend for a job with configuration ``job_key``, or None to keep it waiting.
+
+    ``waiting_s``: predicted work of jobs with the same configuration already waiting for such a
+    backend; they go first, so waiting is worth it only while all of that fits before a reload.
+    ``demand``: queued work by configuration; a free backend whose own configuration still has
+    work waiting is left to it rather than switched away (no reload ping-pong).
+    """
     free = [c for c in candidates if c.free_slots > 0]
     if not free:
         return None
@@ -52,8 +60,13 @@ def choose_backend(job_key: ModelKey, candidates: Sequence[Candidate], *, reload
     if matching:
         best = min(matching, key=lambda c: c.remaining_s)
         return Choice(backend_id=best.id, reload=False)
-    soon = [c for c in candidates if c.model_key == job_key and c.free_in_s < reload_s]
-    if soon:
+    same = [c for c in candidates if c.model_key == job_key]
+    same_slots = sum(c.slots for c in same)
+    if same and min(c.free_in_s for c in same) + waiting_s / max(1, same_slots) < reload_s:
         return None  # a backend with this configuration frees up before a reload would finish
-    best = min(free, key=lambda c: (c.model_key is not None, c.remaining_s))
+    demand = demand or {}
+    switchable = [c for c in free if c.model_key is None or demand.get(c.model_key, 0.0) <= 0.0]
+    if not switchable:
+        return None
+    best = min(switchable, key=lambda c: (c.model_key is not None, c.remaining_s))
     return Choice(backend_id=best.id, reload=True)

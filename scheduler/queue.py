@@ -197,10 +197,10 @@ class FairQueue(_Bounded):
             # Visit tenants by virtual tag, simulating charges so later candidates follow the
             # order dispatching them one by one would give.
             tags = {t: self._tag(band, t) for t in tenants}
-            first_seq = {t: min(j.seq for j in jobs) for t, jobs in tenants.items()}
             positions = dict.fromkeys(tenants, 0)
             while tags:
-                tenant = min(tags, key=lambda t: (tags[t], first_seq[t]))
+                # Ties go as take() would see them: to the tenant whose oldest remaining job is oldest.
+                tenant = min(tags, key=lambda t: (tags[t], min(j.seq for j in tenants[t][positions[t]:])))
                 job = tenants[tenant][positions[tenant]]
                 yield job
                 positions[tenant] += 1
