@@ -159,8 +159,10 @@ def render_markdown(result: BenchResult) -> str:
         f"from the emulator's `ServiceModel` (base_s 0.3125 s, per_unit_s 0.159375 s at scale 1; "
         f"E[jitter] = exp(σ²/2), σ = 0.05) over the trace shape's texts (mean {cap.mean_units:.1f} units).",
         f"- **SLO** of a request = its deadline tier: {tiers} (the seed's 60/300/600 s × {scale:g}).",
-        "- **Goodput** = requests answered 200 with `success: true` within their SLO, per second of the "
-        "arrival window. Latency percentiles are over requests answered 200 (any latency).",
+        "- **Goodput** = requests answered 200 with `success: true` within their SLO and completed inside the "
+        "arrival window, per second of that window (counting completions, not arrivals, so the backlog still "
+        "queued when arrivals stop cannot inflate it). Latency percentiles are over requests answered 200 "
+        "(any latency).",
         "- **Jain** = (Σx)² / (n Σx²) over the 3 tenants, x_i = goodput_i / fair_i, where fair_i is the "
         "max-min fair share of the measured total goodput given each tenant's offered rate (water filling: "
         "a tenant asking for less than an equal split gets what it asks, the rest is split equally). "

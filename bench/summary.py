@@ -3,7 +3,9 @@
 Pure functions over `bench.loadgen.Record`s; no I/O.
 
 - **Goodput**: requests answered 200 with ``success: true`` *within their SLO* (the deadline tier
-  of their length), per second of the arrival window.
+  of their length) and *completed inside the arrival window*, per second of that window. Counting
+  by completion keeps the backlog a system may still hold when arrivals stop (up to a deadline's
+  worth of work) from inflating the rate: a server cannot complete more than its capacity.
 - **Fairness**: Jain's index over the tenants of x_i = goodput_i / fair_i, where fair_i is the
   (weighted) max-min fair share of the measured total goodput given each tenant's offered rate
   (a tenant asking for less than an equal split gets all it asks; the rest is split among the
@@ -108,7 +110,8 @@ def summarize(records: Sequence[Record], *, config: str, load: float, capacity_r
               orphaned_backend_s: float | None = None) -> RunSummary:
     """Goodput (200 + success within `slo_s(chars)`), per-class p50/p99 of 200 answers, Jain's
     index of per-tenant goodput over max-min fair shares of the total goodput, outcome counts."""
-    good = [r for r in records if r.ok and r.latency_s <= slo_s(r.chars)]
+    good = [r for r in records
+            if r.ok and r.latency_s <= slo_s(r.chars) and r.intended_s + r.latency_s <= duration_s]
     offered = {name: sum(1 for r in records if r.tenant == name) / duration_s for name in weights}
     goodput = {name: sum(1 for r in good if r.tenant == name) / duration_s for name in weights}
     fair = max_min_fair(sum(goodput.values()), offered, weights)

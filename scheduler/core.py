@@ -20,7 +20,7 @@ from scheduler.admission import Outlook, Rejection, admit
 from scheduler.cost import CostModel
 from scheduler.deadlines import DeadlinePolicy
 from scheduler.dispatch import Candidate, choose_backend
-from scheduler.queue import FairQueue, Job, JobQueue, ModelKey, QueueFullError
+from scheduler.queue import FairQueue, Job, JobQueue, ModelKey, QueueFullError, WithinTenant
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +114,7 @@ class Scheduler:
             budget = min(budget, client_budget_s)
         return Job(id=id, chars=chars, units=units, model_key=model_key, arrived_at=now, deadline_at=now + budget,
                    tenant=tenant, weight=weight, band=band, cls=self.classes.of(chars).name,
-                   predicted_s=prediction.mean_s, tenant_bound=tenant_bound)
+                   predicted_s=prediction.mean_s, p95_s=prediction.p95_s, tenant_bound=tenant_bound)
 
     def offer(self, job: Job, now: float, backends: Sequence[BackendView]) -> Rejection | None:
         """Admit the job into the queue, or say why not."""
@@ -244,6 +244,16 @@ class Scheduler:
         heapq.heappush(self._deadlines, (run.job.deadline_at, run.job.seq, run.job.id))
         return True
 
+    def adopt(self, old: Scheduler) -> None:
+        """Take over everything an old scheduler holds (a configuration reload): queued jobs, in
+        their order and with their deadlines, running jobs and the counters. Nothing is lost."""
+        for job in sorted(old.queue.jobs(), key=lambda j: j.seq):
+            self.queue.push(job, job.arrived_at, force=True)
+        self.running.update(old.running)
+        self._deadlines = list(old._deadlines)
+        heapq.heapify(self._deadlines)
+        self.tally = old.tally
+
     # --- predictions ---------------------------------------------------------------------------
 
     def outlook(self, job: Job, now: float, backends: Sequence[BackendView], *, force_full: bool = False) -> Outlook:
@@ -296,7 +306,7 @@ class Scheduler:
                 ahead += q.predicted_s
             elif qband == band:
                 if q.tenant == job.tenant:
-                    own += q.predicted_s if q.seq < job.seq or job.seq == 0 else 0.0
+                    own += q.predicted_s if self._goes_before(q, job, now) else 0.0
                 else:
                     others[q.tenant] = others.get(q.tenant, 0.0) + q.predicted_s
                     weights[q.tenant] = q.weight
@@ -304,6 +314,12 @@ class Scheduler:
             ahead += min(backlog, own * weights[tenant] / job.weight)
         ahead += own - job.predicted_s
         return ahead / slots
+
+    def _goes_before(self, queued: Job, job: Job, now: float) -> bool:
+        """Whether a queued job of the same tenant and band will be served before ``job``."""
+        if isinstance(self.queue, FairQueue) and self.queue.within_tenant is WithinTenant.SHORTEST_FIRST:
+            return self.queue.aged(queued, now) or queued.predicted_s <= job.predicted_s
+        return job.seq == 0 or queued.seq < job.seq
 
     def _tenant_head_wait_s(self, tenant: str, now: float, slots: int) -> float:
         heads = [q for q in self.queue.jobs() if q.tenant == tenant]

@@ -51,6 +51,7 @@ class Job:
     band: int = 0  # priority band, 0 = highest
     cls: str = ""  # length class name
     predicted_s: float = 0.0  # predicted service seconds (mean)
+    p95_s: float = 0.0  # predicted service seconds, 95th percentile
     tenant_bound: int | None = None  # the tenant's own bound on waiting jobs
     seq: int = field(default=0, compare=False)  # arrival order, set by the queue
 
@@ -117,8 +118,11 @@ class _Bounded:
         return self._per_tenant.get(tenant, 0)
 
     def _admit(self, job: Job, force: bool = False) -> None:
-        if force:  # a job coming back (its backend failed): no bound applies, it keeps its place
-            job.seq = job.seq or next(self._seq)
+        if force:  # a job coming back (its backend failed) or moved over on a reload: no bound
+            if job.seq:  # it keeps its place; later arrivals still come after it
+                self._seq = itertools.count(max(job.seq + 1, next(self._seq)))
+            else:
+                job.seq = next(self._seq)
             self._jobs[job.id] = job
             self._per_tenant[job.tenant] = self.tenant_depth(job.tenant) + 1
             return
@@ -173,6 +177,10 @@ class FairQueue(_Bounded):
         promoted = int(max(0.0, now - job.arrived_at) // self.band_aging_s)
         return max(0, job.band - promoted)
 
+    def aged(self, job: Job, now: float) -> bool:
+        """Shortest-first aging: a job that has waited ``aging_s`` goes ahead of shorter ones."""
+        return now - job.arrived_at >= self.aging_s
+
     def _tag(self, band: int, tenant: str) -> float:
         # A tenant returning from idle starts at the band's virtual time: no banked credit.
         return max(self._finish.get((band, tenant), 0.0), self._virtual.get(band, 0.0))
@@ -182,7 +190,7 @@ class FairQueue(_Bounded):
             return sorted(jobs, key=lambda j: j.seq)
 
         def key(job: Job) -> tuple[int, float, int]:
-            if now - job.arrived_at >= self.aging_s:
+            if self.aged(job, now):
                 return (0, 0.0, job.seq)  # aged: ahead of every younger job, in arrival order
             return (1, job.predicted_s, job.seq)
 
