@@ -1,4 +1,5 @@
-"""One health probe of a backend: `GET {url}{health.path}` as upstream's api_server answers it."""
+"""Health of a backend: one probe (`GET {url}{health.path}`, as upstream answers it), and the
+rise/fall hysteresis that turns a series of probes into in or out of rotation."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import aiohttp
 
 from scheduler.config import HealthConfig
 
-__all__ = ["HealthResult", "ModelKey", "parse_health", "probe_health"]
+__all__ = ["HealthResult", "HealthTracker", "ModelKey", "parse_health", "probe_health"]
 
 ModelKey = tuple[int, bool]  # (model_sample_rate, model_use_phoneme) of the loaded model
 
@@ -69,3 +70,40 @@ async def probe_health(session: aiohttp.ClientSession, base_url: str, config: He
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class HealthTracker:
+    """Rise/fall hysteresis: out after `fall` failed probes in a row, back after `rise` good ones.
+
+    Starts healthy (a backend is tracked from READY on). `now` is passed in, so it is pure.
+    """
+
+    def __init__(self, *, rise: int, fall: int) -> None:
+        if rise < 1 or fall < 1:
+            raise ValueError(f"need rise >= 1 and fall >= 1, got {rise} and {fall}")
+        self.rise = rise
+        self.fall = fall
+        self.healthy = True
+        self.good_streak = 0
+        self.bad_streak = 0
+        self.unhealthy_since: float | None = None  # when `healthy` last became False
+
+    def record(self, ok: bool, now: float) -> bool:
+        """Count one probe; True when `healthy` changed."""
+        if ok:
+            self.good_streak, self.bad_streak = self.good_streak + 1, 0
+            if not self.healthy and self.good_streak >= self.rise:
+                self.healthy, self.unhealthy_since = True, None
+                return True
+            return False
+        self.good_streak, self.bad_streak = 0, self.bad_streak + 1
+        if self.healthy and self.bad_streak >= self.fall:
+            self.mark_down(now)
+            return True
+        return False
+
+    def mark_down(self, now: float) -> None:
+        """Out now, whatever the streak (the proxy saw the backend fail): `rise` good probes bring it back."""
+        self.good_streak = 0
+        if self.healthy:
+            self.healthy, self.unhealthy_since = False, now

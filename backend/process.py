@@ -128,6 +128,15 @@ class BackendProcess:
         await self._finish_output()
         return code
 
+    def kill(self) -> None:
+        """SIGKILL the whole group now, without waiting; `wait()` (the supervisor's) then reaps it.
+
+        For a process that is stuck (it would not act on SIGTERM in time, and every second it
+        holds requests and GPU memory costs more than a graceful exit could save).
+        """
+        if self._proc.returncode is None:
+            self._signal_group(signal.SIGKILL)
+
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, sig)

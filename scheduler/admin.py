@@ -17,6 +17,7 @@ from aiohttp import web
 from backend.client import Answer, BackendTimeout, BackendUnavailable
 from backend.pool import Backend
 from backend.state import BackendState
+from scheduler.control import Control
 from scheduler.errors import NoBackend
 from scheduler.proxy import REQUEST_ID, Proxy, error_response, json_response
 
@@ -24,12 +25,13 @@ log = logging.getLogger("glmtts_sidecar.admin")
 
 ADMIN_TIMEOUT_S = 30.0
 # Backends that are up, or may be: a write must reach every process that will serve traffic.
-WRITABLE = (BackendState.READY, BackendState.UNHEALTHY)
+WRITABLE = (BackendState.WARMING, BackendState.READY, BackendState.UNHEALTHY, BackendState.DRAINING)
 
 
 class Admin:
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, control: Control) -> None:
         self.proxy = proxy
+        self.control = control
 
     # --- reads: one ready backend -------------------------------------------------------------
 
@@ -47,7 +49,12 @@ class Admin:
 
     # --- writes: every backend ----------------------------------------------------------------
 
+    def authorized(self, request: web.Request) -> bool:
+        return self.proxy.config.admin.allows(request.headers.get("Authorization"))
+
     async def fan_out(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return unauthorized()
         body = await request.read()
         targets = [b for b in self.proxy.pool.backends if b.state in WRITABLE]
         if not targets:
@@ -167,12 +174,43 @@ class Admin:
             "backends": [b.as_json() for b in proxy.pool.backends],
         })
 
+    # --- /admin ---------------------------------------------------------------------------------
+
+    async def reload(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return unauthorized()
+        result = await self.control.reload("POST /admin/reload")
+        if not result.ok:
+            return json_response({"detail": "The configuration file is invalid; the running one is kept",
+                                  "reason": "invalid_config", "problems": result.problems}, 400)
+        return json_response({"reloaded": True, "changed": result.changed, "needs_restart": result.ignored})
+
+    async def drain(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return unauthorized()
+        self.control.drain("POST /admin/drain")
+        scheduler = self.proxy.scheduler
+        return json_response({"draining": True, "queued": len(scheduler.queue), "running": len(scheduler.running),
+                              "drain_timeout_s": self.proxy.config.shutdown.drain_timeout_s}, 202)
+
+    async def restart_backend(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return unauthorized()
+        backend_id = request.match_info["backend_id"]
+        try:
+            self.control.restart_backend(backend_id)
+        except KeyError:
+            return json_response({"detail": f"No backend {backend_id!r}", "reason": "unknown_backend"}, 404)
+        return json_response({"restarting": backend_id}, 202)
+
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready = len(self.proxy.ready_backends())
-        return json_response({"ready": ready > 0, "ready_backends": ready}, 200 if ready else 503)
+        ok = ready > 0 and not self.proxy.draining
+        return json_response({"ready": ok, "ready_backends": ready, "draining": self.proxy.draining},
+                             200 if ok else 503)
 
 
 async def fetch_prompt_indexes(proxy: Proxy) -> set[str] | None:
@@ -195,6 +233,11 @@ LONG_THRESHOLD_CHARS = 200  # upstream's TEXT_LENGTH_THRESHOLD
 
 def _upstream_class(chars: int) -> str:
     return "long_text" if chars > LONG_THRESHOLD_CHARS else "short_text"
+
+
+def unauthorized() -> web.Response:
+    return json_response({"detail": "This endpoint needs the admin token (Authorization: Bearer <token>)",
+                          "reason": "unauthorized"}, 401, {"WWW-Authenticate": "Bearer"})
 
 
 def _maybe_json(body: bytes) -> Any:

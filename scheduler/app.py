@@ -21,6 +21,7 @@ from backend.pool import BackendPool
 from scheduler.admin import Admin, fetch_prompt_indexes
 from scheduler.build import build_scheduler, build_tenants
 from scheduler.config import SidecarConfig
+from scheduler.control import Control
 from scheduler.dispatcher import Dispatcher
 from scheduler.prompts import PromptCatalogue
 from scheduler.proxy import Proxy
@@ -31,7 +32,10 @@ PROXY = web.AppKey("proxy", Proxy)
 ORPHAN_WAIT_S = 5.0  # at exit, how long to wait for backend work whose client already left
 
 
-def build_app(config: SidecarConfig, *, python: str = sys.executable) -> web.Application:
+def build_app(config: SidecarConfig, *, python: str = sys.executable, config_path: str | None = None,
+              install_signals: bool = False) -> web.Application:
+    """``config_path``: the file reloads re-read (None: the default). ``install_signals``: take
+    SIGTERM/SIGINT (drain, then stop) and SIGHUP (reload) -- what the CLI does."""
     client = BackendClient()
     refreshes: set[asyncio.Task[None]] = set()
 
@@ -47,7 +51,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable) -> web.App
     catalogue = PromptCatalogue(lambda: fetch_prompt_indexes(proxy))
     dispatcher = Dispatcher(build_scheduler(config), lambda: pool.backends, slots=config.backends.slots)
     proxy = Proxy(config, pool, client, catalogue, dispatcher, build_tenants(config))
-    admin = Admin(proxy)
+    control = Control(proxy, pool, config_path=config_path)
+    admin = Admin(proxy, control)
 
     app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[proxy.middleware])
     app[PROXY] = proxy
@@ -66,16 +71,22 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable) -> web.App
     routes.add_get("/docs", admin.forward_read, allow_head=False)
     routes.add_get("/healthz", admin.healthz)
     routes.add_get("/readyz", admin.readyz)
+    routes.add_post("/admin/reload", admin.reload)
+    routes.add_post("/admin/drain", admin.drain)
+    routes.add_post("/admin/backends/{backend_id}/restart", admin.restart_backend)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await client.start()
         await pool.start()
+        if install_signals:
+            control.install_signals()
         log.info("sidecar up: %d backend(s), slots %d, queue %s bounded at %d, deadlines %s",
                  len(pool.backends), config.backends.slots, config.queue.order, config.queue.max_size,
                  config.deadlines.policy)
         try:
             yield
         finally:
+            await control.close()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proxy.close(), ORPHAN_WAIT_S)
             for task in list(refreshes):

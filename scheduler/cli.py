@@ -52,10 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.logging)
     from scheduler.app import build_app
 
-    app = build_app(config)
+    app = build_app(config, config_path=args.config, install_signals=True)
     try:
+        # Our own signal handlers drain first (scheduler.control); run_app's would stop at once.
         web.run_app(app, host=config.listen.host, port=config.listen.port, loop=new_event_loop(),
                     shutdown_timeout=config.shutdown.drain_timeout_s, handler_cancellation=True,
+                    handle_signals=False,
                     access_log=None, print=lambda message: logging.getLogger("glmtts_sidecar").info(
                         "listening on http://%s:%d", config.listen.host, config.listen.port))
     except OSError as exc:

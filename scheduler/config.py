@@ -10,6 +10,7 @@ A new section is one more `ConfigSection` subclass and one more field on `Sideca
 from __future__ import annotations
 
 import difflib
+import hmac
 import importlib.resources
 import os
 import re
@@ -47,12 +48,14 @@ __all__ = [
     "ConfigError",
     "ConfigSection",
     "CostConfig",
+    "CrashLoopConfig",
     "DeadlinesConfig",
     "HealthConfig",
     "LearnedDeadlineConfig",
     "LimitsConfig",
     "ListenConfig",
     "LoggingConfig",
+    "OutlierConfig",
     "PrioritiesConfig",
     "QueueConfig",
     "RestartConfig",
@@ -63,6 +66,8 @@ __all__ = [
     "TenantPolicy",
     "TenantsConfig",
     "TierConfig",
+    "WarmupConfig",
+    "WatchdogConfig",
     "default_config_path",
     "default_config_text",
     "load_config",
@@ -127,11 +132,38 @@ class HealthConfig(ConfigSection):
     interval_s: StrictFloat = Field(default=2.0, gt=0)
     timeout_s: StrictFloat = Field(default=2.0, gt=0)
     start_timeout_s: StrictFloat = Field(default=120.0, gt=0)
+    rise: StrictInt = Field(default=2, ge=1)  # consecutive good checks that bring an unhealthy backend back
+    fall: StrictInt = Field(default=3, ge=1)  # consecutive failed checks that take a ready backend out
+
+
+class WarmupConfig(ConfigSection):
+    """One synthesis a new backend runs before READY: it loads the model and pays the cold start."""
+
+    enabled: StrictBool = True
+    text: StrictStr = Field(default="你好，欢迎使用语音合成服务。", min_length=1)
+    index: StrictStr = Field(default="exampleA", min_length=1)  # a prompt every backend's cache holds
+    sample_rate: Literal[24000, 32000] = 24000
+    use_phoneme: StrictBool = False
+    timeout_s: StrictFloat = Field(default=600.0, gt=0)
+
+    @property
+    def model_key(self) -> tuple[int, bool]:
+        """The (sample_rate, use_phoneme) a backend has loaded once its warm-up succeeded."""
+        return (self.sample_rate, self.use_phoneme)
+
+
+class CrashLoopConfig(ConfigSection):
+    """More than `max_failures` failures within `window_s`: FAILED, wait `cooldown_s`, try again."""
+
+    max_failures: StrictInt = Field(default=5, ge=1)
+    window_s: StrictFloat = Field(default=60.0, gt=0)
+    cooldown_s: StrictFloat = Field(default=300.0, gt=0)
 
 
 class RestartConfig(ConfigSection):
     backoff_initial_s: StrictFloat = Field(default=0.5, gt=0)
     backoff_max_s: StrictFloat = Field(default=30.0, gt=0)
+    crash_loop: CrashLoopConfig = Field(default_factory=CrashLoopConfig)
 
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> RestartConfig:
@@ -139,6 +171,34 @@ class RestartConfig(ConfigSection):
             problem = f"must be >= backoff_initial_s ({self.backoff_initial_s})"
             raise _Problems([(("backoff_max_s",), problem)])
         return self
+
+
+class OutlierConfig(ConfigSection):
+    """Passive outlier detection from the outcomes of real requests (ejection doubles, capped)."""
+
+    consecutive_failures: StrictInt = Field(default=5, ge=1)
+    latency_ratio: StrictFloat = Field(default=4.0, gt=1)  # median actual/predicted service over...
+    min_requests: StrictInt = Field(default=5, ge=1)  # ...this many of its latest requests
+    base_ejection_s: StrictFloat = Field(default=10.0, gt=0)
+    max_ejection_s: StrictFloat = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _max_not_below_base(self) -> OutlierConfig:
+        if self.max_ejection_s < self.base_ejection_s:
+            raise _Problems([(("max_ejection_s",), f"must be >= base_ejection_s ({self.base_ejection_s})")])
+        return self
+
+
+class WatchdogConfig(ConfigSection):
+    """When a backend is stuck: a request far past its prediction, or no health while busy."""
+
+    factor: StrictFloat = Field(default=5.0, ge=1)
+    min_s: StrictFloat = Field(default=30.0, gt=0)
+    unresponsive_s: StrictFloat = Field(default=10.0, gt=0)
+
+    def limit_s(self, p95_s: float) -> float:
+        """How long a request predicted at `p95_s` may run before its backend is killed."""
+        return max(self.min_s, self.factor * p95_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,7 +226,10 @@ class BackendsConfig(ConfigSection):
     base_port: StrictInt = Field(default=18050, ge=1, le=65535)
     slots: StrictInt = Field(default=1, ge=1)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     restart: RestartConfig = Field(default_factory=RestartConfig)
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     stop_grace_s: StrictFloat = Field(default=10.0, ge=0)
     request_timeout_s: StrictFloat = Field(default=900.0, gt=0)
     external: tuple[StrictStr, ...] = ()  # normalised to scheme://host:port at load
@@ -542,6 +605,30 @@ class RetriesConfig(ConfigSection):
     budget_min: StrictInt = Field(default=3, ge=0)
 
 
+class AdminConfig(ConfigSection):
+    """Who may use the admin endpoints (prompt writes, clear_cache, /admin/*)."""
+
+    token: SecretStr | None = None  # Authorization: Bearer <token>; "env:NAME" reads it at load; None: open
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _resolve_token(cls, value: object) -> object:
+        if value is None:
+            return None
+        token, problem = _resolve_key(value)  # never echoes the token
+        if problem is not None:
+            raise _Problems([((), problem)])
+        return SecretStr(token)
+
+    def allows(self, authorization: str | None) -> bool:
+        """Whether the request may use admin endpoints (constant-time comparison)."""
+        if self.token is None:
+            return True
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        expected = self.token.get_secret_value().encode()
+        return scheme.lower() == "bearer" and hmac.compare_digest(expected, given.strip().encode())
+
+
 class ShutdownConfig(ConfigSection):
     drain_timeout_s: StrictFloat = Field(default=30.0, ge=0)
 
@@ -570,6 +657,7 @@ class SidecarConfig(ConfigSection):
     priorities: PrioritiesConfig = Field(default_factory=PrioritiesConfig)
     tenants: TenantsConfig = Field(default_factory=TenantsConfig)
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

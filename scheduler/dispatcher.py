@@ -18,7 +18,9 @@ from scheduler.admission import Rejection
 from scheduler.core import BackendView, Scheduler
 from scheduler.queue import Job
 
-ALIVE = (BackendState.STARTING, BackendState.READY, BackendState.UNHEALTHY, BackendState.RESTARTING)
+# States of a backend that is serving or will serve (FAILED waits out a long cool-down; STOPPING does not return).
+ALIVE = (BackendState.STARTING, BackendState.WARMING, BackendState.READY, BackendState.UNHEALTHY,
+         BackendState.DRAINING, BackendState.RESTARTING)
 
 
 class QueuedDeadline(Exception):
@@ -34,6 +36,7 @@ class Dispatcher:
         self.clock = clock
         self._waiting: dict[str, asyncio.Future[Backend]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []
 
     def views(self) -> list[BackendView]:
         return [BackendView(id=b.id, ready=b.state is BackendState.READY, alive=b.state in ALIVE,
@@ -89,6 +92,27 @@ class Dispatcher:
                 continue
             future.set_result(backend)
         self._arm_timer()
+        if self.idle():
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing running (answers streaming out count as running)."""
+        return not len(self.scheduler.queue) and not self.scheduler.running
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once idle, False when ``timeout`` seconds pass first."""
+        if self.idle():
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def _arm_timer(self) -> None:
         if self._timer is not None:

@@ -29,9 +29,18 @@ from glmtts.form import parse_form
 from glmtts.text import units
 from scheduler.admission import Rejection
 from scheduler.config import SidecarConfig
+from scheduler.core import Scheduler
 from scheduler.deadlines import client_budget, timeout_message
 from scheduler.dispatcher import Dispatcher, QueuedDeadline
-from scheduler.errors import BackendFailed, DeadlineExpired, NoBackend, PayloadTooLarge, Rejected, SidecarError
+from scheduler.errors import (
+    BackendFailed,
+    DeadlineExpired,
+    Draining,
+    NoBackend,
+    PayloadTooLarge,
+    Rejected,
+    SidecarError,
+)
 from scheduler.prompts import PromptCatalogue
 from scheduler.queue import Job
 from scheduler.retry import RetryBudget
@@ -93,11 +102,25 @@ class Proxy:
         self.client = client
         self.prompts = prompts
         self.dispatcher = dispatcher
-        self.scheduler = dispatcher.scheduler
         self.tenants = tenants
+        self.draining = False
         self.retries = RetryBudget(ratio=config.retries.budget_ratio, min_concurrent=config.retries.budget_min)
         self._orphans: set[asyncio.Task[None]] = set()
         self.served = {"short_text": 0, "long_text": 0}  # answers by upstream's 200-character split
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.dispatcher.scheduler
+
+    def reconfigure(self, config: SidecarConfig, scheduler: Scheduler, tenants: TenantDirectory) -> None:
+        """A reload: new policies from now on; the new scheduler has adopted every queued job."""
+        self.config = config
+        self.tenants = tenants
+        self.dispatcher.scheduler = scheduler
+        self.dispatcher.slots = config.backends.slots
+        self.retries.ratio = config.retries.budget_ratio
+        self.retries.min_concurrent = config.retries.budget_min
+        self.dispatcher.pump()
 
     # --- middleware: request ids, upstream-shaped 404/405/413 --------------------------------
 
@@ -128,6 +151,9 @@ class Proxy:
     async def tts(self, request: web.Request) -> web.StreamResponse:
         arrived = self.dispatcher.clock()
         rid: str = request["request_id"]
+        if self.draining:
+            return error_response(Draining("The sidecar is shutting down; send new requests elsewhere",
+                                           retry_after=self.config.shutdown.drain_timeout_s))
         limits = self.config.limits
         if request.content_length is not None and request.content_length > limits.max_body_bytes:
             return error_response(self._too_large_body())
@@ -196,6 +222,7 @@ class Proxy:
                     resp = await self._send(backend, job, body, headers, record)
                 except BackendUnavailable as exc:
                     self.pool.report_failure(backend, str(exc))
+                    self.pool.report_outcome(backend, ok=False, latency_ratio=None)
                     now = self.dispatcher.clock()
                     if retrying:
                         self.retries.release()
@@ -237,6 +264,7 @@ class Proxy:
         task = asyncio.ensure_future(self.client.open(
             "POST", backend.url + "/api/v1/tts", body=body, headers=headers,
             timeout=self.config.backends.request_timeout_s))
+        self._watch(task, backend, job)
         left = job.deadline_at - self.dispatcher.clock()
         try:
             return await asyncio.wait_for(asyncio.shield(task), max(0.0, left))
@@ -253,6 +281,21 @@ class Proxy:
             self.dispatcher.finish(job, backend, ok=False)
             raise BackendFailed(f"Backend {backend.id} did not answer within "
                                 f"{self.config.backends.request_timeout_s:g} s") from exc
+
+    def _watch(self, task: asyncio.Future[aiohttp.ClientResponse], backend: Backend, job: Job) -> None:
+        """The watchdog: a request still without an answer far beyond its prediction means a stuck
+        backend; kill it (its supervisor restarts it) and the request is retried elsewhere."""
+        watchdog = self.config.backends.watchdog
+        limit = watchdog.limit_s(job.p95_s)
+
+        def fire() -> None:
+            if not task.done():
+                log.error("request %s: no answer from backend %s after %.0f s (predicted p95 %.1f s); killing it",
+                          job.id, backend.id, limit, job.p95_s)
+                self.pool.kill_backend(backend, f"watchdog: request {job.id} ran over {limit:.0f} s")
+
+        handle = asyncio.get_running_loop().call_later(limit, fire)
+        task.add_done_callback(lambda _: handle.cancel())
 
     def _orphan(self, task: asyncio.Future[aiohttp.ClientResponse], backend: Backend, job: Job) -> None:
         """Keep the slot busy until the backend really finishes the abandoned request."""
@@ -318,6 +361,10 @@ class Proxy:
                 record.outcome = "backend_error" if resp.status >= 500 else "failed"
             backend.served += 1
             self.served["long_text" if job.chars > 200 else "short_text"] += 1
+            # For outlier detection a client's error (4xx) says nothing about the backend.
+            healthy = ok or 400 <= resp.status < 500
+            ratio = (record.service_s / job.predicted_s) if ok and record.service_s and job.predicted_s else None
+            self.pool.report_outcome(backend, ok=healthy, latency_ratio=ratio)
             self.dispatcher.finish(job, backend, ok=ok)
         return out
 

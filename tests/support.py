@@ -166,25 +166,32 @@ def free_port_range(count: int, host: str = "127.0.0.1") -> int:
 
 
 def sidecar_config(*, backends: int = 2, slots: int = 1, time_scale: float = 0.01,
-                   emulator_args: Sequence[str] = (), extra: str = "") -> tuple[str, int]:
+                   emulator_args: Sequence[str] = (), extra: str = "", warmup: bool = False,
+                   command: Sequence[str] | None = None, backend_extra: str = "",
+                   restart: str = "{backoff_initial_s: 0.2, backoff_max_s: 2.0}") -> tuple[str, int]:
     """A sidecar YAML config on free loopback ports; returns (yaml, listen port).
 
-    The cost priors are the seed's, scaled like the emulators' timing."""
+    The cost priors are the seed's, scaled like the emulators' timing. Warm-up is off unless asked
+    for, so tests can count every request a backend receives. ``backend_extra``: more YAML lines
+    for the ``backends`` section (e.g. ``watchdog: {...}``); ``extra``: more top-level sections."""
     port = free_port()
     base = free_port_range(backends)
-    command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", str(time_scale),
-               "--seed", "{index}", *emulator_args]
+    if command is None:
+        command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", str(time_scale),
+                   "--seed", "{index}", *emulator_args]
+    more = "".join(f"  {line}\n" for line in backend_extra.splitlines() if line.strip())
     text = f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 backends:
-  command: {json.dumps(command)}
+  command: {json.dumps(list(command))}
   gpus: {json.dumps([str(i) for i in range(backends)])}
   base_port: {base}
   slots: {slots}
   health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
-  restart: {{backoff_initial_s: 0.2, backoff_max_s: 2.0}}
+  restart: {restart}
+  warmup: {{enabled: {"true" if warmup else "false"}}}
   stop_grace_s: 5.0
-cost: {{base_s: {0.3125 * time_scale!r}, per_unit_s: {0.159375 * time_scale!r}, reload_s: {20.0 * time_scale!r}}}
+{more}cost: {{base_s: {0.3125 * time_scale!r}, per_unit_s: {0.159375 * time_scale!r}, reload_s: {20.0 * time_scale!r}}}
 {extra}
 """
     return text, port

@@ -66,6 +66,7 @@ class EmulatorStats:
     max_in_flight: int = 0
     model_loads: int = 0
     busy_seconds: float = 0.0
+    first_request_id: str | None = None  # X-Request-ID of the first TTS request, when one was sent
     last_request_id: str | None = None  # X-Request-ID of the last TTS request, when one was sent
     started_at: float = field(default_factory=time.time)
 
@@ -182,6 +183,8 @@ class Emulator:
         body = await request.read()
         self.stats.tts_received += 1
         self.stats.last_request_id = request.headers.get("X-Request-ID")
+        if self.stats.tts_received == 1:
+            self.stats.first_request_id = self.stats.last_request_id
         await self._arrival_faults()
         try:
             req = parse_tts_form(parse_form(request.headers.get("Content-Type"), body))

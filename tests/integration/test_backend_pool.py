@@ -50,27 +50,35 @@ def make_config(
     command: Sequence[str] = EMULATOR, *, gpus: Sequence[str] = ("0", "1"), env: dict[str, str] | None = None,
     external: Sequence[str] = (), interval_s: float = 0.1, timeout_s: float = 1.0, start_timeout_s: float = 10.0,
     backoff_initial_s: float = 0.1, backoff_max_s: float = 1.0, stop_grace_s: float = 3.0,
+    rise: int = 2, fall: int = 3, base_port: int | None = None, crash_loop: dict[str, float] | None = None,
+    **sections: object,
 ) -> BackendsConfig:
+    """A pool config on free loopback ports; `sections`: more `backends` keys (warmup, outlier, ...)."""
     backends = {
         "command": list(command), "gpus": list(gpus), "env": env or {}, "external": list(external),
-        "base_port": free_port_range(max(len(gpus), 1)),
-        "health": {"interval_s": interval_s, "timeout_s": timeout_s, "start_timeout_s": start_timeout_s},
-        "restart": {"backoff_initial_s": backoff_initial_s, "backoff_max_s": backoff_max_s},
-        "stop_grace_s": stop_grace_s,
+        "base_port": base_port or free_port_range(max(len(gpus), 1)),
+        "health": {"interval_s": interval_s, "timeout_s": timeout_s, "start_timeout_s": start_timeout_s,
+                   "rise": rise, "fall": fall},
+        "restart": {"backoff_initial_s": backoff_initial_s, "backoff_max_s": backoff_max_s,
+                    "crash_loop": crash_loop or {}},
+        "stop_grace_s": stop_grace_s, **sections,
     }
     return parse_config(json.dumps({"listen": {"port": 0}, "backends": backends})).backends
 
 
 @dataclass
 class Watched:
-    """A started pool plus what it did: every transition (id, state, since) and every pid it had."""
+    """A started pool plus what it did: every transition (id, state, since), every pid it had, and
+    how many backends were ready after each change."""
 
     pool: BackendPool
     transitions: list[tuple[str, BackendState, float]] = field(default_factory=list)
     pids: set[int] = field(default_factory=set)
+    ready: list[int] = field(default_factory=list)
     _last: dict[str, BackendState] = field(default_factory=dict)
 
     def record(self) -> None:
+        self.ready.append(len(self.pool.ready()))
         for b in self.pool.backends:
             if b.pid is not None:
                 self.pids.add(b.pid)
@@ -128,7 +136,7 @@ async def test_two_backends_get_ready_restart_after_sigkill_and_stop_cleanly(
         os.kill(old_pid, signal.SIGKILL)
         await until(lambda: first.state is S.READY and first.pid not in (None, old_pid))
         assert first.restarts == 1 and first.last_error == "killed by SIGKILL"
-        assert w.states(first.id) == [S.STARTING, S.READY, S.RESTARTING, S.STARTING, S.READY]
+        assert w.states(first.id) == [S.STARTING, S.WARMING, S.READY, S.RESTARTING, S.STARTING, S.WARMING, S.READY]
         assert second.pid == other_pid and second.restarts == 0 and second.state is S.READY
         assert_gone(old_pid)
         pids = [first.pid, second.pid]
@@ -138,7 +146,8 @@ async def test_two_backends_get_ready_restart_after_sigkill_and_stop_cleanly(
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("[gpu0-0] ======== Running on") for m in messages)
     assert any(m.startswith("backend gpu0-0: ready -> restarting (killed by SIGKILL") for m in messages)
-    assert any(m.startswith("backend gpu1-0: starting -> ready (health ok after") for m in messages)
+    assert any(m.startswith("backend gpu1-0: starting -> warming (health ok after") for m in messages)
+    assert any(m.startswith("backend gpu1-0: warming -> ready (warmed up in") for m in messages)
 
 
 async def test_slow_start_stays_starting_until_the_port_opens() -> None:
@@ -149,7 +158,7 @@ async def test_slow_start_stays_starting_until_the_port_opens() -> None:
         began = time.monotonic()
         assert await w.pool.wait_ready(10)
         assert time.monotonic() - began > 0.1
-        assert w.states(backend.id) == [S.STARTING, S.READY]
+        assert w.states(backend.id) == [S.STARTING, S.WARMING, S.READY]
 
 
 async def test_a_command_that_exits_at_once_backs_off_with_growing_delays() -> None:
@@ -245,7 +254,8 @@ async def test_a_backend_that_hangs_after_ready_is_restarted_once_unhealthy_too_
         await asyncio.to_thread(http, "POST", f"{backend.url}/emulator/faults", body=b'{"hang": true}',
                                 headers={"Content-Type": "application/json"})
         await until(lambda: backend.state is S.READY and backend.pid != first_pid, timeout=8.0)
-        assert w.states(backend.id) == [S.STARTING, S.READY, S.UNHEALTHY, S.RESTARTING, S.STARTING, S.READY]
+        assert w.states(backend.id) == [S.STARTING, S.WARMING, S.READY, S.UNHEALTHY, S.RESTARTING, S.STARTING,
+                                        S.WARMING, S.READY]
         assert backend.restarts == 1
         assert first_pid is not None
         assert_gone(first_pid)
@@ -263,7 +273,7 @@ async def test_health_failures_and_proxy_reports_move_between_ready_and_unhealth
         assert backend.last_error == "health answered HTTP 503"
     w.transitions.clear()
 
-    async with running(make_config(gpus=["0"], interval_s=5.0)) as w:
+    async with running(make_config(gpus=["0"], interval_s=5.0, rise=1)) as w:
         backend = w.pool.backends[0]
         assert await w.pool.wait_ready(10)
         w.pool.report_failure(backend, "connection reset")

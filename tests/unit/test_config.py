@@ -28,6 +28,7 @@ PRODUCTION_KEYS = {
     "GLMTTS_SIDECAR_KEY_EXAMPLE_APP": "prod-key-0123456789abcdef",
     "GLMTTS_SIDECAR_KEY_EXAMPLE_APP_NEXT": "prod-key-next-0123456789",
 }
+PRODUCTION_ADMIN_TOKEN = {"GLMTTS_SIDECAR_ADMIN_TOKEN": "admin-token-0123456789abcdef"}
 EMULATOR_TIME_SCALE = 0.05
 
 
@@ -39,7 +40,7 @@ def problems_of(text: str) -> tuple[str, ...]:
 
 @pytest.fixture
 def production_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in PRODUCTION_KEYS.items():
+    for name, value in {**PRODUCTION_KEYS, **PRODUCTION_ADMIN_TOKEN}.items():
         monkeypatch.setenv(name, value)
 
 
@@ -93,6 +94,9 @@ def test_production_example_loads_without_path_checks() -> None:
         "CUDA_VISIBLE_DEVICES": "1", "PYTHONUNBUFFERED": "1",
     }
     assert backends.health.start_timeout_s == 600.0
+    assert backends.warmup.enabled and backends.warmup.model_key == (24000, False)
+    assert backends.restart.crash_loop.window_s == 600.0  # a start takes minutes there
+    assert (backends.watchdog.min_s, backends.watchdog.unresponsive_s) == (60.0, 30.0)
     assert production.listen.host == "127.0.0.1"
     assert production.cost == CostConfig()  # the seed's priors, unscaled
     assert production.deadlines.policy == "learned"
@@ -104,13 +108,14 @@ def test_production_example_loads_without_path_checks() -> None:
 
 
 def test_production_example_names_its_missing_key_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in PRODUCTION_KEYS:
+    for name in [*PRODUCTION_KEYS, *PRODUCTION_ADMIN_TOKEN]:
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError) as caught:
         load_config(REPO / "config" / "glmtts-production.yaml", check_paths=False)
-    assert caught.value.problems == tuple(
-        f"tenants.list[0].keys[{i}]: environment variable {name} is not set"
-        for i, name in enumerate(PRODUCTION_KEYS)
+    assert caught.value.problems == (
+        *(f"tenants.list[0].keys[{i}]: environment variable {name} is not set"
+          for i, name in enumerate(PRODUCTION_KEYS)),
+        "admin.token: environment variable GLMTTS_SIDECAR_ADMIN_TOKEN is not set",
     )
 
 
@@ -146,10 +151,27 @@ def test_empty_mapping_gives_documented_defaults() -> None:
     assert config.backends.cwd is None
     assert config.backends.health.start_timeout_s == 120.0
     assert config.backends.restart.backoff_max_s == 30.0
+    assert (config.backends.health.rise, config.backends.health.fall) == (2, 3)
+    warmup = config.backends.warmup
+    assert (warmup.enabled, warmup.text, warmup.index) == (True, "你好，欢迎使用语音合成服务。", "exampleA")
+    assert (warmup.sample_rate, warmup.use_phoneme, warmup.timeout_s) == (24000, False, 600.0)
+    crash_loop = config.backends.restart.crash_loop
+    assert (crash_loop.max_failures, crash_loop.window_s, crash_loop.cooldown_s) == (5, 60.0, 300.0)
+    outlier = config.backends.outlier
+    assert (outlier.consecutive_failures, outlier.latency_ratio, outlier.min_requests) == (5, 4.0, 5)
+    assert (outlier.base_ejection_s, outlier.max_ejection_s) == (10.0, 300.0)
+    watchdog = config.backends.watchdog
+    assert (watchdog.factor, watchdog.min_s, watchdog.unresponsive_s) == (5.0, 30.0, 10.0)
     assert config.limits.max_body_bytes == 20 * 1024 * 1024
     assert config.queue.max_size == 100
     assert config.logging.level == "INFO"
     assert config.logging.format == "text"
+
+
+def test_watchdog_limit_is_factor_times_p95_but_never_below_min_s() -> None:
+    watchdog = parse_config("backends: {watchdog: {factor: 5, min_s: 30}}").backends.watchdog
+    assert watchdog.limit_s(2.0) == 30.0
+    assert watchdog.limit_s(10.0) == 50.0
 
 
 def test_conversions_at_load() -> None:
@@ -429,6 +451,30 @@ def test_keys_never_appear_in_reprs() -> None:
             "backends: {restart: {backoff_initial_s: 5, backoff_max_s: 1}}",
             r"^backends\.restart\.backoff_max_s: must be >= backoff_initial_s \(5\.0\)$",
         ),
+        ("backends: {health: {rise: 0}}", r"^backends\.health\.rise: input should be greater than or equal to 1"),
+        ("backends: {health: {fall: 1.5}}", r"^backends\.health\.fall: input should be a valid integer"),
+        ("backends: {warmup: {sample_rate: 16000}}", r"^backends\.warmup\.sample_rate: input should be 24000 or 32000"),
+        ("backends: {warmup: {sample_rate: '24000'}}", r"^backends\.warmup\.sample_rate: input should be 24000 or"),
+        ("backends: {warmup: {timeout_s: 0}}", r"^backends\.warmup\.timeout_s: input should be greater than 0"),
+        ("backends: {warmup: {text: ''}}", r"^backends\.warmup\.text: string should have at least 1 character"),
+        ("backends: {warmup: {enabled: sometimes}}", r"^backends\.warmup\.enabled: input should be a valid boolean"),
+        ("backends: {warmup: {use_phonem: true}}", r"^backends\.warmup\.use_phonem: unknown key \(did you mean"),
+        (
+            "backends: {restart: {crash_loop: {max_failures: 0}}}",
+            r"^backends\.restart\.crash_loop\.max_failures: input should be greater than or equal to 1",
+        ),
+        (
+            "backends: {restart: {crash_loop: {cooldown_s: 0}}}",
+            r"^backends\.restart\.crash_loop\.cooldown_s: input should be greater than 0",
+        ),
+        ("backends: {outlier: {latency_ratio: 1}}", r"^backends\.outlier\.latency_ratio: input should be greater than"),
+        (
+            "backends: {outlier: {base_ejection_s: 20, max_ejection_s: 10}}",
+            r"^backends\.outlier\.max_ejection_s: must be >= base_ejection_s \(20\.0\)$",
+        ),
+        ("backends: {outlier: {min_requests: 0}}", r"^backends\.outlier\.min_requests: input should be greater than"),
+        ("backends: {watchdog: {factor: 0.5}}", r"^backends\.watchdog\.factor: input should be greater than or equal"),
+        ("backends: {watchdog: {unresponsive_s: 0}}", r"^backends\.watchdog\.unresponsive_s: input should be greater"),
         ("logging: {backend_output: maybe}", r"^logging\.backend_output: input should be a valid boolean"),
         ("listen: 5", r"^listen: input should be a valid dictionary"),
         # -- scheduling policy
@@ -625,3 +671,17 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path / "missing.yaml")
     assert caught.value.problems[0].startswith("cannot read the file:")
+
+
+def test_admin_token_is_checked_in_constant_time_and_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_config("{}").admin.allows(None)  # no token configured: open
+    monkeypatch.setenv("ADMIN_TOKEN_FOR_TEST", "admin-secret-0123456789")
+    admin = parse_config("admin: {token: env:ADMIN_TOKEN_FOR_TEST}").admin
+    assert admin.allows("Bearer admin-secret-0123456789")
+    assert admin.allows("bearer  admin-secret-0123456789 ")
+    for wrong in (None, "", "Bearer", "Bearer admin-secret-012345678", "Basic admin-secret-0123456789"):
+        assert not admin.allows(wrong)
+    assert "admin-secret" not in repr(admin)
+    problems = problems_of("admin: {token: short-secret}")
+    assert problems == ("admin.token: must hold at least 16 characters",)
+    assert "short-secret" not in "".join(problems)
