@@ -217,6 +217,17 @@ def start_sidecar(config_text: str, port: int, tmp_dir: Path, *, wait_ready: boo
     return service
 
 
+@contextlib.contextmanager
+def running_sidecar(tmp_path: Path, **kwargs: Any) -> Iterator[Service]:
+    """A sidecar from ``sidecar_config(**kwargs)``, ready, stopped (with its backends) on exit."""
+    text, port = sidecar_config(**kwargs)
+    service = start_sidecar(text, port, tmp_path)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
 def backend_pids(service: Service) -> list[int]:
     return [b["pid"] for b in get_json(service.url + "/api/v1/health")["backends"]]
 

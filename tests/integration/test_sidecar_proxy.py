@@ -142,23 +142,6 @@ def test_a_client_that_leaves_while_queued_leaves_the_queue(tmp_path: Path) -> N
         service.stop()
 
 
-def test_sigterm_finishes_in_flight_requests_and_leaves_no_process(tmp_path: Path) -> None:
-    text, port = sidecar_config(backends=2, time_scale=0.02)
-    service = start_sidecar(text, port, tmp_path)
-    try:
-        pids = backend_pids(service)
-        with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(tts, service, LONG[:190] + str(i)) for i in range(4)]
-            wait_until(lambda: sum(b["in_flight"] for b in backends(service)) == 2, what="requests in flight")
-            os.kill(service.pid, signal.SIGTERM)
-            results = [future.result() for future in futures]
-        assert [status for status, _, _ in results] == [200] * 4  # queued ones too
-        assert service.proc.wait(30) == 0
-        assert all(pid_gone(pid) for pid in pids)
-    finally:
-        service.stop()
-
-
 def test_kill_9_of_the_sidecar_leaves_no_backend(tmp_path: Path) -> None:
     text, port = sidecar_config(backends=2)
     service = start_sidecar(text, port, tmp_path)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tests.contract_cases import multipart
-from tests.support import Service, get_json, http, sidecar_config, start_sidecar, wait_until
+from tests.support import Service, get_json, http, running_sidecar, wait_until
 
 SHORT = "今天天气很好，我们去公园散步。"
 LONG = ("从前有一座山，山上有一座庙，庙里有一个老和尚在给小和尚讲故事。" * 16)[:500]
@@ -33,23 +31,13 @@ def tts(service: Service, text: str = SHORT, *, headers: dict[str, str] | None =
     return status, resp_headers, json.loads(raw)
 
 
-@contextmanager
-def sidecar(tmp_path: Path, **kwargs: Any) -> Iterator[Service]:
-    text, port = sidecar_config(**kwargs)
-    service = start_sidecar(text, port, tmp_path)
-    try:
-        yield service
-    finally:
-        service.stop()
-
-
 def queue(service: Service) -> dict[str, Any]:
     result: dict[str, Any] = get_json(service.url + "/api/v1/queue")
     return result
 
 
 def test_a_full_queue_answers_429_with_a_predicted_retry_after(tmp_path: Path) -> None:
-    with sidecar(tmp_path, backends=1, time_scale=0.05, extra="queue: {max_size: 2}\n"
+    with running_sidecar(tmp_path, backends=1, time_scale=0.05, extra="queue: {max_size: 2}\n"
                  "deadlines: {reject_unmeetable: false}") as service, ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(tts, service, LONG[:180] + str(i)) for i in range(6)]
         results = [f.result() for f in futures]
@@ -63,7 +51,7 @@ def test_a_full_queue_answers_429_with_a_predicted_retry_after(tmp_path: Path) -
 
 def test_an_unmeetable_deadline_is_refused_at_once(tmp_path: Path) -> None:
     extra = "deadlines: {tiers: [{max_chars: null, timeout_s: 2.0}]}"
-    with sidecar(tmp_path, backends=1, time_scale=0.05, extra=extra) as service, ThreadPoolExecutor(2) as pool:
+    with running_sidecar(tmp_path, backends=1, time_scale=0.05, extra=extra) as service, ThreadPoolExecutor(2) as pool:
         assert tts(service, "预热")[0] == 200  # load the model first
         running = pool.submit(tts, service, LONG[:150])  # ~1.2 s at this scale
         wait_until(lambda: queue(service)["in_service"] == 1, what="the first request to start")
@@ -76,7 +64,7 @@ def test_an_unmeetable_deadline_is_refused_at_once(tmp_path: Path) -> None:
 
 def test_408_on_time_while_queued_even_when_no_backend_frees_up(tmp_path: Path) -> None:
     extra = "deadlines: {reject_unmeetable: false, tiers: [{max_chars: null, timeout_s: 0.5}]}"
-    with sidecar(tmp_path, backends=1, time_scale=0.05, extra=extra) as service, ThreadPoolExecutor(2) as pool:
+    with running_sidecar(tmp_path, backends=1, time_scale=0.05, extra=extra) as service, ThreadPoolExecutor(2) as pool:
         pool.submit(tts, service, LONG)  # holds the only slot for ~4 s (and itself times out while running)
         wait_until(lambda: queue(service)["in_service"] == 1, what="the long request to start")
         started = time.monotonic()
@@ -94,7 +82,8 @@ def test_408_on_time_while_queued_even_when_no_backend_frees_up(tmp_path: Path) 
 
 
 def test_x_request_timeout_shortens_the_deadline(tmp_path: Path) -> None:
-    with sidecar(tmp_path, backends=1, time_scale=0.05, extra="deadlines: {reject_unmeetable: false}") as service:
+    extra = "deadlines: {reject_unmeetable: false}"
+    with running_sidecar(tmp_path, backends=1, time_scale=0.05, extra=extra) as service:
         status, _, body = tts(service, LONG, headers={"X-Request-Timeout": "0.3"})
         assert status == 408 and body["detail"].startswith("Request timeout after 0.3 seconds.")
         status, _, body = tts(service, headers={"X-Request-Timeout": "soon"})
@@ -102,7 +91,8 @@ def test_x_request_timeout_shortens_the_deadline(tmp_path: Path) -> None:
 
 
 def test_a_flooding_tenant_does_not_starve_another(tmp_path: Path) -> None:
-    with sidecar(tmp_path, backends=1, time_scale=0.02, extra=TENANTS) as service, ThreadPoolExecutor(30) as pool:
+    with running_sidecar(tmp_path, backends=1, time_scale=0.02, extra=TENANTS) as service, \
+            ThreadPoolExecutor(30) as pool:
         flood = [pool.submit(tts, service, SHORT * 3 + str(i), headers={"Authorization": f"Bearer {KEY_A}"})
                  for i in range(20)]
         wait_until(lambda: queue(service)["depth"] >= 15, what="alpha's flood to queue up")
@@ -120,7 +110,7 @@ def test_a_flooding_tenant_does_not_starve_another(tmp_path: Path) -> None:
 
 def test_keys_required_and_priorities(tmp_path: Path) -> None:
     extra = TENANTS.replace("tenants:\n", "tenants:\n  require_key: true\n")
-    with sidecar(tmp_path, backends=1, extra=extra) as service:
+    with running_sidecar(tmp_path, backends=1, extra=extra) as service:
         status, _, body = tts(service)
         assert status == 401 and body["reason"] == "unauthorized"
         status, _, body = tts(service, headers={"Authorization": "Bearer not-a-key-at-all"})
@@ -133,7 +123,7 @@ def test_keys_required_and_priorities(tmp_path: Path) -> None:
 def test_affinity_means_fewer_model_reloads_with_mixed_sample_rates(tmp_path: Path) -> None:
     rates = ["24000", "32000"] * 8
     emulator = ("--load-seconds", "10")  # 0.2 s per load at this time scale
-    with sidecar(tmp_path, backends=2, time_scale=0.02, emulator_args=emulator) as service, \
+    with running_sidecar(tmp_path, backends=2, time_scale=0.02, emulator_args=emulator) as service, \
             ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda r: tts(service, SHORT, sample_rate=r)[0], rates))
         backends = get_json(service.url + "/api/v1/health")["backends"]

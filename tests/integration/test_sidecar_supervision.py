@@ -8,9 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from tests.support import (
     get_json,
     http,
     pid_gone,
+    running_sidecar,
     sidecar_config,
     start_sidecar,
     wait_http,
@@ -55,18 +54,8 @@ def states(service: Service) -> list[str]:
     return [b["state"] for b in backends(service)]
 
 
-@contextmanager
-def sidecar(tmp_path: Path, **kwargs: Any) -> Iterator[Service]:
-    text, port = sidecar_config(**kwargs)
-    service = start_sidecar(text, port, tmp_path)
-    try:
-        yield service
-    finally:
-        service.stop()
-
-
 def test_kill_9_of_a_backend_with_40_requests_in_flight_or_queued(tmp_path: Path) -> None:
-    with sidecar(tmp_path, backends=2, time_scale=0.02) as service, ThreadPoolExecutor(40) as pool:
+    with running_sidecar(tmp_path, backends=2, time_scale=0.02) as service, ThreadPoolExecutor(40) as pool:
         futures = [pool.submit(tts, service, SHORT * 2 + str(i)) for i in range(40)]
         wait_until(lambda: get_json(service.url + "/api/v1/queue")["depth"] >= 10, what="a queue to build")
         victim = backends(service)[0]
@@ -79,7 +68,7 @@ def test_kill_9_of_a_backend_with_40_requests_in_flight_or_queued(tmp_path: Path
 
 def test_a_hung_backend_is_killed_and_its_request_retried(tmp_path: Path) -> None:
     watchdog = "watchdog: {factor: 2.0, min_s: 1.0, unresponsive_s: 1.0}"
-    with sidecar(tmp_path, backends=2, time_scale=0.01, backend_extra=watchdog) as service:
+    with running_sidecar(tmp_path, backends=2, time_scale=0.01, backend_extra=watchdog) as service:
         victim = backends(service)[0]
         status, _, _ = http("POST", victim["url"] + "/emulator/faults", body=b'{"hang_after": 0}',
                             headers={"Content-Type": "application/json"})
