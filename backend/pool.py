@@ -49,6 +49,8 @@ class Backend:
     in_flight: int = 0  # maintained by the proxy
     served: int = 0  # maintained by the proxy
     restarts: int = 0
+    health_failures: int = 0  # failed health checks while up; maintained by the supervisor
+    model_reloads: int = 0  # dispatches that switch its model configuration; maintained by the dispatcher
     model_key: tuple[int, bool] | None = None  # (model_sample_rate, model_use_phoneme); None: not loaded
     last_error: str | None = None
     outlier: str | None = None  # why outlier detection flags it: ejected, or kept as the last ready backend

@@ -286,6 +286,7 @@ class Supervisor:
                     self._set_model(result.model_key)
                 else:
                     backend.last_error = result.error
+                    backend.health_failures += 1
                 self._update_state(down=f"{tracker.bad_streak} health checks failed: {result.error}",
                                    up=f"health ok {tracker.good_streak} times in a row")
                 if not backend.spec.managed or tracker.healthy or tracker.unhealthy_since is None:

@@ -23,24 +23,30 @@ from scheduler.build import build_scheduler, build_tenants
 from scheduler.config import SidecarConfig
 from scheduler.control import Control
 from scheduler.dispatcher import Dispatcher
+from scheduler.metrics import Metrics, Sources
 from scheduler.prompts import PromptCatalogue
 from scheduler.proxy import Proxy
+from scheduler.sdnotify import ServiceStatus, watchdog_loop
 
 log = logging.getLogger("glmtts_sidecar")
 
 PROXY = web.AppKey("proxy", Proxy)
+SYSTEMD = web.AppKey("systemd", ServiceStatus)
+METRICS = web.AppKey("metrics", Metrics)
 ORPHAN_WAIT_S = 5.0  # at exit, how long to wait for backend work whose client already left
 
 
 def build_app(config: SidecarConfig, *, python: str = sys.executable, config_path: str | None = None,
-              install_signals: bool = False) -> web.Application:
+              install_signals: bool = False, systemd: ServiceStatus | None = None) -> web.Application:
     """``config_path``: the file reloads re-read (None: the default). ``install_signals``: take
     SIGTERM/SIGINT (drain, then stop) and SIGHUP (reload) -- what the CLI does."""
     client = BackendClient()
+    systemd = systemd or ServiceStatus()  # no-op unless the CLI found $NOTIFY_SOCKET
     refreshes: set[asyncio.Task[None]] = set()
 
     def on_backend_change() -> None:
         dispatcher.pump()
+        systemd.backends(len(proxy.ready_backends()), len(pool.backends))
         if proxy.prompts.indexes is None and proxy.ready_backends() and not refreshes:
             task = asyncio.ensure_future(proxy.prompts.refresh())
             refreshes.add(task)
@@ -50,12 +56,20 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
                        log_output=config.logging.backend_output)
     catalogue = PromptCatalogue(lambda: fetch_prompt_indexes(proxy))
     dispatcher = Dispatcher(build_scheduler(config), lambda: pool.backends, slots=config.backends.slots)
-    proxy = Proxy(config, pool, client, catalogue, dispatcher, build_tenants(config))
-    control = Control(proxy, pool, config_path=config_path)
+    metrics = Metrics()
+    tenants = build_tenants(config)
+    proxy = Proxy(config, pool, client, catalogue, dispatcher, tenants, metrics=metrics)
+    control = Control(proxy, pool, config_path=config_path, systemd=systemd)
+    metrics.watch(Sources(scheduler=lambda: dispatcher.scheduler, bands=lambda: proxy.tenants.band_names,
+                          backends=lambda: pool.backends, draining=lambda: proxy.draining,
+                          reloads=lambda: (control.reloads, control.reload_failures), clock=dispatcher.clock))
+    metrics.prepare([c.name for c in config.classes], tenants.names)
     admin = Admin(proxy, control)
 
     app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[proxy.middleware])
     app[PROXY] = proxy
+    app[SYSTEMD] = systemd
+    app[METRICS] = metrics
     routes = app.router
     routes.add_post("/api/v1/tts", proxy.tts)
     routes.add_get("/api/v1/prompts", admin.forward_read, allow_head=False)
@@ -71,6 +85,10 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
     routes.add_get("/docs", admin.forward_read, allow_head=False)
     routes.add_get("/healthz", admin.healthz)
     routes.add_get("/readyz", admin.readyz)
+    if config.metrics.listen is None:
+        routes.add_get("/metrics", metrics.handler())
+    else:  # on its own address only; started before the backends, so a taken port fails early
+        app.cleanup_ctx.append(metrics.separate_site(config.metrics.listen.host, config.metrics.listen.port))
     routes.add_post("/admin/reload", admin.reload)
     routes.add_post("/admin/drain", admin.drain)
     routes.add_post("/admin/backends/{backend_id}/restart", admin.restart_backend)
@@ -83,6 +101,11 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
         log.info("sidecar up: %d backend(s), slots %d, queue %s bounded at %d, deadlines %s",
                  len(pool.backends), config.backends.slots, config.queue.order, config.queue.max_size,
                  config.deadlines.policy)
+        systemd.backends(len(proxy.ready_backends()), len(pool.backends))
+        notifier = systemd.notifier
+        # Ping while the event loop runs, from now until the backends are stopped (sdnotify.watchdog_loop).
+        watchdog = (asyncio.ensure_future(watchdog_loop(notifier, notifier.watchdog_s / 2, lambda: True))
+                    if notifier.watchdog_s else None)
         try:
             yield
         finally:
@@ -93,6 +116,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
                 task.cancel()
             await pool.stop()
             await client.close()
+            if watchdog is not None:
+                watchdog.cancel()
             log.info("sidecar stopped")
 
     app.cleanup_ctx.append(lifetime)

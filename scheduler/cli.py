@@ -51,15 +51,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     setup_logging(config.logging)
     from scheduler.app import build_app
+    from scheduler.sdnotify import Notifier, ServiceStatus
 
-    app = build_app(config, config_path=args.config, install_signals=True)
+    # unset: the backends inherit our environment and must not talk to systemd as us.
+    systemd = ServiceStatus(Notifier.from_environ(unset=True))
+    app = build_app(config, config_path=args.config, install_signals=True, systemd=systemd)
+
+    def listening(message: str) -> None:  # run_app calls this once every site listens
+        logging.getLogger("glmtts_sidecar").info("listening on http://%s:%d", config.listen.host,
+                                                 config.listen.port)
+        systemd.listening()
+
     try:
         # Our own signal handlers drain first (scheduler.control); run_app's would stop at once.
         web.run_app(app, host=config.listen.host, port=config.listen.port, loop=new_event_loop(),
                     shutdown_timeout=config.shutdown.drain_timeout_s, handler_cancellation=True,
                     handle_signals=False,
-                    access_log=None, print=lambda message: logging.getLogger("glmtts_sidecar").info(
-                        "listening on http://%s:%d", config.listen.host, config.listen.port))
+                    access_log=None, print=listening)
     except OSError as exc:
         logging.getLogger("glmtts_sidecar").error("cannot serve on %s:%d: %s", config.listen.host,
                                                   config.listen.port, exc)

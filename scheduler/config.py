@@ -55,6 +55,8 @@ __all__ = [
     "LimitsConfig",
     "ListenConfig",
     "LoggingConfig",
+    "MetricsConfig",
+    "MetricsListenConfig",
     "OutlierConfig",
     "PrioritiesConfig",
     "QueueConfig",
@@ -644,6 +646,17 @@ class LoggingConfig(ConfigSection):
         return value.upper() if isinstance(value, str) else value
 
 
+class MetricsListenConfig(ConfigSection):
+    """A separate address for /metrics."""
+
+    host: StrictStr = Field(default="127.0.0.1", min_length=1)
+    port: StrictInt = Field(ge=0, le=65535)  # 0: ephemeral, for tests
+
+
+class MetricsConfig(ConfigSection):
+    listen: MetricsListenConfig | None = None  # None: /metrics on the main listener; else there only
+
+
 class SidecarConfig(ConfigSection):
     """The whole file. Every section is optional, so `{}` is a valid configuration."""
 
@@ -660,6 +673,7 @@ class SidecarConfig(ConfigSection):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @field_validator("classes")
     @classmethod
@@ -691,6 +705,15 @@ class SidecarConfig(ConfigSection):
                 problems.append((
                     ("backends", "external", spec.index - backends.managed_count),
                     f"{spec.url} is the sidecar's own listen address",
+                ))
+        metrics = self.metrics.listen
+        if metrics is not None and metrics.port:
+            if metrics.port == listen.port:
+                problems.append((("metrics", "listen", "port"), f"must differ from listen.port ({listen.port})"))
+            elif backends.managed_count and backends._in_managed_range(metrics.port):
+                problems.append((
+                    ("metrics", "listen", "port"),
+                    f"is in the backend ports {backends.base_port}..{backends.base_port + backends.managed_count - 1}",
                 ))
         return problems
 

@@ -7,7 +7,7 @@
   running configuration and says why. Policies (classes, cost, deadlines, queue, priorities,
   tenants, retries, limits, admin) apply at once, to queued work too, without losing any of it;
   a new backend topology is applied by the pool, one backend at a time, in the background.
-  ``listen`` and ``logging`` need a restart.
+  ``listen``, ``logging`` and ``metrics`` need a restart.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from backend.pool import BackendPool
 from scheduler.build import build_scheduler, build_tenants
 from scheduler.config import ConfigError, SidecarConfig, load_config
 from scheduler.proxy import Proxy
+from scheduler.sdnotify import ServiceStatus
 
 log = logging.getLogger("glmtts_sidecar.control")
 
@@ -39,7 +40,7 @@ class ReloadResult:
 
 class Control:
     def __init__(self, proxy: Proxy, pool: BackendPool, *, config_path: str | None,
-                 stop: Callable[[], None] | None = None) -> None:
+                 stop: Callable[[], None] | None = None, systemd: ServiceStatus | None = None) -> None:
         self.proxy = proxy
         self.pool = pool
         self.config_path = config_path
@@ -47,6 +48,7 @@ class Control:
         self.reloads = 0
         self.reload_failures = 0
         self._stop = stop or _graceful_exit
+        self.systemd = systemd or ServiceStatus()
         self._drain_task: asyncio.Task[None] | None = None
         self._topology: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
@@ -58,6 +60,7 @@ class Control:
         """Stop admitting; stop the process once queued and running work is done (or the timeout)."""
         if self._drain_task is not None:
             return
+        self.systemd.stopping()
         self.draining = True
         self.proxy.draining = True
         log.warning("draining (%s): no new requests; finishing %d queued and %d running", why,
@@ -77,8 +80,14 @@ class Control:
     # --- reload -------------------------------------------------------------------------------
 
     async def reload(self, why: str) -> ReloadResult:
-        async with self._reload_lock:
-            result = self._reload()
+        self.systemd.reloading()
+        ok = False
+        try:
+            async with self._reload_lock:
+                result = self._reload()
+            ok = result.ok
+        finally:
+            self.systemd.reloaded(ok)  # systemd waits for READY=1 after RELOADING=1, whatever happened
         if result.ok:
             self.reloads += 1
             log.info("configuration reloaded (%s): changed %s%s", why, ", ".join(result.changed) or "nothing",
@@ -96,7 +105,7 @@ class Control:
             return ReloadResult(ok=False, problems=list(exc.problems) or [str(exc)])
         old = self.proxy.config
         changed = [name for name in type(new).model_fields if getattr(new, name) != getattr(old, name)]
-        ignored: list[str] = [name for name in ("listen", "logging") if name in changed]
+        ignored: list[str] = [name for name in ("listen", "logging", "metrics") if name in changed]
         effective = new.model_copy(update={name: getattr(old, name) for name in ignored})
         self._apply(old, effective, changed)
         return ReloadResult(ok=True, changed=changed, ignored=ignored)

@@ -90,6 +90,8 @@ class Dispatcher:
                 self.scheduler.finish(assignment.job.id, self.clock(), ok=False)
                 backend.in_flight -= 1
                 continue
+            if assignment.reload and backend.model_key is not None:
+                backend.model_reloads += 1  # for metrics: it switches from another configuration
             future.set_result(backend)
         self._arm_timer()
         if self.idle():

@@ -41,10 +41,11 @@ from scheduler.errors import (
     Rejected,
     SidecarError,
 )
+from scheduler.metrics import UNKNOWN_CLASS, Metrics, classify
 from scheduler.prompts import PromptCatalogue
 from scheduler.queue import Job
 from scheduler.retry import RetryBudget
-from scheduler.tenants import TenantDirectory, TenantError
+from scheduler.tenants import DEFAULT_TENANT, TenantDirectory, TenantError
 
 log = logging.getLogger("glmtts_sidecar.proxy")
 access_log = logging.getLogger("glmtts_sidecar.access")
@@ -96,13 +97,14 @@ class Outcome:
 
 class Proxy:
     def __init__(self, config: SidecarConfig, pool: BackendPool, client: BackendClient, prompts: PromptCatalogue,
-                 dispatcher: Dispatcher, tenants: TenantDirectory) -> None:
+                 dispatcher: Dispatcher, tenants: TenantDirectory, *, metrics: Metrics | None = None) -> None:
         self.config = config
         self.pool = pool
         self.client = client
         self.prompts = prompts
         self.dispatcher = dispatcher
         self.tenants = tenants
+        self.metrics = metrics if metrics is not None else Metrics()
         self.draining = False
         self.retries = RetryBudget(ratio=config.retries.budget_ratio, min_concurrent=config.retries.budget_min)
         self._orphans: set[asyncio.Task[None]] = set()
@@ -152,11 +154,13 @@ class Proxy:
         arrived = self.dispatcher.clock()
         rid: str = request["request_id"]
         if self.draining:
-            return error_response(Draining("The sidecar is shutting down; send new requests elsewhere",
-                                           retry_after=self.config.shutdown.drain_timeout_s))
+            self.metrics.draining_rejection()
+            return self._edge(arrived, error_response(Draining(
+                "The sidecar is shutting down; send new requests elsewhere",
+                retry_after=self.config.shutdown.drain_timeout_s)))
         limits = self.config.limits
         if request.content_length is not None and request.content_length > limits.max_body_bytes:
-            return error_response(self._too_large_body())
+            return self._edge(arrived, error_response(self._too_large_body()))
         body = await request.read()
         content_type = request.headers.get("Content-Type")
         try:
@@ -165,20 +169,21 @@ class Proxy:
             if tts.index and not await self.prompts.has(tts.index):
                 check_tts(tts, prompts={})  # upstream's 404 for an index no backend knows
         except HTTPDetailError as exc:
-            return error_response(exc)
+            return self._edge(arrived, error_response(exc))
+        cls = self.scheduler.classes.of(tts.chars).name
         if tts.chars > limits.max_text_chars:
-            return error_response(PayloadTooLarge(
+            return self._edge(arrived, error_response(PayloadTooLarge(
                 f"input_text is {tts.chars} characters; the limit is {limits.max_text_chars}",
-                limit=limits.max_text_chars))
+                limit=limits.max_text_chars)), cls)
         try:
             who = self.tenants.attribute(authorization=request.headers.get("Authorization"),
                                          tenant_header=request.headers.get("X-Tenant"),
                                          priority_header=request.headers.get("X-Priority"))
             budget = self._client_budget(request)
         except TenantError as exc:
-            return json_response({"detail": exc.detail, "reason": exc.reason}, exc.status)
+            return self._edge(arrived, json_response({"detail": exc.detail, "reason": exc.reason}, exc.status), cls)
         except ValueError as exc:
-            return json_response({"detail": str(exc), "reason": "bad_timeout"}, 400)
+            return self._edge(arrived, json_response({"detail": str(exc), "reason": "bad_timeout"}, 400), cls)
         job = self.scheduler.make_job(
             id=rid, chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key, now=arrived,
             tenant=who.tenant.name, weight=who.tenant.weight, band=who.band, tenant_bound=who.tenant.max_queued,
@@ -195,6 +200,16 @@ class Proxy:
             raise
         finally:
             self._log(job, record, arrived)
+            self.metrics.request_finished(
+                cls=job.cls, tenant=job.tenant, outcome=classify(record.status, record.outcome),
+                total_s=self.dispatcher.clock() - arrived, queue_s=record.queue_s if record.attempts else None,
+                service_s=record.service_s, predicted_s=job.predicted_s)
+        return response
+
+    def _edge(self, arrived: float, response: web.Response, cls: str = UNKNOWN_CLASS) -> web.Response:
+        """Count an answer given at the edge, before the request became a job (its tenant unknown)."""
+        self.metrics.request_finished(cls=cls, tenant=DEFAULT_TENANT, outcome=classify(response.status, "refused"),
+                                      total_s=self.dispatcher.clock() - arrived)
         return response
 
     def _client_budget(self, request: web.Request) -> float | None:
@@ -377,7 +392,8 @@ class Proxy:
             "backend": record.backend, "status": record.status, "outcome": record.outcome,
             "reason": record.reason, "attempts": record.attempts,
         }
-        access_log.info(json.dumps(entry, ensure_ascii=False))
+        # Text logs carry the entry as a JSON message; JSON logs merge its fields into the record.
+        access_log.info(json.dumps(entry, ensure_ascii=False), extra={"access": entry})
 
     async def close(self) -> None:
         """Wait for orphaned backend work, so no slot accounting is left dangling."""

@@ -685,3 +685,15 @@ def test_admin_token_is_checked_in_constant_time_and_never_shown(monkeypatch: py
     problems = problems_of("admin: {token: short-secret}")
     assert problems == ("admin.token: must hold at least 16 characters",)
     assert "short-secret" not in "".join(problems)
+
+
+def test_metrics_listen_is_optional_and_must_not_clash() -> None:
+    assert parse_config("{}").metrics.listen is None
+    listen = parse_config("metrics: {listen: {port: 9108}}").metrics.listen
+    assert listen is not None and (listen.host, listen.port) == ("127.0.0.1", 9108)
+    assert problems_of("metrics: {listen: {port: 8049}}") == (
+        "metrics.listen.port: must differ from listen.port (8049)",)
+    assert problems_of("metrics: {listen: {port: 18051}}") == (
+        "metrics.listen.port: is in the backend ports 18050..18051",)
+    assert problems_of("metrics: {listen: {host: 0.0.0.0}}") == ("metrics.listen.port: field required",)
+    assert parse_config("listen: {port: 0}\nmetrics: {listen: {port: 0}}").metrics.listen is not None  # tests

@@ -1,0 +1,288 @@
+"""Prometheus metrics: ``GET /metrics``. Each metric's HELP string is its documentation.
+
+Two kinds. Events the proxy reports as they happen -- a TTS request answered, with its class,
+tenant, outcome and timings -- are counters and histograms updated through ``request_finished``.
+Everything that mirrors state -- the queue, the backends, the scheduler's tally, reloads,
+draining -- is read by a collector at scrape time from ``Sources``, so it is exact at every
+scrape and needs no update hooks; a backend that leaves the pool leaves the output with it.
+
+Labels are bounded: ``class`` is a configured length class (``unknown`` before the text was
+read), ``tenant`` a configured tenant or ``default``, ``band`` a configured priority band,
+``backend`` an id from the backend layout.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import platform
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from backend.pool import Backend
+from backend.state import BackendState
+from glmtts import __version__
+from scheduler.admission import Reason
+from scheduler.core import Scheduler
+
+log = logging.getLogger("glmtts_sidecar.metrics")
+
+PREFIX = "glmtts_sidecar_"
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 300, 600, 900)
+RATIO_BUCKETS = (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10)
+UNKNOWN_CLASS = "unknown"  # the class of a request refused before its text was read
+DRAINING = "draining"  # the admission rejection reason of a request refused while draining
+
+
+class Outcome(enum.Enum):
+    """How a TTS request ended, as ``glmtts_sidecar_requests_total`` counts it."""
+
+    OK = "ok"  # the backend answered success
+    FAILED = "failed"  # the backend answered, not success: 200 with success false, or a 4xx
+    BACKEND_ERROR = "backend_error"  # a 5xx from the backend, an answer cut short, or 502: it failed before answering
+    REJECTED = "rejected"  # turned away by admission (429/503) or because the sidecar is draining
+    DEADLINE = "deadline"  # 408: the deadline passed, queued or running
+    CLIENT_GONE = "client_gone"  # the client left before its answer was complete
+    INVALID = "invalid"  # refused at the edge: validation, authentication, too large
+
+
+def classify(status: int, proxy_outcome: str) -> Outcome:
+    """The metric outcome of a request: ``proxy_outcome`` is the access log's outcome (``ok``,
+    ``failed``, ``backend_error``, ``backend_cut``, ``client_gone``; anything else, e.g.
+    ``rejected``, means the sidecar answered itself with ``status``)."""
+    direct = {"ok": Outcome.OK, "failed": Outcome.FAILED, "backend_error": Outcome.BACKEND_ERROR,
+              "backend_cut": Outcome.BACKEND_ERROR, "client_gone": Outcome.CLIENT_GONE}
+    if proxy_outcome in direct:
+        return direct[proxy_outcome]
+    if status == 408:
+        return Outcome.DEADLINE
+    if status in (429, 503):
+        return Outcome.REJECTED
+    if status >= 500:
+        return Outcome.BACKEND_ERROR
+    return Outcome.INVALID
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sources:
+    """Where the scrape-time collector reads the sidecar's state; each is called at every scrape."""
+
+    scheduler: Callable[[], Scheduler]  # the current one (a reload replaces it)
+    bands: Callable[[], Sequence[str]]  # priority band names, index = band number
+    backends: Callable[[], Sequence[Backend]]
+    draining: Callable[[], bool]
+    reloads: Callable[[], tuple[int, int]]  # configuration reloads applied, refused
+    clock: Callable[[], float]  # the scheduler's clock (monotonic seconds)
+
+
+class Metrics:
+    """Owns the registry (a fresh one unless given) and every sidecar metric in it."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            PREFIX + "requests_total",
+            "TTS requests (POST /api/v1/tts) answered, by length class, tenant and outcome. outcome: ok "
+            "(backend answered success); failed (backend answered 200 with success false, or a 4xx); "
+            "backend_error (backend 5xx, answer cut short, or 502 when the backend failed before answering); "
+            "rejected (429/503 from admission, or 503 while draining); deadline (408, queued or running); "
+            "client_gone (the client left first); invalid (refused at the edge: validation, 401, 413). "
+            "class is 'unknown' and tenant 'default' for requests refused before their text or tenant was known.",
+            ["class", "tenant", "outcome"], registry=r)
+        self.queue_wait = Histogram(
+            PREFIX + "queue_wait_seconds",
+            "Seconds a TTS request waited from arrival until a backend slot was assigned (the last assignment "
+            "when retried), by length class. Requests that left the queue without a slot are not observed.",
+            ["class"], buckets=SECONDS_BUCKETS, registry=r)
+        self.service = Histogram(
+            PREFIX + "service_seconds",
+            "Seconds from forwarding a TTS request to a backend until the backend's answer began (the synthesis), "
+            "by length class; observed for every request that got an answer from a backend.",
+            ["class"], buckets=SECONDS_BUCKETS, registry=r)
+        self.duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Seconds a TTS request spent in the sidecar end to end, from arrival until its answer was sent or it "
+            "ended otherwise, by length class; every request counted in glmtts_sidecar_requests_total.",
+            ["class"], buckets=SECONDS_BUCKETS, registry=r)
+        self.service_ratio = Histogram(
+            PREFIX + "service_ratio",
+            "Actual over predicted service seconds of successful TTS requests, by length class: how well the "
+            "cost model predicts (1 = exact, above 1 = slower than predicted).",
+            ["class"], buckets=RATIO_BUCKETS, registry=r)
+        Gauge(PREFIX + "build_info", "Always 1; labels: the sidecar's version and the Python version running it.",
+              ["version", "python"], registry=r).labels(__version__, platform.python_version()).set(1)
+        self.draining_rejections = 0
+        self.sources: Sources | None = None
+        r.register(_StateCollector(self))
+
+    def watch(self, sources: Sources) -> None:
+        """Read state from ``sources`` at every scrape (before this, state metrics have no samples)."""
+        self.sources = sources
+
+    def prepare(self, classes: Iterable[str], tenants: Iterable[str]) -> None:
+        """Create the series of every configured class and tenant at 0, so they exist before traffic."""
+        classes, tenants = list(classes), list(tenants)
+        for cls in classes:
+            for histogram in (self.queue_wait, self.service, self.duration, self.service_ratio):
+                histogram.labels(cls)
+            for tenant in tenants:
+                for outcome in Outcome:
+                    self.requests.labels(cls, tenant, outcome.value)
+
+    # --- events, reported by the proxy ----------------------------------------------------------
+
+    def request_finished(self, *, cls: str, tenant: str, outcome: Outcome, total_s: float,
+                         queue_s: float | None = None, service_s: float | None = None,
+                         predicted_s: float | None = None) -> None:
+        """One TTS request is over. ``queue_s``: None unless it got a backend slot; ``service_s``:
+        None unless a backend answered; ``predicted_s``: its predicted service (for the ratio)."""
+        self.requests.labels(cls, tenant, outcome.value).inc()
+        self.duration.labels(cls).observe(max(0.0, total_s))
+        if queue_s is not None:
+            self.queue_wait.labels(cls).observe(max(0.0, queue_s))
+        if service_s is not None:
+            self.service.labels(cls).observe(max(0.0, service_s))
+            if outcome is Outcome.OK and predicted_s:
+                self.service_ratio.labels(cls).observe(service_s / predicted_s)
+
+    def draining_rejection(self) -> None:
+        """A TTS request was refused because the sidecar is draining."""
+        self.draining_rejections += 1
+
+    # --- serving ----------------------------------------------------------------------------------
+
+    def handler(self) -> Handler:
+        """The ``GET /metrics`` handler (Prometheus text format; OpenMetrics when asked for)."""
+        return make_aiohttp_handler(self.registry)
+
+    def separate_site(self, host: str, port: int) -> Callable[[web.Application], AsyncIterator[None]]:
+        """A cleanup context serving /metrics (only) on its own address, in this process."""
+        async def site(_: web.Application) -> AsyncIterator[None]:
+            app = web.Application()
+            app.router.add_get("/metrics", self.handler())
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                log.error("cannot serve metrics on %s:%d: %s", host, port, exc)
+                await runner.cleanup()
+                raise
+            log.info("metrics on http://%s:%d/metrics", host, port)
+            try:
+                yield
+            finally:
+                await runner.cleanup()
+
+        return site
+
+
+class _StateCollector(Collector):
+    """The metrics that mirror state, computed from ``Metrics.sources`` at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        sources = self._metrics.sources
+        depth = GaugeMetricFamily(
+            PREFIX + "queue_depth", "TTS requests waiting in the queue for a backend slot, by priority band.",
+            labels=["band"])
+        oldest = GaugeMetricFamily(
+            PREFIX + "queue_oldest_wait_seconds",
+            "Seconds the longest-waiting queued TTS request of each priority band has waited so far (0 when none).",
+            labels=["band"])
+        rejections = CounterMetricFamily(
+            PREFIX + "admission_rejections",
+            "TTS requests turned away before queueing, by reason: no_backend (503, nothing running or starting), "
+            "queue_full (429), tenant_queue_full (429, the tenant's share of the queue), deadline_unmeetable "
+            "(429, predicted wait plus service exceeds the deadline), draining (503, the sidecar is shutting down).",
+            labels=["reason"])
+        expiries = CounterMetricFamily(
+            PREFIX + "deadline_expiries",
+            "TTS requests answered 408 because their deadline passed, by where: queued (still waiting for a slot) "
+            "or running (the backend was still working; its slot stays busy until it finishes).",
+            labels=["where"])
+        orphaned = CounterMetricFamily(
+            PREFIX + "orphaned_backend_seconds",
+            "Backend seconds spent on requests whose client had already been answered 408 (GLM-TTS cannot "
+            "cancel work): capacity lost to missed deadlines.")
+        state = GaugeMetricFamily(
+            PREFIX + "backend_state",
+            "1 for each backend's current lifecycle state, 0 for its other states: starting, warming, ready "
+            "(takes traffic), unhealthy, draining, restarting, failed (crash loop cool-down), stopping, stopped.",
+            labels=["backend", "state"])
+        in_flight = GaugeMetricFamily(
+            PREFIX + "backend_in_flight",
+            "TTS requests a backend holds a slot for right now (including orphaned work).", labels=["backend"])
+        restarts = CounterMetricFamily(
+            PREFIX + "backend_restarts",
+            "Times a backend was restarted: exits, failed starts or warm-ups, watchdog kills, operator restarts.",
+            labels=["backend"])
+        health_failures = CounterMetricFamily(
+            PREFIX + "backend_health_failures",
+            "Health checks of a backend that failed while it was up (ready or unhealthy).", labels=["backend"])
+        reloads = CounterMetricFamily(
+            PREFIX + "backend_model_reloads",
+            "Requests dispatched to a backend that had another model configuration (sample_rate, use_phoneme) "
+            "loaded, so it switches configuration first.", labels=["backend"])
+        slow = GaugeMetricFamily(
+            PREFIX + "backend_slow",
+            "1 when the cost model flags a backend slow (its actual/predicted service average exceeds "
+            "cost.slow_ratio over at least cost.slow_min_samples requests), else 0.", labels=["backend"])
+        ready = GaugeMetricFamily(PREFIX + "backends_ready", "Backends in state ready: taking TTS traffic.")
+        config_reloads = CounterMetricFamily(
+            PREFIX + "config_reloads",
+            "Configuration reloads (SIGHUP or POST /admin/reload), by result: ok (applied) or failed (the file "
+            "was invalid; the running configuration was kept).", labels=["result"])
+        draining = GaugeMetricFamily(
+            PREFIX + "draining", "1 while the sidecar is draining (refusing new requests before it stops), else 0.")
+        families: list[Metric] = [depth, oldest, rejections, expiries, orphaned, state, in_flight, restarts,
+                                  health_failures, reloads, slow, ready, config_reloads, draining]
+        if sources is None:
+            return families
+        scheduler = sources.scheduler()
+        now = sources.clock()
+        bands = list(sources.bands())
+        count: Tally[str] = Tally()
+        waited = dict.fromkeys(bands, 0.0)
+        for job in scheduler.queue.jobs():
+            band = bands[job.band] if job.band < len(bands) else str(job.band)
+            count[band] += 1
+            waited[band] = max(waited.get(band, 0.0), now - job.arrived_at)
+        for band, seconds in waited.items():
+            depth.add_metric([band], count[band])
+            oldest.add_metric([band], max(0.0, seconds))
+        tally = scheduler.tally
+        rejected = {reason.value: tally.rejected.get(reason.value, 0) for reason in Reason}
+        rejected[DRAINING] = self._metrics.draining_rejections
+        for reason, n in rejected.items():
+            rejections.add_metric([reason], n)
+        expiries.add_metric(["queued"], tally.expired_queued)
+        expiries.add_metric(["running"], tally.expired_running)
+        orphaned.add_metric([], tally.orphaned_s)
+        flagged = scheduler.cost.slow_backends()
+        backends = list(sources.backends())
+        for backend in backends:
+            for value in BackendState:
+                state.add_metric([backend.id, value.value], 1.0 if backend.state is value else 0.0)
+            in_flight.add_metric([backend.id], backend.in_flight)
+            restarts.add_metric([backend.id], backend.restarts)
+            health_failures.add_metric([backend.id], backend.health_failures)
+            reloads.add_metric([backend.id], backend.model_reloads)
+            slow.add_metric([backend.id], 1.0 if backend.id in flagged else 0.0)
+        ready.add_metric([], sum(1 for b in backends if b.state is BackendState.READY))
+        applied, refused = sources.reloads()
+        config_reloads.add_metric(["ok"], applied)
+        config_reloads.add_metric(["failed"], refused)
+        draining.add_metric([], 1.0 if sources.draining() else 0.0)
+        return families
