@@ -27,6 +27,7 @@ from scheduler.metrics import Metrics, Sources
 from scheduler.prompts import PromptCatalogue
 from scheduler.proxy import Proxy
 from scheduler.sdnotify import ServiceStatus, watchdog_loop
+from scheduler.tasks import TaskService
 
 log = logging.getLogger("glmtts_sidecar")
 
@@ -64,6 +65,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
                           backends=lambda: pool.backends, draining=lambda: proxy.draining,
                           reloads=lambda: (control.reloads, control.reload_failures), clock=dispatcher.clock))
     metrics.prepare([c.name for c in config.classes], tenants.names)
+    tasks = TaskService(proxy, config.tasks) if config.tasks.enabled else None
+    proxy.tasks = tasks
     admin = Admin(proxy, control)
 
     app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[proxy.middleware])
@@ -85,6 +88,11 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
     routes.add_get("/docs", admin.forward_read, allow_head=False)
     routes.add_get("/healthz", admin.healthz)
     routes.add_get("/readyz", admin.readyz)
+    if tasks is not None:
+        routes.add_post("/api/v1/tasks", tasks.submit)
+        routes.add_get("/api/v1/tasks/{task_id}", tasks.status, allow_head=False)
+        routes.add_get("/api/v1/tasks/{task_id}/audio", tasks.audio)
+        routes.add_delete("/api/v1/tasks/{task_id}", tasks.cancel)
     if config.metrics.listen is None:
         routes.add_get("/metrics", metrics.handler())
     else:  # on its own address only; started before the backends, so a taken port fails early
@@ -96,6 +104,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await client.start()
         await pool.start()
+        if tasks is not None:
+            await tasks.start()  # re-queues what a previous run left unfinished
         if install_signals:
             control.install_signals()
         log.info("sidecar up: %d backend(s), slots %d, queue %s bounded at %d, deadlines %s",
@@ -110,6 +120,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
             yield
         finally:
             await control.close()
+            if tasks is not None:
+                await tasks.close()  # unfinished tasks stay in the store for the next start
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proxy.close(), ORPHAN_WAIT_S)
             for task in list(refreshes):

@@ -631,6 +631,56 @@ class AdminConfig(ConfigSection):
         return scheme.lower() == "bearer" and hmac.compare_digest(expected, given.strip().encode())
 
 
+class CallbacksConfig(ConfigSection):
+    """Where finished async tasks may be announced (an allow-list: the sidecar must not become a
+    way to make requests to arbitrary addresses)."""
+
+    allow: tuple[StrictStr, ...] = ()  # URL prefixes (http:// or https://) a callback URL must start with
+    timeout_s: StrictFloat = Field(default=10.0, gt=0)
+    attempts: StrictInt = Field(default=5, ge=1, le=50)
+    backoff_s: StrictFloat = Field(default=1.0, gt=0)  # doubles after each failed attempt
+
+    @field_validator("allow")
+    @classmethod
+    def _check_allow(cls, allow: tuple[str, ...]) -> tuple[str, ...]:
+        problems: list[tuple[Key, str]] = []
+        for i, prefix in enumerate(allow):
+            parts = urllib.parse.urlsplit(prefix)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                problems.append(((i,), f"{prefix!r} is not an http(s)://host/... URL prefix"))
+        _raise_if(problems)
+        return allow
+
+    def allows(self, url: str) -> bool:
+        return any(url.startswith(prefix) for prefix in self.allow)
+
+
+class TasksConfig(ConfigSection):
+    """The async task mode: POST /api/v1/tasks, persisted in SQLite under `state_dir`."""
+
+    enabled: StrictBool = True
+    state_dir: Path | None = None  # None: $STATE_DIRECTORY (systemd's StateDirectory=), else ./glmtts-sidecar-state
+    ttl_s: StrictFloat = Field(default=86400.0, gt=0)  # finished tasks and their audio are kept this long
+    deadline_s: StrictFloat = Field(default=3600.0, gt=0)  # a task's own deadline (queueing + service)
+    sweep_interval_s: StrictFloat = Field(default=60.0, gt=0)
+    callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _relative_to_file(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str) and value:
+            path = Path(value).expanduser()
+            base = (info.context or {}).get("base_dir", Path.cwd())
+            return path if path.is_absolute() else Path(base) / path
+        return value
+
+    def directory(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        from_systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(from_systemd) if from_systemd else Path.cwd() / "glmtts-sidecar-state"
+
+
 class ShutdownConfig(ConfigSection):
     drain_timeout_s: StrictFloat = Field(default=30.0, ge=0)
 
@@ -670,6 +720,7 @@ class SidecarConfig(ConfigSection):
     priorities: PrioritiesConfig = Field(default_factory=PrioritiesConfig)
     tenants: TenantsConfig = Field(default_factory=TenantsConfig)
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -106,18 +106,25 @@ class Scheduler:
 
     def make_job(self, *, id: str, chars: int, units: float, model_key: ModelKey, now: float,
                  tenant: str = "default", weight: float = 1.0, band: int = 0, tenant_bound: int | None = None,
-                 client_budget_s: float | None = None) -> Job:
-        """A job with its class, prediction and deadline filled in (not yet admitted)."""
+                 client_budget_s: float | None = None, budget_s: float | None = None) -> Job:
+        """A job with its class, prediction and deadline filled in (not yet admitted).
+        ``budget_s`` replaces the deadline policy (async tasks have their own, longer one)."""
         prediction = self.cost.predict(units, model_key)
-        budget = self.deadlines.budget_s(chars=chars, prediction=prediction)
+        budget = self.deadlines.budget_s(chars=chars, prediction=prediction) if budget_s is None else budget_s
         if client_budget_s is not None:
             budget = min(budget, client_budget_s)
         return Job(id=id, chars=chars, units=units, model_key=model_key, arrived_at=now, deadline_at=now + budget,
                    tenant=tenant, weight=weight, band=band, cls=self.classes.of(chars).name,
                    predicted_s=prediction.mean_s, p95_s=prediction.p95_s, tenant_bound=tenant_bound)
 
-    def offer(self, job: Job, now: float, backends: Sequence[BackendView]) -> Rejection | None:
-        """Admit the job into the queue, or say why not."""
+    def offer(self, job: Job, now: float, backends: Sequence[BackendView], *, force: bool = False) -> Rejection | None:
+        """Admit the job into the queue, or say why not. ``force``: no admission and no bounds (a
+        job that was admitted before, e.g. an async task re-queued after a restart)."""
+        if force:
+            self.queue.push(job, now, force=True)
+            heapq.heappush(self._deadlines, (job.deadline_at, job.seq, job.id))
+            self.tally.admitted += 1
+            return None
         rejection = admit(self.outlook(job, now, backends), reject_unmeetable=self.reject_unmeetable)
         if rejection is None:
             try:

@@ -42,9 +42,10 @@ class Dispatcher:
         return [BackendView(id=b.id, ready=b.state is BackendState.READY, alive=b.state in ALIVE,
                             slots=self.slots, model_key=b.model_key) for b in self._backends()]
 
-    def offer(self, job: Job) -> Rejection | asyncio.Future[Backend]:
-        """Admit a job: a future resolving to the backend whose slot it holds; or why not."""
-        rejection = self.scheduler.offer(job, self.clock(), self.views())
+    def offer(self, job: Job, *, force: bool = False) -> Rejection | asyncio.Future[Backend]:
+        """Admit a job: a future resolving to the backend whose slot it holds; or why not.
+        ``force``: skip admission (a job admitted before a restart)."""
+        rejection = self.scheduler.offer(job, self.clock(), self.views(), force=force)
         if rejection is not None:
             return rejection
         return self._wait(job)

@@ -16,6 +16,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -81,15 +82,32 @@ def request_id(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True, kw_only=True)
+class Intake:
+    """A validated, attributed TTS request, its job made but not yet admitted."""
+
+    request_id: str
+    arrived: float
+    body: bytes
+    content_type: str
+    job: Job
+
+
+class TaskSubmitter(Protocol):
+    async def submit(self, request: web.Request) -> web.StreamResponse: ...
+
+
 @dataclass
 class Outcome:
     """What happened to one TTS request, for the access log."""
 
+    request_id: str = ""  # the client's X-Request-ID (or ours)
     status: int = 0
     outcome: str = "ok"
     reason: str | None = None
     backend: str | None = None
     queue_s: float = 0.0
+    started: float = 0.0  # when the job was last forwarded (dispatcher clock)
     service_s: float | None = None
     attempts: int = 0
     extra: dict[str, object] = field(default_factory=dict)
@@ -109,6 +127,7 @@ class Proxy:
         self.retries = RetryBudget(ratio=config.retries.budget_ratio, min_concurrent=config.retries.budget_min)
         self._orphans: set[asyncio.Task[None]] = set()
         self.served = {"short_text": 0, "long_text": 0}  # answers by upstream's 200-character split
+        self.tasks: TaskSubmitter | None = None  # the async task mode, for Prefer: respond-async
 
     @property
     def scheduler(self) -> Scheduler:
@@ -150,7 +169,10 @@ class Proxy:
 
     # --- POST /api/v1/tts ---------------------------------------------------------------------
 
-    async def tts(self, request: web.Request) -> web.StreamResponse:
+    async def intake(self, request: web.Request, *, budget_s: float | None = None) -> Intake | web.Response:
+        """Everything before queueing, shared by /api/v1/tts and /api/v1/tasks: read and validate
+        the body, attribute it, and make its job; or the answer that refuses it (counted).
+        ``budget_s``: the deadline budget instead of the policy's (async tasks)."""
         arrived = self.dispatcher.clock()
         rid: str = request["request_id"]
         if self.draining:
@@ -179,16 +201,27 @@ class Proxy:
             who = self.tenants.attribute(authorization=request.headers.get("Authorization"),
                                          tenant_header=request.headers.get("X-Tenant"),
                                          priority_header=request.headers.get("X-Priority"))
-            budget = self._client_budget(request)
+            client = self._client_budget(request)
         except TenantError as exc:
             return self._edge(arrived, json_response({"detail": exc.detail, "reason": exc.reason}, exc.status), cls)
         except ValueError as exc:
             return self._edge(arrived, json_response({"detail": str(exc), "reason": "bad_timeout"}, 400), cls)
+        # Job ids are ours: clients may reuse an X-Request-ID, the scheduler needs unique keys.
         job = self.scheduler.make_job(
-            id=rid, chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key, now=arrived,
+            id=uuid.uuid4().hex, chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key, now=arrived,
             tenant=who.tenant.name, weight=who.tenant.weight, band=who.band, tenant_bound=who.tenant.max_queued,
-            client_budget_s=budget)
-        record = Outcome()
+            client_budget_s=client, budget_s=budget_s)
+        return Intake(request_id=rid, arrived=arrived, body=body, content_type=content_type or "", job=job)
+
+    async def tts(self, request: web.Request) -> web.StreamResponse:
+        if self.tasks is not None and "respond-async" in request.headers.get("Prefer", "").lower():
+            return await self.tasks.submit(request)
+        intake = await self.intake(request)
+        if isinstance(intake, web.Response):
+            return intake
+        job, rid, arrived, body, content_type = (intake.job, intake.request_id, intake.arrived, intake.body,
+                                                 intake.content_type)
+        record = Outcome(request_id=rid)
         headers = {"Content-Type": content_type or "", REQUEST_ID: rid}
         try:
             response = await self._serve(request, job, body, headers, record)
@@ -199,7 +232,7 @@ class Proxy:
             record.outcome, record.reason = "client_gone", "client_gone"
             raise
         finally:
-            self._log(job, record, arrived)
+            self._log(job, record, arrived, rid)
             self.metrics.request_finished(
                 cls=job.cls, tenant=job.tenant, outcome=classify(record.status, record.outcome),
                 total_s=self.dispatcher.clock() - arrived, queue_s=record.queue_s if record.attempts else None,
@@ -220,11 +253,25 @@ class Proxy:
 
     async def _serve(self, request: web.Request, job: Job, body: bytes, headers: dict[str, str],
                      record: Outcome) -> web.StreamResponse:
+        future = self.admit(job)
+        backend, resp = await self.exchange(job, future, body, headers, record)
+        return await self._stream_back(request, job, backend, resp, record)
+
+    def admit(self, job: Job, *, force: bool = False) -> asyncio.Future[Backend]:
+        """Admission: a future for the job's backend slot, or the Rejected error to answer.
+
+        ``force``: a job admitted before (an async task re-queued after a restart) skips the bounds."""
         self.retries.record_request(self.dispatcher.clock())
-        admitted = self.dispatcher.offer(job)
+        admitted = self.dispatcher.offer(job, force=force)
         if isinstance(admitted, Rejection):
             raise rejection_error(admitted)
-        future = admitted
+        return admitted
+
+    async def exchange(self, job: Job, future: asyncio.Future[Backend], body: bytes, headers: dict[str, str],
+                       record: Outcome) -> tuple[Backend, aiohttp.ClientResponse]:
+        """Wait for a slot, forward, and return once a backend's answer has begun; a backend that
+        fails before answering is reported and the job retried elsewhere within the retry budget.
+        The caller reads the answer and must end with ``finish_answer``."""
         retrying = False  # holds a permit of the retry budget
         try:
             while True:
@@ -232,7 +279,7 @@ class Proxy:
                 record.attempts += 1
                 record.backend = backend.id
                 record.queue_s = self.dispatcher.clock() - job.arrived_at
-                started = self.dispatcher.clock()
+                record.started = self.dispatcher.clock()
                 try:
                     resp = await self._send(backend, job, body, headers, record)
                 except BackendUnavailable as exc:
@@ -250,11 +297,25 @@ class Proxy:
                                 backend.id, exc)
                     future = self.dispatcher.requeue(job, backend)
                     continue
-                record.service_s = self.dispatcher.clock() - started
-                return await self._stream_back(request, job, backend, resp, record, started)
+                record.service_s = self.dispatcher.clock() - record.started
+                return backend, resp
         finally:
             if retrying:
                 self.retries.release()
+
+    def finish_answer(self, job: Job, backend: Backend, status: int, ok: bool, record: Outcome) -> None:
+        """The backend's answer is complete: learn, report the outcome, free the slot."""
+        if ok:
+            backend.model_key = job.model_key
+        elif record.outcome == "ok":
+            record.outcome = "backend_error" if status >= 500 else "failed"
+        backend.served += 1
+        self.served["long_text" if job.chars > 200 else "short_text"] += 1
+        # For outlier detection a client's error (4xx) says nothing about the backend.
+        healthy = ok or 400 <= status < 500
+        ratio = (record.service_s / job.predicted_s) if ok and record.service_s and job.predicted_s else None
+        self.pool.report_outcome(backend, ok=healthy, latency_ratio=ratio)
+        self.dispatcher.finish(job, backend, ok=ok)
 
     async def _wait(self, job: Job, future: asyncio.Future[Backend]) -> Backend:
         try:
@@ -333,12 +394,12 @@ class Proxy:
         orphan.add_done_callback(self._orphans.discard)
 
     async def _stream_back(self, request: web.Request, job: Job, backend: Backend, resp: aiohttp.ClientResponse,
-                           record: Outcome, started: float) -> web.StreamResponse:
+                           record: Outcome) -> web.StreamResponse:
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         for name in PASSED_HEADERS:
             if name in resp.headers:
                 out.headers[name] = resp.headers[name]
-        out.headers[REQUEST_ID] = job.id
+        out.headers[REQUEST_ID] = record.request_id
         out.headers["X-Backend"] = backend.id
         out.headers["X-Queue-Wait"] = f"{record.queue_s:.3f}"
         # Service = until the backend's answer began: the synthesis itself.
@@ -370,22 +431,12 @@ class Proxy:
                 raise
         finally:
             resp.release()
-            if ok:
-                backend.model_key = job.model_key
-            elif record.outcome == "ok":
-                record.outcome = "backend_error" if resp.status >= 500 else "failed"
-            backend.served += 1
-            self.served["long_text" if job.chars > 200 else "short_text"] += 1
-            # For outlier detection a client's error (4xx) says nothing about the backend.
-            healthy = ok or 400 <= resp.status < 500
-            ratio = (record.service_s / job.predicted_s) if ok and record.service_s and job.predicted_s else None
-            self.pool.report_outcome(backend, ok=healthy, latency_ratio=ratio)
-            self.dispatcher.finish(job, backend, ok=ok)
+            self.finish_answer(job, backend, resp.status, ok, record)
         return out
 
-    def _log(self, job: Job, record: Outcome, arrived: float) -> None:
+    def _log(self, job: Job, record: Outcome, arrived: float, request_id: str) -> None:
         entry = {
-            "id": job.id, "tenant": job.tenant, "band": self.tenants.band_names[job.band], "chars": job.chars,
+            "id": request_id, "tenant": job.tenant, "band": self.tenants.band_names[job.band], "chars": job.chars,
             "units": job.units, "class": job.cls, "predicted_s": round(job.predicted_s, 3),
             "service_s": None if record.service_s is None else round(record.service_s, 3),
             "queue_s": round(record.queue_s, 3), "total_s": round(self.dispatcher.clock() - arrived, 3),

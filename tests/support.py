@@ -199,6 +199,8 @@ backends:
 
 def start_sidecar(config_text: str, port: int, tmp_dir: Path, *, wait_ready: bool = True) -> Service:
     config = tmp_dir / f"sidecar-{port}.yaml"
+    if "\ntasks:" not in config_text:  # task state goes to the test's own directory
+        config_text += f"\ntasks: {{state_dir: {json.dumps(str(tmp_dir / f'tasks-{port}'))}}}\n"
     config.write_text(config_text)
     service = start_process([sys.executable, "-m", "scheduler", "--config", str(config)],
                             f"http://127.0.0.1:{port}")

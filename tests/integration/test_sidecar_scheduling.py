@@ -135,5 +135,7 @@ def test_affinity_means_fewer_model_reloads_with_mixed_sample_rates(tmp_path: Pa
                        headers={"Content-Type": multipart()[0]})[0] for i, rate in enumerate(blind)]
         loads_direct = sum(get_json(b["url"] + "/emulator/stats")["model_loads"] for b in backends) - loads
     assert results == [200] * 16 and direct == [200] * 16
-    assert loads <= 4, loads  # one per configuration, plus at most a couple of switches
-    assert loads < loads_direct, (loads, loads_direct)
+    # One load per configuration plus a few switches when one configuration's backlog would wait
+    # longer than a reload; a key-blind round robin reloads on nearly every request.
+    assert loads <= 8, loads
+    assert loads_direct >= 12 and loads < loads_direct, (loads, loads_direct)

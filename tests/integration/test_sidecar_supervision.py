@@ -153,6 +153,7 @@ def test_sighup_from_2_to_3_backends_and_back_under_load_fails_nothing(tmp_path:
     text, port = sidecar_config(backends=2, time_scale=0.01)
     service = start_sidecar(text, port, tmp_path)
     config = tmp_path / f"sidecar-{port}.yaml"
+    text = config.read_text()  # as started (start_sidecar adds the task directory)
     try:
         before = {b["id"]: b["pid"] for b in backends(service)}
         with SteadyLoad(service) as load:
@@ -177,6 +178,7 @@ def test_a_bad_file_on_reload_keeps_the_running_config(tmp_path: Path) -> None:
     text, port = sidecar_config(backends=1, extra=f"admin: {{token: {ADMIN}}}")
     service = start_sidecar(text, port, tmp_path)
     config = tmp_path / f"sidecar-{port}.yaml"
+    text = config.read_text()  # as started (start_sidecar adds the task directory)
     try:
         config.write_text(text + "\nqueue: {max_size: -1, bogus: 1}\n")
         status, _, raw = http("POST", service.url + "/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
@@ -198,13 +200,16 @@ def test_a_bad_file_on_reload_keeps_the_running_config(tmp_path: Path) -> None:
 
 
 def test_sigterm_under_load_drains_and_leaves_nothing(tmp_path: Path) -> None:
-    text, port = sidecar_config(backends=2, time_scale=0.02)
+    text, port = sidecar_config(backends=2, time_scale=0.05)
     service = start_sidecar(text, port, tmp_path)
     try:
         pids = backend_pids(service)
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(tts, service, SHORT * 4 + str(i)) for i in range(12)]
-            wait_until(lambda: get_json(service.url + "/api/v1/queue")["depth"] >= 4, what="a backlog")
+            # SIGTERM only once all 12 are admitted: every admitted request must be answered.
+            wait_until(lambda: get_json(service.url + "/api/v1/queue")["admitted"] == 12,
+                       what="all 12 requests to be admitted")
+            assert get_json(service.url + "/api/v1/queue")["depth"] >= 4
             os.kill(service.pid, signal.SIGTERM)
             wait_until(lambda: http("GET", service.url + "/readyz")[0] == 503, what="readiness to drop")
             status, late = tts(service)
