@@ -174,3 +174,39 @@ def test_an_unwritable_state_directory_answers_503_on_submit(tmp_path: Path) -> 
         assert status == 503 and body["reason"] == "store_unavailable" and headers["Retry-After"] == "30"
         assert http("POST", service.url + "/api/v1/tts", body=multipart(("input_text", SHORT),
                     ("index", "exampleA"))[1], headers={"Content-Type": multipart()[0]})[0] == 200
+
+
+def test_a_finished_task_is_announced_to_its_allowed_callback(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    received: list[dict[str, Any]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append(payload)
+            self.send_response(500 if len(received) == 1 else 204)  # the first attempt fails
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    hook = f"http://127.0.0.1:{server.server_address[1]}/hooks/"
+    extra = TENANTS + (f"tasks: {{state_dir: {json.dumps(str(tmp_path / 'state'))}, "
+                       f"callbacks: {{allow: [{json.dumps(hook)}], backoff_s: 0.1}}}}\n")
+    try:
+        with running_sidecar(tmp_path, backends=1, extra=extra) as service:
+            status, _, body = submit(service, headers={**auth("alpha"), "X-Callback-URL": "http://127.0.0.1:1/x"})
+            assert status == 400 and body["reason"] == "callback_not_allowed"
+            task_id = submit(service, headers={**auth("alpha"), "X-Callback-URL": hook + "done"})[2]["task_id"]
+            wait_until(lambda: poll(service, task_id, auth("alpha"))[1]["callback"] == "delivered", timeout=20,
+                       what="the callback to be delivered")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(received) == 2  # one failure, one retry
+    assert received[-1]["task_id"] == task_id and received[-1]["status"] == "succeeded"
