@@ -146,8 +146,10 @@ class TaskService:
         scheduler = self.proxy.scheduler
         now = self.proxy.dispatcher.clock()
         order = [j.id for j in scheduler.queue.candidates(now)]
-        if job.id not in order:
-            return {}
+        if job.id not in order:  # already given a backend slot: it starts now
+            started = self.wall()
+            return {"position": 0, "estimated_start": round(started, 3),
+                    "estimated_done": round(started + job.predicted_s, 3)}
         outlook = scheduler.outlook(job, now, self.proxy.dispatcher.views())
         start = self.wall() + outlook.wait_s
         return {"position": order.index(job.id) + 1, "estimated_start": round(start, 3),

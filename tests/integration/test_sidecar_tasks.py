@@ -63,6 +63,7 @@ def sidecar(tmp_path: Path) -> Iterator[Service]:
 def test_submit_poll_fetch_gives_the_synchronous_answer(sidecar: Service) -> None:
     status, headers, accepted = submit(sidecar, headers=auth("alpha"), seed="7")
     assert status == 202 and accepted["status"] == "queued"
+    assert accepted["position"] >= 0 and accepted["estimated_done"] >= accepted["estimated_start"] > 0
     assert headers["Location"] == f"/api/v1/tasks/{accepted['task_id']}"
     done = wait_finished(sidecar, accepted["task_id"], auth("alpha"))
     assert done["status"] == "succeeded" and done["result"]["success"] is True
