@@ -23,6 +23,7 @@ from glmtts.errors import HTTPDetailError, ValidationFailed
 from glmtts.form import FormData, FormValue, UploadedFile, parse_form
 
 SAMPLE_RATES = (24000, 32000)
+LONG_TEXT_THRESHOLD = 200  # upstream's TEXT_LENGTH_THRESHOLD: longer texts are "long_text"
 SAMPLE_METHODS = ("ras", "topk")
 SAMPLING_RANGE = (1, 100)
 BEAM_SIZE_RANGE = (1, 5)
@@ -195,6 +196,11 @@ def parse_prompt_add(content_type: str | None, body: bytes) -> PromptAddForm:
 
 def parse_prompt_update(content_type: str | None, body: bytes) -> PromptUpdateForm:
     return PromptUpdateForm(**validate_fields(parse_form(content_type, body), PROMPT_UPDATE_FIELDS))
+
+
+def upstream_length_class(chars: int) -> str:
+    """Upstream's split of texts for its semaphores and /api/v1/stats/concurrency."""
+    return "long_text" if chars > LONG_TEXT_THRESHOLD else "short_text"
 
 
 def prompt_not_found(index: str) -> HTTPDetailError:

@@ -17,6 +17,7 @@ from aiohttp import web
 from backend.client import Answer, BackendTimeout, BackendUnavailable
 from backend.pool import Backend
 from backend.state import BackendState
+from glmtts.contract import LONG_TEXT_THRESHOLD, upstream_length_class
 from scheduler.control import Control
 from scheduler.errors import NoBackend
 from scheduler.proxy import REQUEST_ID, Proxy, error_response, json_response
@@ -126,11 +127,11 @@ class Admin:
         proxy = self.proxy
         scheduler = proxy.scheduler
         slots = len(proxy.ready_backends()) * proxy.dispatcher.slots
-        long_cap = scheduler.classes.cap(scheduler.classes.of(LONG_THRESHOLD_CHARS + 1).name, slots)
+        long_cap = scheduler.classes.cap(scheduler.classes.of(LONG_TEXT_THRESHOLD + 1).name, slots)
         limits = {"short_text": slots, "long_text": slots if long_cap is None else long_cap}
         active = {"short_text": 0, "long_text": 0}
         for run in scheduler.running.values():
-            active[_upstream_class(run.job.chars)] += 1
+            active[upstream_length_class(run.job.chars)] += 1
         stats = {cls: {"active": active[cls], "total": proxy.served[cls], "limit": limits[cls],
                        "available": max(0, limits[cls] - active[cls])} for cls in active}
         tiers = proxy.config.deadlines
@@ -140,9 +141,9 @@ class Admin:
             "stats": stats,
             "config": {
                 "concurrency": {"short_text": limits["short_text"], "long_text": limits["long_text"],
-                                "threshold": LONG_THRESHOLD_CHARS},
-                "timeout": {"short_text": tiers.tier_for(50), "medium_text": tiers.tier_for(LONG_THRESHOLD_CHARS),
-                            "long_text": tiers.tier_for(LONG_THRESHOLD_CHARS + 1)},
+                                "threshold": LONG_TEXT_THRESHOLD},
+                "timeout": {"short_text": tiers.tier_for(50), "medium_text": tiers.tier_for(LONG_TEXT_THRESHOLD),
+                            "long_text": tiers.tier_for(LONG_TEXT_THRESHOLD + 1)},
                 "queue": {"max_size": scheduler.queue.max_size, "worker_count": backends, "enabled": True},
                 "workers": backends,
             },
@@ -226,13 +227,6 @@ async def fetch_prompt_indexes(proxy: Proxy) -> set[str] | None:
             except (ValueError, KeyError, TypeError):
                 log.warning("backend %s: unreadable prompt list", backend.id)
     return None
-
-
-LONG_THRESHOLD_CHARS = 200  # upstream's TEXT_LENGTH_THRESHOLD
-
-
-def _upstream_class(chars: int) -> str:
-    return "long_text" if chars > LONG_THRESHOLD_CHARS else "short_text"
 
 
 def unauthorized() -> web.Response:

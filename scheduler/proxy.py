@@ -24,7 +24,7 @@ from aiohttp import web
 from backend.client import BackendClient, BackendTimeout, BackendUnavailable
 from backend.pool import Backend, BackendPool
 from backend.state import BackendState
-from glmtts.contract import check_tts, parse_tts_form
+from glmtts.contract import check_tts, parse_tts_form, upstream_length_class
 from glmtts.errors import HTTPDetailError, dump_json
 from glmtts.form import parse_form
 from glmtts.text import units
@@ -310,7 +310,7 @@ class Proxy:
         elif record.outcome == "ok":
             record.outcome = "backend_error" if status >= 500 else "failed"
         backend.served += 1
-        self.served["long_text" if job.chars > 200 else "short_text"] += 1
+        self.served[upstream_length_class(job.chars)] += 1
         # For outlier detection a client's error (4xx) says nothing about the backend.
         healthy = ok or 400 <= status < 500
         ratio = (record.service_s / job.predicted_s) if ok and record.service_s and job.predicted_s else None

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from glmtts.contract import LONG_TEXT_THRESHOLD
+
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
@@ -28,7 +30,7 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 class UpstreamConfig:
     short_concurrency: int = 10
     long_concurrency: int = 3
-    threshold_chars: int = 200  # longer texts use the long semaphore
+    threshold_chars: int = LONG_TEXT_THRESHOLD  # longer texts use the long semaphore
     short_timeout_s: int = 60  # <= 50 chars
     medium_timeout_s: int = 300  # <= threshold
     long_timeout_s: int = 600
@@ -43,7 +45,7 @@ class UpstreamConfig:
         return cls(
             short_concurrency=_env_int(env, "SHORT_TEXT_CONCURRENCY", 10),
             long_concurrency=_env_int(env, "LONG_TEXT_CONCURRENCY", 3),
-            threshold_chars=_env_int(env, "TEXT_LENGTH_THRESHOLD", 200),
+            threshold_chars=_env_int(env, "TEXT_LENGTH_THRESHOLD", LONG_TEXT_THRESHOLD),
             short_timeout_s=_env_int(env, "SHORT_TEXT_TIMEOUT", 60),
             medium_timeout_s=_env_int(env, "MEDIUM_TEXT_TIMEOUT", 300),
             long_timeout_s=_env_int(env, "LONG_TEXT_TIMEOUT", 600),
