@@ -23,7 +23,8 @@ from scheduler.build import build_scheduler, build_tenants
 from scheduler.config import SidecarConfig
 from scheduler.control import Control
 from scheduler.dispatcher import Dispatcher
-from scheduler.metrics import Metrics, Sources
+from scheduler.looplag import LoopLagCollector, LoopLagProbe
+from scheduler.metrics import PREFIX, Metrics, Sources
 from scheduler.prompts import PromptCatalogue
 from scheduler.proxy import Proxy
 from scheduler.sdnotify import ServiceStatus, watchdog_loop
@@ -65,6 +66,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
                           backends=lambda: pool.backends, draining=lambda: proxy.draining,
                           reloads=lambda: (control.reloads, control.reload_failures), clock=dispatcher.clock))
     metrics.prepare([c.name for c in config.classes], tenants.names)
+    lag = LoopLagProbe()
+    metrics.registry.register(LoopLagCollector(lag, PREFIX))
     tasks = TaskService(proxy, config.tasks) if config.tasks.enabled else None
     proxy.tasks = tasks
     admin = Admin(proxy, control)
@@ -102,6 +105,7 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
     routes.add_post("/admin/backends/{backend_id}/restart", admin.restart_backend)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        lag.start()
         await client.start()
         await pool.start()
         if tasks is not None:
@@ -130,6 +134,7 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
             await client.close()
             if watchdog is not None:
                 watchdog.cancel()
+            await lag.stop()
             log.info("sidecar stopped")
 
     app.cleanup_ctx.append(lifetime)
