@@ -40,6 +40,7 @@ ALERT_NAMES = {
     "GlmttsSidecarHighRejectionRatio",
     "GlmttsSidecarDeadlineExpiries",
     "GlmttsSidecarSlowBackend",
+    "GlmttsSidecarEventLoopLag",
 }
 
 # Every metric family the dashboard must show (DESIGN.md "Observability").
