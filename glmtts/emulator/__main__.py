@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from aiohttp import web
 from glmtts.emulator.app import Emulator, EmulatorOptions
 from glmtts.emulator.engine import Engine
 from glmtts.emulator.faults import Faults, FaultSpecError
+from glmtts.emulator.gpu import GpuCurve, GpuCurveError, GpuShare, default_state_dir, gpu_id_from
 from glmtts.emulator.prompts import PromptStore
 from glmtts.emulator.synthetic import SyntheticEngine
 from glmtts.emulator.timing import MEASURED_THROUGHPUT, ServiceModel
@@ -47,6 +49,13 @@ def _curve(text: str) -> tuple[float, ...]:
     return values
 
 
+def _gpu_curve(text: str) -> GpuCurve:
+    try:
+        return GpuCurve.parse(text)
+    except GpuCurveError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m glmtts.emulator",
@@ -73,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log-normal sigma of service time")
     timing.add_argument("--throughput", type=_curve, default=MEASURED_THROUGHPUT,
                         help="total throughput at 1,2,3,... concurrent requests (default: measured)")
+    gpu = p.add_argument_group("shared GPU (synthetic engine)")
+    gpu.add_argument("--gpu", metavar="ID",
+                     help="GPU id: busy processes with the same id share its throughput "
+                          "(default: the first of CUDA_VISIBLE_DEVICES; '' or neither: alone)")
+    gpu.add_argument("--gpu-curve", type=_gpu_curve, default=GpuCurve(), metavar="N:G,...",
+                     help="total GPU throughput G with N busy processes, relative to one alone, "
+                          f"interpolated, flat after the last (default: measured, {GpuCurve().as_text()})")
+    gpu.add_argument("--gpu-state-dir", type=Path, default=None, metavar="DIR",
+                     help=f"where processes on a GPU find each other (default: {default_state_dir()})")
     faults = p.add_argument_group("fault injection (also POST /emulator/faults)")
     faults.add_argument("--fail-status", type=int, choices=(200, 500))
     faults.add_argument("--fail-count", type=int)
@@ -94,7 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_engine(args: argparse.Namespace) -> Engine:
+def make_gpu_share(args: argparse.Namespace) -> GpuShare | None:
+    gpu_id = gpu_id_from(args.gpu, os.environ)
+    if gpu_id is None or args.engine != "synthetic":  # the torch engine shares a real GPU for real
+        return None
+    return GpuShare.create(gpu_id, args.gpu_curve, args.gpu_state_dir)
+
+
+def make_engine(args: argparse.Namespace, gpu: GpuShare | None = None) -> Engine:
     if args.engine == "torch":
         from glmtts.emulator.torch_engine import TorchEngine, TorchEngineConfig, torch_available
 
@@ -113,7 +138,7 @@ def make_engine(args: argparse.Namespace) -> Engine:
         return TorchEngine(dataclasses.replace(config, **changes))
     model = ServiceModel(load_s=args.load_seconds, cold_factor=args.cold_factor, jitter_sigma=args.jitter,
                          time_scale=args.time_scale, throughput=args.throughput)
-    return SyntheticEngine(model, seed=args.seed)
+    return SyntheticEngine(model, seed=args.seed, gpu=gpu)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -130,10 +155,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: {exc}") from None
     store = PromptStore(args.prompt_cache)
     store.load()
-    engine = make_engine(args)
+    gpu = make_gpu_share(args)
+    if gpu is not None:
+        logging.getLogger("glmtts.emulator").info("sharing GPU %s with processes in %s (curve %s)",
+                                                  gpu.gpu_id, gpu.registry.directory, gpu.curve.as_text())
+    engine = make_engine(args, gpu)
     # The torch engine runs in real time; scaling its timeouts would make them meaningless.
     scale = args.time_scale if args.engine == "synthetic" else 1.0
-    emulator = Emulator(engine, store, EmulatorOptions(time_scale=scale, upstream=upstream, faults=faults))
+    emulator = Emulator(engine, store, EmulatorOptions(time_scale=scale, upstream=upstream, faults=faults, gpu=gpu))
     if args.start_delay:
         logging.getLogger("glmtts.emulator").info("slow start: opening the port in %.1f s", args.start_delay)
         time.sleep(args.start_delay)

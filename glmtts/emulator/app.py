@@ -27,6 +27,7 @@ from glmtts.contract import (
 )
 from glmtts.emulator.engine import Engine, SynthesisError, SynthesisJob
 from glmtts.emulator.faults import Faults, FaultSpecError
+from glmtts.emulator.gpu import GpuShare
 from glmtts.emulator.prompts import PromptStore
 from glmtts.emulator.upstream import UpstreamConcurrency, UpstreamConfig
 from glmtts.errors import HTTPDetailError, dump_json
@@ -111,6 +112,7 @@ class EmulatorOptions:
     time_scale: float = 1.0  # applies to upstream's timeouts too, so they keep their meaning
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     faults: Faults = field(default_factory=Faults)
+    gpu: GpuShare | None = None  # the GPU this process shares with others, for the stats
 
 
 class Emulator:
@@ -382,8 +384,10 @@ class Emulator:
 
     async def get_stats(self, request: web.Request) -> web.Response:
         key = self.model.key
+        gpu = self.options.gpu
+        sharing = gpu.as_json() if gpu is not None else {"gpu": None, "gpu_busy_processes": 0, "gpu_speed": 1.0}
         return json_response({**self.stats.as_json(), "engine": self.engine.name, "pid": os.getpid(),
-                              "model": list(key) if key else None, "version": __version__})
+                              "model": list(key) if key else None, "version": __version__, **sharing})
 
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.max_in_flight = self.stats.in_flight

@@ -4,7 +4,8 @@ Calibration (UPSTREAM_API.md, the seed): ~3.5 s for a short text (~20 chars) and
 one (~500 chars) on one GPU, so ``seconds = a + b * units`` with b = (80 - 3.5) / (500 - 20) and
 a = 3.5 - 20 b. Concurrency inside one process (measurements/h200-calibration.md, threads rows):
 total throughput x1.0, x1.3, x1.5 at 1, 2, 4 concurrent requests, each request slower
-accordingly; that is processor sharing with a throughput curve.
+accordingly; that is processor sharing with a throughput curve. Processes sharing one GPU slow each
+other down on top of that (glmtts.emulator.gpu), which reaches the processor as its ``speed``.
 """
 
 from __future__ import annotations
@@ -59,8 +60,14 @@ def throughput_at(curve: Sequence[float], k: int) -> float:
     return curve[min(k, len(curve)) - 1]
 
 
-class SharedProcessor:
-    """Processor sharing: k active jobs each progress at ``throughput_at(k) / k`` of solo speed."""
+class ProcessorShares:
+    """The bookkeeping of processor sharing, without waiting: ``clock`` decides what time it is.
+
+    k active jobs each progress at ``throughput_at(k) / k`` of solo speed, times ``speed``: the
+    share of its GPU this process gets from outside (1.0 alone; see glmtts.emulator.gpu). Any
+    change of k or ``speed`` first books the progress made at the old rate, so work integrates
+    correctly over any sequence of rate changes.
+    """
 
     def __init__(self, curve: Sequence[float] = MEASURED_THROUGHPUT,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -70,45 +77,80 @@ class SharedProcessor:
         self._clock = clock
         self._remaining: dict[int, float] = {}
         self._last = clock()
-        self._changed = asyncio.Event()
+        self._speed = 1.0
         self._ids = itertools.count()
 
     @property
     def active(self) -> int:
         return len(self._remaining)
 
-    def _rate(self) -> float:
-        k = len(self._remaining)
-        return throughput_at(self._curve, k) / k
+    @property
+    def speed(self) -> float:
+        return self._speed
 
-    def _advance(self) -> None:
+    def rate(self) -> float:
+        """Solo-seconds of work each active job gets done per second now (0 when idle)."""
+        k = len(self._remaining)
+        return throughput_at(self._curve, k) / k * self._speed if k else 0.0
+
+    def advance(self) -> None:
         now = self._clock()
         elapsed, self._last = now - self._last, now
         if self._remaining and elapsed > 0:
-            done = elapsed * self._rate()
+            done = elapsed * self.rate()
             for job in self._remaining:
                 self._remaining[job] -= done
+
+    def add(self, work: float) -> int:
+        self.advance()
+        job = next(self._ids)
+        self._remaining[job] = work
+        return job
+
+    def remove(self, job: int) -> None:
+        self.advance()
+        del self._remaining[job]
+
+    def remaining(self, job: int) -> float:
+        self.advance()
+        return self._remaining[job]
+
+    def set_speed(self, speed: float) -> None:
+        if speed <= 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
+        self.advance()
+        self._speed = speed
+
+
+class SharedProcessor(ProcessorShares):
+    """Processor sharing in real time: ``run`` returns once its job's work is done."""
+
+    def __init__(self, curve: Sequence[float] = MEASURED_THROUGHPUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(curve, clock)
+        self._changed = asyncio.Event()
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def set_speed(self, speed: float) -> None:
+        if speed != self.speed:
+            super().set_speed(speed)
+            self._notify()  # waiting jobs recompute when they finish
+
     async def run(self, work: float) -> None:
         """Occupy a share of the processor until ``work`` solo-seconds are done."""
-        self._advance()
-        job = next(self._ids)
-        self._remaining[job] = work
+        job = self.add(work)
         self._notify()
         try:
             while True:
-                self._advance()
-                left = self._remaining[job]
+                left = self.remaining(job)
                 if left <= 1e-6:
                     return
                 changed = self._changed
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), left / self._rate())
+                    await asyncio.wait_for(changed.wait(), left / self.rate())
         finally:
-            self._advance()
-            del self._remaining[job]
+            self.remove(job)
             self._notify()
