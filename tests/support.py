@@ -88,8 +88,11 @@ def start_process(argv: Sequence[str], url: str, *, env: dict[str, str] | None =
     log = tempfile.NamedTemporaryFile(prefix="glmtts-test-", suffix=".log", delete=False)  # noqa: SIM115
     # The checkout's packages win even when a process runs elsewhere (cwd) or nothing is installed.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    # Emulators sharing a GPU id slow each other down (glmtts.emulator.gpu): a runner's own
+    # CUDA_VISIBLE_DEVICES must not make every test's backends share one; a test asks for it.
+    inherited = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=cwd or ROOT, env={**os.environ, "PYTHONPATH": path, **(env or {})},
+                            cwd=cwd or ROOT, env={**inherited, "PYTHONPATH": path, **(env or {})},
                             start_new_session=True)
     log.close()
     return Service(argv=list(argv), url=url, proc=proc, log_path=Path(log.name))
