@@ -51,6 +51,8 @@ class Backend:
     restarts: int = 0
     health_failures: int = 0  # failed health checks while up; maintained by the supervisor
     model_reloads: int = 0  # dispatches that switch its model configuration; maintained by the dispatcher
+    slots: int = 1  # requests it may hold at once now; maintained by the dispatcher
+    slot_mode: str = "fixed"  # fixed (backends.slots: N) or auto (learned); maintained by the dispatcher
     model_key: tuple[int, bool] | None = None  # (model_sample_rate, model_use_phoneme); None: not loaded
     last_error: str | None = None
     outlier: str | None = None  # why outlier detection flags it: ejected, or kept as the last ready backend
@@ -74,6 +76,8 @@ class Backend:
             "state": self.state.value,
             "pid": self.pid,
             "in_flight": self.in_flight,
+            "slots": self.slots,
+            "slot_mode": self.slot_mode,
             "served": self.served,
             "restarts": self.restarts,
             "model": model,

@@ -126,7 +126,8 @@ class Admin:
         backend slots and the length classes' caps; plus the queue."""
         proxy = self.proxy
         scheduler = proxy.scheduler
-        slots = len(proxy.ready_backends()) * proxy.dispatcher.slots
+        proxy.dispatcher.views()  # brings every backend's slot limit up to date
+        slots = sum(b.slots for b in proxy.ready_backends())
         long_cap = scheduler.classes.cap(scheduler.classes.of(LONG_TEXT_THRESHOLD + 1).name, slots)
         limits = {"short_text": slots, "long_text": slots if long_cap is None else long_cap}
         active = {"short_text": 0, "long_text": 0}
@@ -172,6 +173,7 @@ class Admin:
             "estimates": estimates,
             "cost": scheduler.cost.describe(),
             "slow_backends": sorted(scheduler.cost.slow_backends()),
+            "slots": proxy.dispatcher.slot_states(),
             "backends": [b.as_json() for b in proxy.pool.backends],
         })
 

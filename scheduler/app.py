@@ -57,14 +57,15 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
     pool = BackendPool(config.backends, python=python, on_change=on_backend_change,
                        log_output=config.logging.backend_output)
     catalogue = PromptCatalogue(lambda: fetch_prompt_indexes(proxy))
-    dispatcher = Dispatcher(build_scheduler(config), lambda: pool.backends, slots=config.backends.slots)
+    dispatcher = Dispatcher(build_scheduler(config), lambda: pool.backends, slots=config.backends.slot_policy())
     metrics = Metrics()
     tenants = build_tenants(config)
     proxy = Proxy(config, pool, client, catalogue, dispatcher, tenants, metrics=metrics)
     control = Control(proxy, pool, config_path=config_path, systemd=systemd)
     metrics.watch(Sources(scheduler=lambda: dispatcher.scheduler, bands=lambda: proxy.tenants.band_names,
                           backends=lambda: pool.backends, draining=lambda: proxy.draining,
-                          reloads=lambda: (control.reloads, control.reload_failures), clock=dispatcher.clock))
+                          reloads=lambda: (control.reloads, control.reload_failures), clock=dispatcher.clock,
+                          slots=dispatcher.slot_states))
     metrics.prepare([c.name for c in config.classes], tenants.names)
     lag = LoopLagProbe()
     metrics.registry.register(LoopLagCollector(lag, PREFIX))
@@ -112,8 +113,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
             await tasks.start()  # re-queues what a previous run left unfinished
         if install_signals:
             control.install_signals()
-        log.info("sidecar up: %d backend(s), slots %d, queue %s bounded at %d, deadlines %s",
-                 len(pool.backends), config.backends.slots, config.queue.order, config.queue.max_size,
+        log.info("sidecar up: %d backend(s), slots %s, queue %s bounded at %d, deadlines %s",
+                 len(pool.backends), _describe_slots(config), config.queue.order, config.queue.max_size,
                  config.deadlines.policy)
         systemd.backends(len(proxy.ready_backends()), len(pool.backends))
         notifier = systemd.notifier
@@ -139,3 +140,10 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
 
     app.cleanup_ctx.append(lifetime)
     return app
+
+
+def _describe_slots(config: SidecarConfig) -> str:
+    policy = config.backends.slot_policy()
+    if policy.fixed is not None:
+        return str(policy.fixed)
+    return f"auto (1..{policy.adaptive.max_slots}, learned per backend)"

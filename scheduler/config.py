@@ -39,9 +39,12 @@ from pydantic import (
     model_validator,
 )
 
+from scheduler.concurrency import DEFAULT_MAX_SLOTS, AdaptiveSettings, SlotPolicy
+
 __all__ = [
     "MIN_KEY_CHARS",
     "PLACEHOLDERS",
+    "AdaptiveConfig",
     "BackendSpec",
     "BackendsConfig",
     "ClassConfig",
@@ -216,6 +219,15 @@ class BackendSpec:
     managed: bool
 
 
+class AdaptiveConfig(ConfigSection):
+    """How `backends.slots: auto` learns each backend's limit (scheduler/concurrency.py)."""
+
+    min_gain: StrictFloat = Field(default=0.1, ge=0, le=10)
+    samples: StrictInt = Field(default=8, ge=2, le=1000)
+    reprobe_s: StrictFloat = Field(default=300.0, ge=0)
+    latency_headroom: StrictFloat = Field(default=0.5, gt=0, le=1)
+
+
 class BackendsConfig(ConfigSection):
     command: tuple[StrictStr, ...] = (
         "{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", "0.05", "--seed", "{index}",
@@ -226,7 +238,9 @@ class BackendsConfig(ConfigSection):
     gpus: tuple[StrictStr, ...] = ("0", "1")
     processes_per_gpu: StrictInt = Field(default=1, ge=1)
     base_port: StrictInt = Field(default=18050, ge=1, le=65535)
-    slots: StrictInt = Field(default=1, ge=1)
+    slots: int | Literal["auto"] = 1  # checked by _check_slots
+    max_slots: StrictInt = Field(default=DEFAULT_MAX_SLOTS, ge=1, le=64)  # the bound of auto
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     restart: RestartConfig = Field(default_factory=RestartConfig)
@@ -235,6 +249,13 @@ class BackendsConfig(ConfigSection):
     stop_grace_s: StrictFloat = Field(default=10.0, ge=0)
     request_timeout_s: StrictFloat = Field(default=900.0, gt=0)
     external: tuple[StrictStr, ...] = ()  # normalised to scheme://host:port at load
+
+    @field_validator("slots", mode="before")
+    @classmethod
+    def _check_slots(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError('must be a whole number >= 1 (requests per backend) or "auto" (learned per backend)')
 
     @field_validator("command", mode="before")
     @classmethod
@@ -328,6 +349,9 @@ class BackendsConfig(ConfigSection):
     @model_validator(mode="after")
     def _check_pool(self) -> BackendsConfig:
         problems: list[tuple[Key, str]] = []
+        # A number may pass the default bound of auto; only one written next to it must hold.
+        if isinstance(self.slots, int) and "max_slots" in self.model_fields_set and self.slots > self.max_slots:
+            problems.append((("max_slots",), f"must be >= slots ({self.slots})"))
         count = self.managed_count
         if not self.gpus and not self.external:
             problems.append((("gpus",), "must list at least one GPU when there are no external backends"))
@@ -351,6 +375,15 @@ class BackendsConfig(ConfigSection):
                 ))
         _raise_if(problems)
         return self
+
+    def slot_policy(self) -> SlotPolicy:
+        """`slots` and its knobs, as the dispatcher uses them."""
+        if self.slots != "auto":
+            return SlotPolicy(fixed=self.slots)
+        adaptive = self.adaptive
+        return SlotPolicy(fixed=None, adaptive=AdaptiveSettings(
+            max_slots=self.max_slots, min_gain=adaptive.min_gain, samples=adaptive.samples,
+            reprobe_s=adaptive.reprobe_s, latency_headroom=adaptive.latency_headroom))
 
     @property
     def managed_count(self) -> int:
@@ -396,6 +429,8 @@ class BackendsConfig(ConfigSection):
 class LimitsConfig(ConfigSection):
     max_body_bytes: StrictInt = Field(default=20 * 1024 * 1024, ge=1024)
     max_text_chars: StrictInt = Field(default=10_000, ge=1)
+    body_timeout_s: StrictFloat = Field(default=30.0, gt=0)  # a request body must arrive whole within this
+    idle_timeout_s: StrictFloat = Field(default=75.0, gt=0)  # a connection without a whole request head
 
 
 class ClassConfig(ConfigSection):

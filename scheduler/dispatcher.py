@@ -4,6 +4,10 @@ scheduler.core.Scheduler decides (pure); this module owns what it cannot: the fu
 a waiting request with its backend, and one timer for the earliest queued deadline, so a job
 expires on time even when no backend frees up. It runs the scheduler after every change: a job
 arrives or leaves, a slot frees, a backend changes state.
+
+It also keeps each backend's slot limit (scheduler.concurrency): fixed, or learned from what the
+backend completes; it tells the limit every dispatch and release, and resets it when the backend
+restarts.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from backend.pool import Backend
 from backend.state import BackendState
 from scheduler.admission import Rejection
+from scheduler.concurrency import SlotLimit, SlotPolicy
 from scheduler.core import BackendView, Scheduler
 from scheduler.queue import Job
 
+# States of a backend whose process is (re)starting: what its slot limit learned no longer holds.
+FRESH = (BackendState.STARTING, BackendState.RESTARTING)
 # States of a backend that is serving or will serve (FAILED waits out a long cool-down; STOPPING does not return).
 ALIVE = (BackendState.STARTING, BackendState.WARMING, BackendState.READY, BackendState.UNHEALTHY,
          BackendState.DRAINING, BackendState.RESTARTING)
@@ -28,19 +36,55 @@ class QueuedDeadline(Exception):
 
 
 class Dispatcher:
-    def __init__(self, scheduler: Scheduler, backends: Callable[[], Sequence[Backend]], *, slots: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, scheduler: Scheduler, backends: Callable[[], Sequence[Backend]], *,
+                 slots: SlotPolicy | int = 1, clock: Callable[[], float] = time.monotonic) -> None:
         self.scheduler = scheduler
         self._backends = backends
-        self.slots = slots
         self.clock = clock
+        self._policy = SlotPolicy(fixed=slots) if isinstance(slots, int) else slots
+        self._limits: dict[str, SlotLimit] = {}
+        self._identity: dict[str, tuple[int | None, int]] = {}  # (pid, restarts) the limit learned about
         self._waiting: dict[str, asyncio.Future[Backend]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
 
+    @property
+    def slots(self) -> SlotPolicy:
+        return self._policy
+
+    @slots.setter
+    def slots(self, policy: SlotPolicy | int) -> None:
+        """A reload: a changed policy starts every backend's limit afresh; an unchanged one keeps
+        what was learned."""
+        policy = SlotPolicy(fixed=policy) if isinstance(policy, int) else policy
+        if policy != self._policy:
+            self._policy = policy
+            self._limits.clear()
+
+    def limit(self, backend: Backend) -> SlotLimit:
+        """The backend's slot limit, reset when its process restarted."""
+        now = self.clock()
+        limit = self._limits.get(backend.id)
+        if limit is None:
+            limit = self._limits[backend.id] = self._policy.new_limit(now)
+        identity = (backend.pid, backend.restarts)
+        if backend.state in FRESH or self._identity.get(backend.id, identity) != identity:
+            limit.reset(now)
+        self._identity[backend.id] = identity
+        backend.slots, backend.slot_mode = limit.limit, limit.mode
+        return limit
+
+    def slot_states(self) -> dict[str, dict[str, Any]]:
+        """Each backend's slot limit and what it learned (for metrics and status)."""
+        return {b.id: self.limit(b).describe() for b in self._backends()}
+
     def views(self) -> list[BackendView]:
+        backends = self._backends()
+        for gone in set(self._limits) - {b.id for b in backends}:
+            del self._limits[gone]
+            self._identity.pop(gone, None)
         return [BackendView(id=b.id, ready=b.state is BackendState.READY, alive=b.state in ALIVE,
-                            slots=self.slots, model_key=b.model_key) for b in self._backends()]
+                            slots=self.limit(b).limit, model_key=b.model_key) for b in backends]
 
     def offer(self, job: Job, *, force: bool = False) -> Rejection | asyncio.Future[Backend]:
         """Admit a job: a future resolving to the backend whose slot it holds; or why not.
@@ -67,7 +111,7 @@ class Dispatcher:
 
     def requeue(self, job: Job, backend: Backend) -> asyncio.Future[Backend]:
         """The backend failed before answering: back in line, where the job was."""
-        backend.in_flight = max(0, backend.in_flight - 1)
+        self._release(job, backend, ok=False)
         self.scheduler.requeue(job.id, self.clock())
         return self._wait(job)
 
@@ -77,29 +121,57 @@ class Dispatcher:
     def finish(self, job: Job, backend: Backend, *, ok: bool) -> None:
         """The backend is done with the job (answered, or known to have stopped working on it)."""
         if self.scheduler.finish(job.id, self.clock(), ok=ok) is not None:
-            backend.in_flight = max(0, backend.in_flight - 1)
+            self._release(job, backend, ok=ok)
         self.pump()
 
+    def _release(self, job: Job, backend: Backend, *, ok: bool) -> None:
+        backend.in_flight = max(0, backend.in_flight - 1)
+        # The limit measures against the cost model's prior line: the learned prediction follows the
+        # slowdown that concurrency itself causes, so it would hide what the limit must see.
+        priors = self.scheduler.cost.priors
+        self.limit(backend).released(job.id, self.clock(), backend.in_flight,
+                                     work_s=priors.base_s + priors.per_unit_s * job.units,
+                                     budget_s=job.deadline_at - job.arrived_at, ok=ok)
+
     def pump(self) -> None:
-        """Run the scheduler and wake the requests it dispatched."""
-        backends = {b.id: b for b in self._backends()}
-        for assignment in self.scheduler.schedule(self.clock(), self.views()):
-            backend = backends[assignment.backend_id]
-            backend.in_flight += 1
-            future = self._waiting.pop(assignment.job.id, None)
-            if future is None or future.done():  # its client is gone: nobody will use the slot
-                self.scheduler.finish(assignment.job.id, self.clock(), ok=False)
-                backend.in_flight -= 1
-                continue
-            if assignment.reload and backend.model_key is not None:
-                backend.model_reloads += 1  # for metrics: it switches from another configuration
-            future.set_result(backend)
+        """Run the scheduler and wake the requests it dispatched; again when a limit rose."""
+        while True:
+            self._assign()
+            if not self._observe_load():
+                break
         self._arm_timer()
         if self.idle():
             for waiter in self._idle_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
             self._idle_waiters.clear()
+
+    def _assign(self) -> None:
+        backends = {b.id: b for b in self._backends()}
+        for assignment in self.scheduler.schedule(self.clock(), self.views()):
+            backend = backends[assignment.backend_id]
+            future = self._waiting.pop(assignment.job.id, None)
+            if future is None or future.done():  # its client is gone: nobody will use the slot
+                self.scheduler.finish(assignment.job.id, self.clock(), ok=False)
+                continue
+            backend.in_flight += 1
+            self.limit(backend).dispatched(assignment.job.id, self.clock(), backend.in_flight)
+            if assignment.reload and backend.model_key is not None:
+                backend.model_reloads += 1  # for metrics: it switches from another configuration
+            future.set_result(backend)
+
+    def _observe_load(self) -> bool:
+        """Tell every ready backend's limit how loaded it is; True if a limit rose."""
+        waiting = len(self.scheduler.queue) > 0
+        rose = False
+        for backend in self._backends():
+            if backend.state is not BackendState.READY:
+                continue
+            limit = self.limit(backend)
+            before = limit.limit
+            limit.load(self.clock(), backend.in_flight, waiting=waiting)
+            rose = rose or limit.limit > before
+        return rose
 
     def idle(self) -> bool:
         """Nothing queued and nothing running (answers streaming out count as running)."""

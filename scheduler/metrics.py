@@ -17,8 +17,9 @@ import enum
 import logging
 import platform
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -81,6 +82,8 @@ class Sources:
     draining: Callable[[], bool]
     reloads: Callable[[], tuple[int, int]]  # configuration reloads applied, refused
     clock: Callable[[], float]  # the scheduler's clock (monotonic seconds)
+    # Each backend's slot limit as scheduler.concurrency describes it (what slots: auto learned).
+    slots: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
 
 
 class Metrics:
@@ -235,6 +238,20 @@ class _StateCollector(Collector):
             PREFIX + "backend_model_reloads",
             "Requests dispatched to a backend that had another model configuration (sample_rate, use_phoneme) "
             "loaded, so it switches configuration first.", labels=["backend"])
+        slots = GaugeMetricFamily(
+            PREFIX + "backend_slots",
+            "Requests a backend may hold at once right now: backends.slots when it is a number; with "
+            "slots: auto, the limit learned for this backend (1..backends.max_slots).", labels=["backend"])
+        level_throughput = GaugeMetricFamily(
+            PREFIX + "backend_throughput_ratio",
+            "slots: auto only: seconds of solo (one-at-a-time) work a backend completes per second with `level` "
+            "requests in flight, as learned from recent completions; levels not yet measured are absent.",
+            labels=["backend", "level"])
+        level_stretch = GaugeMetricFamily(
+            PREFIX + "backend_stretch_ratio",
+            "slots: auto only: how many times its solo time a request takes on a backend with `level` requests "
+            "in flight, as learned from recent completions; levels not yet measured are absent.",
+            labels=["backend", "level"])
         slow = GaugeMetricFamily(
             PREFIX + "backend_slow",
             "1 when the cost model flags a backend slow (its actual/predicted service average exceeds "
@@ -246,8 +263,9 @@ class _StateCollector(Collector):
             "was invalid; the running configuration was kept).", labels=["result"])
         draining = GaugeMetricFamily(
             PREFIX + "draining", "1 while the sidecar is draining (refusing new requests before it stops), else 0.")
-        families: list[Metric] = [depth, oldest, rejections, expiries, orphaned, state, in_flight, restarts,
-                                  health_failures, reloads, slow, ready, config_reloads, draining]
+        families: list[Metric] = [depth, oldest, rejections, expiries, orphaned, state, in_flight, slots,
+                                  level_throughput, level_stretch, restarts, health_failures, reloads, slow, ready,
+                                  config_reloads, draining]
         if sources is None:
             return families
         scheduler = sources.scheduler()
@@ -272,7 +290,15 @@ class _StateCollector(Collector):
         orphaned.add_metric([], tally.orphaned_s)
         flagged = scheduler.cost.slow_backends()
         backends = list(sources.backends())
+        learned = sources.slots() if sources.slots is not None else {}
         for backend in backends:
+            limit = learned.get(backend.id, {})
+            slots.add_metric([backend.id], limit.get("slots", backend.slots))
+            for level, seen in limit.get("levels", {}).items():
+                if seen.get("throughput") is not None:
+                    level_throughput.add_metric([backend.id, level], seen["throughput"])
+                if seen.get("stretch") is not None:
+                    level_stretch.add_metric([backend.id, level], seen["stretch"])
             for value in BackendState:
                 state.add_metric([backend.id, value.value], 1.0 if backend.state is value else 0.0)
             in_flight.add_metric([backend.id], backend.in_flight)

@@ -138,7 +138,7 @@ class Proxy:
         self.config = config
         self.tenants = tenants
         self.dispatcher.scheduler = scheduler
-        self.dispatcher.slots = config.backends.slots
+        self.dispatcher.slots = config.backends.slot_policy()
         self.retries.ratio = config.retries.budget_ratio
         self.retries.min_concurrent = config.retries.budget_min
         self.dispatcher.pump()

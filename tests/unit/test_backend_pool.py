@@ -31,6 +31,7 @@ def test_as_json() -> None:
     backend.pid = 1234
     assert backend.as_json() == {
         "id": "gpu0-0", "url": "http://127.0.0.1:20100", "state": "starting", "pid": 1234, "in_flight": 0,
+        "slots": 1, "slot_mode": "fixed",
         "served": 0, "restarts": 0, "model": {"sample_rate": 24000, "use_phoneme": True}, "last_error": None,
         "outlier": None, "managed": True,
     }

@@ -7,6 +7,7 @@ import pydantic
 import pytest
 
 from scheduler import config as config_module
+from scheduler.concurrency import AdaptiveSettings, SlotPolicy
 from scheduler.config import (
     BackendSpec,
     ClassConfig,
@@ -395,7 +396,14 @@ def test_keys_never_appear_in_reprs() -> None:
         ("listen: {port: abc}", r"^listen\.port: input should be a valid integer \(got 'abc'\)$"),
         ("listen: {port: '8049'}", r"^listen\.port: input should be a valid integer"),
         ("listen: {port: 70000}", r"^listen\.port: input should be less than or equal to 65535"),
-        ("backends: {slots: 0}", r"^backends\.slots: input should be greater than or equal to 1"),
+        ("backends: {slots: 0}", r'^backends\.slots: must be a whole number >= 1 .* or "auto" .*\(got 0\)$'),
+        ("backends: {slots: fast}", r'^backends\.slots: must be a whole number >= 1 .* or "auto" .*\(got \'fast\'\)$'),
+        ("backends: {slots: 1.5}", r'^backends\.slots: must be a whole number >= 1 .* or "auto"'),
+        ("backends: {slots: 6, max_slots: 4}", r"^backends\.max_slots: must be >= slots \(6\)$"),
+        ("backends: {slots: auto, max_slots: 0}", r"^backends\.max_slots: input should be greater than or equal to 1"),
+        ("backends: {adaptive: {min_gain: -0.1}}", r"^backends\.adaptive\.min_gain: input should be greater"),
+        ("backends: {adaptive: {samples: 1}}", r"^backends\.adaptive\.samples: input should be greater"),
+        ("backends: {adaptive: {latency_headroom: 1.5}}", r"^backends\.adaptive\.latency_headroom: input should be"),
         (
             "backends: {health: {interval_s: 0}}",
             r"^backends\.health\.interval_s: input should be greater than 0",
@@ -697,3 +705,17 @@ def test_metrics_listen_is_optional_and_must_not_clash() -> None:
         "metrics.listen.port: is in the backend ports 18050..18051",)
     assert problems_of("metrics: {listen: {host: 0.0.0.0}}") == ("metrics.listen.port: field required",)
     assert parse_config("listen: {port: 0}\nmetrics: {listen: {port: 0}}").metrics.listen is not None  # tests
+
+
+# -- slots ----------------------------------------------------------------------------------------
+
+
+def test_slots_is_a_number_or_auto_with_its_knobs() -> None:
+    fixed = parse_config("backends: {slots: 6}").backends  # a number may pass the default bound of auto
+    assert fixed.slot_policy() == SlotPolicy(fixed=6)
+    assert parse_config("{}").backends.slot_policy() == SlotPolicy(fixed=1)
+    auto = parse_config("backends: {slots: auto, max_slots: 3, adaptive: {min_gain: 0.2, samples: 5}}").backends
+    assert auto.slot_policy() == SlotPolicy(fixed=None, adaptive=AdaptiveSettings(
+        max_slots=3, min_gain=0.2, samples=5, reprobe_s=300.0, latency_headroom=0.5))
+    assert auto.slot_policy().mode == "auto" and fixed.slot_policy().mode == "fixed"
+    assert parse_config("backends: {slots: auto}").backends.slot_policy().adaptive.max_slots == 4

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PURE = ("queue", "dispatch", "admission", "core", "cost", "deadlines", "tenants", "retry")
+PURE = ("queue", "dispatch", "admission", "core", "cost", "deadlines", "tenants", "retry", "concurrency")
 CHECK = """
 import importlib, sys
 importlib.import_module({module!r})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +13,7 @@ from backend.pool import Backend
 from backend.state import BackendState
 from scheduler.admission import Rejection
 from scheduler.build import build_scheduler
+from scheduler.concurrency import AdaptiveLimit, SlotPolicy
 from scheduler.config import SidecarConfig
 from scheduler.core import BackendView, Scheduler
 from scheduler.dispatcher import Dispatcher
@@ -179,6 +181,29 @@ def test_backend_series_follow_the_pool(world: World, registry: CollectorRegistr
     assert value("glmtts_sidecar_backend_state", {"backend": second.id, "state": "starting"}) is None
 
 
+def test_slot_limits_fixed_and_learned(world: World, registry: CollectorRegistry, metrics: Metrics) -> None:
+    value = registry.get_sample_value
+    first, second = world.backends
+    first.slots = 2
+    assert value("glmtts_sidecar_backend_slots", {"backend": first.id}) == 2  # without a slots source: the backend's
+    assert value("glmtts_sidecar_backend_throughput_ratio", {"backend": first.id, "level": "1"}) is None
+    dispatcher = Dispatcher(world.scheduler, lambda: world.backends, slots=SlotPolicy(fixed=None),
+                            clock=lambda: world.now)
+    metrics.watch(dataclasses.replace(metrics.sources, slots=dispatcher.slot_states))
+    first.state = BackendState.READY
+    limit = dispatcher.limit(first)
+    assert isinstance(limit, AdaptiveLimit)
+    for i in range(limit.settings.samples):  # one at a time, each twice as long as its solo estimate
+        limit.dispatched(f"j{i}", world.now + i, 1)
+        limit.released(f"j{i}", world.now + i + 0.5, 0, work_s=0.25, budget_s=60.0, ok=True)
+    assert value("glmtts_sidecar_backend_slots", {"backend": first.id}) == 1
+    assert value("glmtts_sidecar_backend_slots", {"backend": second.id}) == 1
+    assert value("glmtts_sidecar_backend_throughput_ratio", {"backend": first.id, "level": "1"}) == 0.5
+    assert value("glmtts_sidecar_backend_stretch_ratio", {"backend": first.id, "level": "1"}) == 2.0
+    assert value("glmtts_sidecar_backend_stretch_ratio", {"backend": first.id, "level": "2"}) is None
+    assert first.as_json()["slots"] == 1 and first.as_json()["slot_mode"] == "auto"
+
+
 def test_reloads_draining_and_build_info(world: World, registry: CollectorRegistry) -> None:
     value = registry.get_sample_value
     assert value("glmtts_sidecar_draining") == 0
@@ -199,7 +224,8 @@ def test_every_metric_is_named_documented_and_exposed(world: World, metrics: Met
         "requests": "counter", "admission_rejections": "counter", "queue_depth": "gauge",
         "queue_oldest_wait_seconds": "gauge", "queue_wait_seconds": "histogram", "service_seconds": "histogram",
         "request_duration_seconds": "histogram", "service_ratio": "histogram", "backend_state": "gauge",
-        "backend_in_flight": "gauge", "backend_restarts": "counter", "backend_health_failures": "counter",
+        "backend_in_flight": "gauge", "backend_slots": "gauge", "backend_throughput_ratio": "gauge",
+        "backend_stretch_ratio": "gauge", "backend_restarts": "counter", "backend_health_failures": "counter",
         "backend_model_reloads": "counter", "backend_slow": "gauge", "backends_ready": "gauge",
         "orphaned_backend_seconds": "counter", "deadline_expiries": "counter", "config_reloads": "counter",
         "draining": "gauge", "build_info": "gauge",

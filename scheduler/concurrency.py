@@ -1,0 +1,314 @@
+"""How many requests one backend serves at once: a fixed number, or learned online (``slots: auto``).
+
+Concurrent requests inside one backend share its throughput (x1.3 in total at 2, x1.5 at 4 for
+GLM-TTS), and processes on one GPU share that GPU, so the best number in flight depends on the
+hardware and on what else runs there. ``AdaptiveLimit`` measures it per backend:
+
+- Each completed request is a sample: its *stretch* is actual seconds over its solo estimate
+  (``work_s``), and it ran at the time-weighted average number in flight over its run. Service
+  times differ 20x between short and long texts, so raw latency says nothing; the stretch does.
+- At ``k`` in flight a backend completes ``k / stretch(k)`` solo-seconds of work per second (its
+  throughput) and a request takes ``stretch(k)`` times its solo time (its latency).
+- Start at 1. Saturated at the limit ``L`` (``L`` in flight, work waiting) with ``samples`` fresh
+  samples at ``L``: probe ``L + 1`` (never past ``max_slots``). After ``samples`` samples there,
+  keep it only if throughput rose by ``min_gain`` and the latency still fits the deadlines (the
+  90th percentile of recent requests' solo-time over deadline budget, times the stretch, at most
+  ``latency_headroom``); else go back and leave ``L + 1`` alone for ``reprobe_s``.
+- Settled at ``L``, with ``samples`` fresh samples: step down to ``L - 1`` when ``L`` no longer
+  beats what ``L - 1`` was measured at, or its latency stopped fitting (conditions changed).
+
+Pure: no clock of its own, no I/O. The dispatcher calls in with ``now``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["DEFAULT_MAX_SLOTS", "AdaptiveLimit", "AdaptiveSettings", "FixedLimit", "SlotLimit", "SlotPolicy"]
+
+DEFAULT_MAX_SLOTS = 4
+BUDGET_WINDOW = 64  # recent completions whose deadline budgets the latency check looks at
+BUDGET_QUANTILE = 0.9  # the latency check must hold for this share of them
+LEVEL_TOLERANCE = 0.1  # a sample counts for a level only if it ran at that level on average, within this
+CONFIDENCE = 2.0  # standard errors a step's gain must clear min_gain by
+POOLED_COHORTS = 4  # a level's measure pools this many of its latest cohorts
+MAD_TO_SD = 1.4826  # median absolute deviation to standard deviation, for normal noise
+MEDIAN_SE = 1.2533  # standard error of a median over that of a mean, for normal noise
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveSettings:
+    max_slots: int = DEFAULT_MAX_SLOTS
+    min_gain: float = 0.1  # a step up must raise throughput by this fraction
+    samples: int = 8  # completions at a level before judging it
+    reprobe_s: float = 300.0  # how long a level that lost (or was stepped down from) is left alone
+    latency_headroom: float = 0.5  # predicted service may take at most this share of a deadline budget
+
+    def __post_init__(self) -> None:
+        if self.max_slots < 1 or self.samples < 1 or self.min_gain < 0 or self.reprobe_s < 0 \
+                or not 0 < self.latency_headroom <= 1:
+            raise ValueError(f"invalid adaptive settings: {self}")
+
+
+class SlotLimit(Protocol):
+    """One backend's limit on requests in flight. The dispatcher calls ``dispatched`` when it
+    gives the backend a job, ``released`` when the backend is done with it (or it went back in
+    line), ``load`` after each scheduling pass, and ``reset`` when the backend restarts; each
+    with the backend's in-flight count after the change."""
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def limit(self) -> int: ...
+
+    def dispatched(self, job_id: str, now: float, in_flight: int) -> None: ...
+
+    def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
+                 ok: bool) -> None: ...
+
+    def load(self, now: float, in_flight: int, *, waiting: bool) -> None: ...
+
+    def reset(self, now: float) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class FixedLimit:
+    """``slots: N``: always N."""
+
+    mode = "fixed"
+
+    def __init__(self, slots: int) -> None:
+        self.limit = slots
+
+    def dispatched(self, job_id: str, now: float, in_flight: int) -> None:
+        pass
+
+    def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
+                 ok: bool) -> None:
+        pass
+
+    def load(self, now: float, in_flight: int, *, waiting: bool) -> None:
+        pass
+
+    def reset(self, now: float) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "slots": self.limit}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measure:
+    """What one cohort of requests showed about a level."""
+
+    throughput: float  # median solo-seconds of work completed per second
+    spread: float  # relative standard deviation of one sample (robust: from the median absolute deviation)
+    stretch: float  # median actual / solo time
+    samples: int
+    at: float  # when the cohort's last request finished
+
+
+@dataclass
+class _Run:
+    started_at: float
+    area: float  # the in-flight integral when it started
+    epoch: int
+    cohort: bool  # one of the requests the current level is being measured with
+
+
+@dataclass
+class AdaptiveLimit:
+    """``slots: auto``: the limit learned from completions (module docstring).
+
+    A level is measured with a *cohort*: the next ``samples`` requests dispatched while it is the
+    limit, each followed to its end. Judging from the first requests to *finish* instead would
+    favour the short and the lucky (a probe's first completions are all quick ones), which is
+    enough to tip a 7 % gain over a 10 % bar.
+    """
+
+    settings: AdaptiveSettings
+    now: float = 0.0
+    limit: int = 1
+    probing: bool = False  # the limit is a step up still being judged
+    steps: int = 0  # times the limit changed
+    measures: dict[int, Measure] = field(default_factory=dict)  # the latest measure of each level
+    _samples: dict[int, deque[tuple[float, float]]] = field(default_factory=dict)  # recent cohorts' (level, stretch)
+    _fresh: bool = False  # the current limit was measured since it became the limit
+    _cohort: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # id -> (level, stretch)
+    _cohort_open: bool = True  # still taking members
+    _blocked_until: dict[int, float] = field(default_factory=dict)
+    _ratios: deque[float] = field(default_factory=lambda: deque(maxlen=BUDGET_WINDOW))  # solo time / budget
+    _runs: dict[str, _Run] = field(default_factory=dict)
+    _epoch: int = 0
+    _in_flight: int = 0
+    _area: float = 0.0  # integral of in-flight over time
+    _last: float = 0.0
+
+    mode = "auto"
+
+    def __post_init__(self) -> None:
+        self._last = self.now
+
+    # --- events -------------------------------------------------------------------------------
+
+    def dispatched(self, job_id: str, now: float, in_flight: int) -> None:
+        self._advance(now, in_flight)
+        member = self._cohort_open
+        if member:
+            self._cohort[job_id] = None
+            self._cohort_open = len(self._cohort) < self.settings.samples
+        self._runs[job_id] = _Run(started_at=now, area=self._area, epoch=self._epoch, cohort=member)
+
+    def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
+                 ok: bool) -> None:
+        self._advance(now, in_flight)
+        run = self._runs.pop(job_id, None)
+        if run is None or run.epoch != self._epoch:
+            return  # only work the backend did since its last restart teaches
+        took = now - run.started_at
+        if ok and took > 0 and work_s > 0:
+            average = (self._area - run.area) / took
+            if run.cohort and abs(average - self.limit) <= LEVEL_TOLERANCE:
+                self._cohort[job_id] = (average, took / work_s)
+            if budget_s > 0:
+                self._ratios.append(work_s / budget_s)
+        if run.cohort:
+            self._cohort.setdefault(job_id, None)
+            self._close_cohort(now)
+
+    def load(self, now: float, in_flight: int, *, waiting: bool) -> None:
+        self._advance(now, in_flight)
+        self._decide(now, saturated=waiting and in_flight >= self.limit)
+
+    def reset(self, now: float) -> None:
+        """The backend restarted: what was learned is about a process that is gone."""
+        self._advance(now, self._in_flight)
+        self.limit, self.probing, self._fresh = 1, False, False
+        self.measures.clear()
+        self._samples.clear()
+        self._blocked_until.clear()
+        self._ratios.clear()
+        self._new_cohort()
+        self._epoch += 1
+
+    # --- estimates ----------------------------------------------------------------------------
+
+    def throughput(self, level: int) -> float | None:
+        """Solo-seconds of work completed per second at ``level`` in flight; None until measured."""
+        measure = self.measures.get(level)
+        return measure.throughput if measure is not None else None
+
+    def stretch(self, level: int) -> float | None:
+        """How many times its solo time a request takes at ``level`` in flight; None until measured."""
+        measure = self.measures.get(level)
+        return measure.stretch if measure is not None else None
+
+    def fits(self, stretch: float) -> bool:
+        """Whether requests slowed down ``stretch`` times still fit their deadline budgets."""
+        if not self._ratios:
+            return True
+        ordered = sorted(self._ratios)
+        return ordered[math.floor(BUDGET_QUANTILE * (len(ordered) - 1))] * stretch <= self.settings.latency_headroom
+
+    def describe(self) -> dict[str, Any]:
+        levels = {str(k): {"samples": m.samples, "throughput": round(m.throughput, 3), "stretch": round(m.stretch, 3)}
+                  for k, m in sorted(self.measures.items())}
+        return {"mode": self.mode, "slots": self.limit, "max_slots": self.settings.max_slots,
+                "probing": self.probing, "levels": levels}
+
+    # --- the rule -----------------------------------------------------------------------------
+
+    def _close_cohort(self, now: float) -> None:
+        """Once every member of the cohort has finished, measure the limit's level with it."""
+        if self._cohort_open or any(job in self._runs for job in self._cohort):
+            return
+        cohort = [sample for sample in self._cohort.values() if sample is not None]
+        self._new_cohort()
+        if len(cohort) < max(2, self.settings.samples // 2):
+            return  # mostly not at the limit (not saturated), or failures: nothing to judge
+        # A level that stays the limit is measured over its last few cohorts: a steadier baseline.
+        pooled = self._samples.setdefault(self.limit, deque(maxlen=POOLED_COHORTS * self.settings.samples))
+        pooled.extend(cohort)
+        samples = list(pooled)
+        values = [level / stretch for level, stretch in samples]
+        median = statistics.median(values)
+        spread = MAD_TO_SD * statistics.median(abs(v - median) for v in values)
+        self.measures[self.limit] = Measure(
+            throughput=median, spread=spread / median,
+            stretch=statistics.median(stretch for _, stretch in samples), samples=len(samples), at=now)
+        self._fresh = True
+        self._decide(now, saturated=False)
+
+    def _decide(self, now: float, *, saturated: bool) -> None:
+        s, top = self.settings, self.limit
+        current = self.measures.get(top)
+        if not self._fresh or current is None:
+            return
+        below = self.measures.get(top - 1)
+        if self.probing:
+            # Kept only when the gain holds even two standard errors short of what was measured:
+            # a step that barely pays is not worth its latency, nor a coin flip at each re-probe.
+            if below is not None and self.fits(current.stretch):
+                # Both levels' noise is mostly that of the solo-time estimates: take the larger spread
+                # for both, so a cohort that happens to agree with itself does not look precise.
+                spread = max(current.spread, below.spread)
+                margin = CONFIDENCE * MEDIAN_SE * spread * math.sqrt(1 / current.samples + 1 / below.samples)
+                if current.throughput * (1 - margin) >= below.throughput * (1 + s.min_gain):
+                    self.probing = False
+                    return
+            self._step(now, -1)
+            return
+        if below is not None and (current.throughput < below.throughput or not self.fits(current.stretch)):
+            self._step(now, -1)  # conditions changed: this level no longer pays
+            return
+        if saturated and top < s.max_slots and now >= self._blocked_until.get(top + 1, -math.inf) \
+                and self.fits(current.stretch):  # a request is never faster with more in flight
+            self._step(now, +1)
+
+    def _step(self, now: float, by: int) -> None:
+        if by < 0:
+            self._blocked_until[self.limit] = now + self.settings.reprobe_s
+        self.limit += by
+        self.probing = by > 0
+        if self.probing:
+            self._samples.pop(self.limit, None)  # judged on its own fresh cohort, not on old ones
+        self.steps += 1
+        self._fresh = False
+        self._new_cohort()
+
+    def _new_cohort(self) -> None:
+        for job in self._cohort:
+            run = self._runs.get(job)
+            if run is not None:
+                run.cohort = False
+        self._cohort = {}
+        self._cohort_open = True
+
+    def _advance(self, now: float, in_flight: int) -> None:
+        if now > self._last:
+            self._area += self._in_flight * (now - self._last)
+            self._last = now
+        self._in_flight = in_flight
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlotPolicy:
+    """What ``backends.slots`` says: a fixed number, or None for adaptive."""
+
+    fixed: int | None = 1
+    adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+
+    @property
+    def mode(self) -> str:
+        return "fixed" if self.fixed is not None else "auto"
+
+    def new_limit(self, now: float) -> SlotLimit:
+        if self.fixed is not None:
+            return FixedLimit(self.fixed)
+        return AdaptiveLimit(self.adaptive, now=now)

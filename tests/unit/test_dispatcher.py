@@ -1,0 +1,84 @@
+"""scheduler.dispatcher: each backend's slot limit, fixed or learned, kept through restarts and reloads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backend.pool import Backend
+from backend.state import BackendState
+from scheduler.admission import Rejection
+from scheduler.build import build_scheduler
+from scheduler.concurrency import AdaptiveLimit, AdaptiveSettings, SlotPolicy
+from scheduler.config import SidecarConfig
+from scheduler.dispatcher import Dispatcher
+
+AUTO = SlotPolicy(fixed=None, adaptive=AdaptiveSettings(samples=2, max_slots=3))
+
+
+@dataclass
+class Clock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pool(n: int = 2) -> list[Backend]:
+    backends = [Backend(spec) for spec in SidecarConfig().backends.layout()[:n]]
+    for i, backend in enumerate(backends):
+        backend.state, backend.pid, backend.model_key = BackendState.READY, 100 + i, (24000, False)
+    return backends
+
+
+def test_fixed_slots_are_the_same_for_every_backend() -> None:
+    backends = pool()
+    dispatcher = Dispatcher(build_scheduler(SidecarConfig()), lambda: backends, slots=3)
+    assert [v.slots for v in dispatcher.views()] == [3, 3]
+    assert [(b.slots, b.slot_mode) for b in backends] == [(3, "fixed"), (3, "fixed")]
+
+
+def test_auto_starts_at_one_and_a_restart_starts_it_again() -> None:
+    backends = pool()
+    dispatcher = Dispatcher(build_scheduler(SidecarConfig()), lambda: backends, slots=AUTO)
+    assert [v.slots for v in dispatcher.views()] == [1, 1]
+    limit = dispatcher.limit(backends[0])
+    assert isinstance(limit, AdaptiveLimit)
+    limit.limit = 3  # as if learned
+    assert [v.slots for v in dispatcher.views()] == [3, 1]
+    assert backends[0].as_json()["slots"] == 3 and backends[0].as_json()["slot_mode"] == "auto"
+    backends[0].pid = 999  # a new process
+    assert [v.slots for v in dispatcher.views()] == [1, 1]
+    limit.limit = 2
+    backends[0].state = BackendState.RESTARTING
+    assert dispatcher.views()[0].slots == 1
+
+
+def test_a_reload_keeps_what_was_learned_unless_the_policy_changed() -> None:
+    backends = pool(1)
+    dispatcher = Dispatcher(build_scheduler(SidecarConfig()), lambda: backends, slots=AUTO)
+    limit = dispatcher.limit(backends[0])
+    dispatcher.slots = SlotPolicy(fixed=None, adaptive=AdaptiveSettings(samples=2, max_slots=3))  # equal
+    assert dispatcher.limit(backends[0]) is limit
+    dispatcher.slots = 2
+    assert dispatcher.views()[0].slots == 2 and backends[0].slot_mode == "fixed"
+    dispatcher.slots = AUTO
+    assert dispatcher.views()[0].slots == 1 and backends[0].slot_mode == "auto"
+
+
+async def test_completions_teach_the_backends_limit() -> None:
+    clock = Clock()
+    backends = pool(1)
+    scheduler = build_scheduler(SidecarConfig())
+    dispatcher = Dispatcher(scheduler, lambda: backends, slots=AUTO, clock=clock)
+    priors = scheduler.cost.priors
+    for i in range(2):  # one at a time, each taking twice its solo estimate by the prior line
+        job = scheduler.make_job(id=f"j{i}", chars=20, units=20.0, model_key=(24000, False), now=clock.now)
+        future = dispatcher.offer(job)
+        assert not isinstance(future, Rejection)
+        backend = await future
+        assert backend.in_flight == 1
+        clock.now += 2 * (priors.base_s + priors.per_unit_s * 20.0)
+        dispatcher.finish(job, backend, ok=True)
+    limit = dispatcher.slot_states()[backends[0].id]
+    assert limit["mode"] == "auto" and limit["levels"]["1"]["stretch"] == 2.0
+    dispatcher.close()
