@@ -5,6 +5,7 @@ The HTTP-level cases live in tests/contract_cases.py; these pin the parser itsel
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import unquote_plus, urlencode
 
@@ -336,6 +337,17 @@ def test_part_header_block_limit() -> None:
     # A header block that never ends is reported as too big once it passes the limit.
     endless = f"--{B}\r\nX: ".encode() + b"p" * (MAX_PART_HEADER_BYTES + 10)
     assert form_error(MP, endless) == "Part headers exceed 16KB."
+
+
+@pytest.mark.parametrize("run", [b"p" * 16000, b" " * 16000 + b"p", b"\t" * 16000 + b"=", b"p" * 8000 + b" " * 8000])
+def test_long_parameter_runs_parse_in_linear_time(run: bytes) -> None:
+    # Once quadratic in the length of a run without "=": 16 KB took seconds, 1000 such parts hours.
+    headers = b'Content-Disposition: form-data; name="a"; ' + run
+    content_type = "multipart/form-data; boundary=" + B + "; " + run.decode()
+    started = time.process_time()
+    assert items(MP, raw_part(headers) + close()) == (("a", "v"),)
+    assert media_type(content_type)[1]["boundary"] == B
+    assert time.process_time() - started < 0.25
 
 
 # --- multipart: files ----------------------------------------------------------------------------
