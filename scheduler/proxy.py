@@ -53,6 +53,7 @@ access_log = logging.getLogger("glmtts_sidecar.access")
 
 REQUEST_ID = "X-Request-ID"
 STREAM_CHUNK = 64 * 1024
+INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop
 # Backend answer headers worth passing on; hop-by-hop and framing headers are ours to set.
 PASSED_HEADERS = ("Content-Type", "Allow", "Retry-After")
 # FastAPI serialises TTSResponse in field order, so a success starts with exactly this.
@@ -68,6 +69,12 @@ def error_response(exc: SidecarError | HTTPDetailError) -> web.Response:
     headers = exc.headers() if isinstance(exc, SidecarError) else {}
     return web.Response(body=exc.body_bytes(), status=exc.status,
                         headers={"Content-Type": "application/json", **headers})
+
+
+def closing(response: web.Response) -> web.Response:
+    """Close the connection after this answer: the rest of the client's body is not read."""
+    response.force_close()
+    return response
 
 
 def rejection_error(rejection: Rejection) -> Rejected:
@@ -158,7 +165,7 @@ class Proxy:
         except web.HTTPNotFound:
             response = json_response({"detail": "Not Found"}, 404)
         except web.HTTPRequestEntityTooLarge:
-            response = error_response(self._too_large_body())
+            response = closing(error_response(self._too_large_body()))
         if not response.prepared:
             response.headers[REQUEST_ID] = rid
         return response
@@ -182,11 +189,21 @@ class Proxy:
                 retry_after=self.config.shutdown.drain_timeout_s)))
         limits = self.config.limits
         if request.content_length is not None and request.content_length > limits.max_body_bytes:
-            return self._edge(arrived, error_response(self._too_large_body()))
-        body = await request.read()
+            return self._edge(arrived, closing(error_response(self._too_large_body())))
+        try:
+            body = await asyncio.wait_for(self._read_body(request), limits.body_timeout_s)
+        except web.HTTPRequestEntityTooLarge:
+            return self._edge(arrived, closing(error_response(self._too_large_body())))
+        except asyncio.TimeoutError:
+            return self._edge(arrived, closing(json_response(
+                {"detail": f"The request body did not arrive within {limits.body_timeout_s:g} s",
+                 "reason": "body_timeout"}, 408)))
         content_type = request.headers.get("Content-Type")
         try:
-            tts = parse_tts_form(parse_form(content_type, body))
+            # A big body is parsed off the event loop: hostile multipart must not stall other requests.
+            form = (parse_form(content_type, body) if len(body) <= INLINE_PARSE_BYTES
+                    else await asyncio.to_thread(parse_form, content_type, body))
+            tts = parse_tts_form(form)
             check_tts(tts, prompts=None)
             if tts.index and not await self.prompts.has(tts.index):
                 check_tts(tts, prompts={})  # upstream's 404 for an index no backend knows
@@ -212,6 +229,19 @@ class Proxy:
             tenant=who.tenant.name, weight=who.tenant.weight, band=who.band, tenant_bound=who.tenant.max_queued,
             client_budget_s=client, budget_s=budget_s)
         return Intake(request_id=rid, arrived=arrived, body=body, content_type=content_type or "", job=job)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, holding at most the limit plus one chunk (aiohttp's ``read`` lets its
+        buffer grow to the limit on top); HTTPRequestEntityTooLarge as soon as it is over."""
+        limit = self.config.limits.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(limit, size)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def tts(self, request: web.Request) -> web.StreamResponse:
         if self.tasks is not None and "respond-async" in request.headers.get("Prefer", "").lower():
