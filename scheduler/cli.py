@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,8 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"YAML configuration (default: the packaged {default_config_path().name})")
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     p.add_argument("--print-default-config", action="store_true", help="print the default configuration")
+    p.add_argument("--allow-python-parser", action="store_true",
+                   help="serve even when aiohttp's C HTTP parser is not in use (not for production)")
     p.add_argument("--version", action="version", version=f"glmtts-sidecar {__version__}")
     return p
+
+
+def http_parser_in_use() -> str:
+    """Which HTTP request parser aiohttp's server uses: "C" (llhttp) or "Python"."""
+    from aiohttp import http_parser, web_protocol
+
+    c_parser = getattr(http_parser, "HttpRequestParserC", None)
+    return "C" if c_parser is not None and vars(web_protocol).get("HttpRequestParser") is c_parser else "Python"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,6 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(backends)} backend(s): {', '.join(b.id + '=' + b.url for b in backends)}")
         return EXIT_OK
     setup_logging(config.logging)
+    log = logging.getLogger("glmtts_sidecar")
+    parser = http_parser_in_use()
+    if parser != "C":
+        why = ("AIOHTTP_NO_EXTENSIONS is set" if os.environ.get("AIOHTTP_NO_EXTENSIONS")
+               else "its C extension is not installed")
+        if not args.allow_python_parser:
+            log.error("refusing to start: aiohttp's C HTTP parser is not in use (%s); the pure-Python parser "
+                      "is slower and more lenient with malformed requests. Fix the installation or unset "
+                      "AIOHTTP_NO_EXTENSIONS, or pass --allow-python-parser to serve anyway", why)
+            return EXIT_RUNTIME
+        log.warning("serving with aiohttp's pure-Python HTTP parser (%s; --allow-python-parser)", why)
+    else:
+        log.info("HTTP parser: aiohttp's C parser (llhttp)")
     from scheduler.app import build_app
     from scheduler.sdnotify import Notifier, ServiceStatus
 
@@ -66,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Our own signal handlers drain first (scheduler.control); run_app's would stop at once.
         web.run_app(app, host=config.listen.host, port=config.listen.port, loop=new_event_loop(),
                     shutdown_timeout=config.shutdown.drain_timeout_s, handler_cancellation=True,
+                    keepalive_timeout=config.limits.idle_timeout_s,
                     handle_signals=False,
                     access_log=None, print=listening)
     except OSError as exc:
