@@ -315,11 +315,9 @@ class Proxy:
                 except BackendUnavailable as exc:
                     self.pool.report_failure(backend, str(exc))
                     self.pool.report_outcome(backend, ok=False, latency_ratio=None)
-                    now = self.dispatcher.clock()
                     if retrying:
                         self.retries.release()
-                    retrying = (record.attempts < self.config.retries.max_attempts and now < job.deadline_at
-                                and self.retries.try_acquire(now))
+                    retrying = self._may_retry(job, record)
                     if not retrying:
                         self.dispatcher.finish(job, backend, ok=False)
                         raise BackendFailed(f"Backend {backend.id} went away before answering: {exc}") from None
@@ -328,10 +326,32 @@ class Proxy:
                     future = self.dispatcher.requeue(job, backend)
                     continue
                 record.service_s = self.dispatcher.clock() - record.started
-                return backend, resp
+                if resp.status < 500:
+                    return backend, resp
+                # A server error before any byte went to the client: another backend may succeed.
+                if retrying:
+                    self.retries.release()
+                retrying = self._may_retry(job, record)
+                if not retrying:
+                    return backend, resp  # finish_answer reports it
+                self.pool.report_outcome(backend, ok=False, latency_ratio=None)
+                log.warning("request %s: backend %s answered HTTP %d; trying again", job.id, backend.id,
+                            resp.status)
+                resp.release()  # no await: a client leaving now must not strand the slot
+                if any(b.state is BackendState.READY for b in self.pool.backends if b is not backend):
+                    # Out of rotation until health answers `rise` times (nginx's max_fails), so the
+                    # failing backend, idle and quick to fail, does not draw the retry back to itself.
+                    self.pool.report_failure(backend, f"answered HTTP {resp.status}")
+                future = self.dispatcher.requeue(job, backend)
         finally:
             if retrying:
                 self.retries.release()
+
+    def _may_retry(self, job: Job, record: Outcome) -> bool:
+        """Whether a failed attempt may be tried again; takes a permit of the retry budget if so."""
+        now = self.dispatcher.clock()
+        return (record.attempts < self.config.retries.max_attempts and now < job.deadline_at
+                and self.retries.try_acquire(now))
 
     def finish_answer(self, job: Job, backend: Backend, status: int, ok: bool, record: Outcome) -> None:
         """The backend's answer is complete: learn, report the outcome, free the slot."""
