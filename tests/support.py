@@ -168,7 +168,7 @@ def free_port_range(count: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no {count} consecutive free ports")
 
 
-def sidecar_config(*, backends: int = 2, slots: int = 1, time_scale: float = 0.01,
+def sidecar_config(*, backends: int = 2, slots: int | str = 1, time_scale: float = 0.01,
                    emulator_args: Sequence[str] = (), extra: str = "", warmup: bool = False,
                    command: Sequence[str] | None = None, backend_extra: str = "",
                    restart: str = "{backoff_initial_s: 0.2, backoff_max_s: 2.0}") -> tuple[str, int]:
