@@ -329,6 +329,8 @@ def run_case(target: Target, name: str, data: bytes | Iterable[bytes], *, status
         assert len(answered) == answers, [(s, b[:100]) for s, _, b in answered]
     if detail is not None:
         assert detail in answered[0][2].decode("utf-8", "replace"), answered[0][2][:400]
+    if status in (408, 413):  # the rest of the body is not read: the connection must not be reused
+        assert answered[0][1].get("connection") == "close", answered[0][1]
     if closed is not None:
         assert got.closed is closed, f"connection closed: {got.closed}, after {got.seconds:.1f} s"
     assert len(new) == forwarded, new
