@@ -9,13 +9,14 @@ hardware and on what else runs there. ``AdaptiveLimit`` measures it per backend:
   times differ 20x between short and long texts, so raw latency says nothing; the stretch does.
 - At ``k`` in flight a backend completes ``k / stretch(k)`` solo-seconds of work per second (its
   throughput) and a request takes ``stretch(k)`` times its solo time (its latency).
-- Start at 1. Saturated at the limit ``L`` (``L`` in flight, work waiting) with ``samples`` fresh
-  samples at ``L``: probe ``L + 1`` (never past ``max_slots``). After ``samples`` samples there,
-  keep it only if throughput rose by ``min_gain`` and the latency still fits the deadlines (the
-  90th percentile of recent requests' solo-time over deadline budget, times the stretch, at most
-  ``latency_headroom``); else go back and leave ``L + 1`` alone for ``reprobe_s``.
-- Settled at ``L``, with ``samples`` fresh samples: step down to ``L - 1`` when ``L`` no longer
-  beats what ``L - 1`` was measured at, or its latency stopped fitting (conditions changed).
+- Start at 1. Saturated at the limit ``L`` (``L`` in flight, work waiting) and measured since it
+  became the limit: probe ``L + 1`` (never past ``max_slots``). Measured there with a fresh
+  cohort, keep it only if throughput rose by ``min_gain`` even two standard errors short of what
+  was seen, and the latency still fits the deadlines (the 90th percentile of recent requests'
+  solo time over deadline budget, times the stretch, at most ``latency_headroom``); else go back
+  and leave ``L + 1`` alone for ``reprobe_s``.
+- Settled at ``L`` with a fresh measure: step down to ``L - 1`` when ``L`` no longer beats what
+  ``L - 1`` was measured at, or its latency stopped fitting (conditions changed).
 
 Pure: no clock of its own, no I/O. The dispatcher calls in with ``now``.
 """
@@ -44,7 +45,7 @@ MEDIAN_SE = 1.2533  # standard error of a median over that of a mean, for normal
 class AdaptiveSettings:
     max_slots: int = DEFAULT_MAX_SLOTS
     min_gain: float = 0.1  # a step up must raise throughput by this fraction
-    samples: int = 8  # completions at a level before judging it
+    samples: int = 8  # requests per cohort: a level is judged on that many, each followed to its end
     reprobe_s: float = 300.0  # how long a level that lost (or was stepped down from) is left alone
     latency_headroom: float = 0.5  # predicted service may take at most this share of a deadline budget
 
@@ -105,7 +106,7 @@ class FixedLimit:
 
 @dataclass(frozen=True, kw_only=True)
 class Measure:
-    """What one cohort of requests showed about a level."""
+    """What a level's latest cohorts showed (pooled over up to POOLED_COHORTS of them)."""
 
     throughput: float  # median solo-seconds of work completed per second
     spread: float  # relative standard deviation of one sample (robust: from the median absolute deviation)
@@ -136,7 +137,6 @@ class AdaptiveLimit:
     now: float = 0.0
     limit: int = 1
     probing: bool = False  # the limit is a step up still being judged
-    steps: int = 0  # times the limit changed
     measures: dict[int, Measure] = field(default_factory=dict)  # the latest measure of each level
     _samples: dict[int, deque[tuple[float, float]]] = field(default_factory=dict)  # recent cohorts' (level, stretch)
     _fresh: bool = False  # the current limit was measured since it became the limit
@@ -278,7 +278,6 @@ class AdaptiveLimit:
         self.probing = by > 0
         if self.probing:
             self._samples.pop(self.limit, None)  # judged on its own fresh cohort, not on old ones
-        self.steps += 1
         self._fresh = False
         self._new_cohort()
 
