@@ -1,30 +1,31 @@
-"""Overload: the seed's FIFO + tiered timeouts against the sidecar's policies, below and past capacity.
+"""Overload: nginx, the seed's FIFO + tiers and the sidecar's policies, below and past capacity.
 
-    python -m bench.overload [--smoke] [--out bench/reports]
+    python -m bench.overload [--smoke] [--arms ...] [--loads ...] [--duration S] [--out bench/reports]
 
 One seeded open-loop trace shape (bench.loadgen: Poisson arrivals, 70/20/10 % short/medium/long
 texts, three tenants offering 60/20/20 % of the load) is offered at fixed multiples of the pool's
-capacity to two sidecar configurations, each started fresh for every run over emulator backends
-on free loopback ports, warmed up, measured, then stopped:
+capacity to four arms over the same emulator backends (same command, time scale and GPU ids), each
+started fresh for every run on free loopback ports, warmed up, measured, then stopped:
 
-- **fifo-tiers** -- the seed's proposal: one FIFO queue, the seed's timeout tiers, its length
-  semaphores as pool-wide class caps, no early rejection.
-- **policies** -- weighted fair queueing across tenants, shortest-predicted-first inside a tenant,
-  the same tiers with unmeetable deadlines rejected at admission.
+- **nginx** -- `least_conn` over the backends (bench.nginx); the backends' own semaphores and
+  timeouts (upstream's, which are the seed's tiers) are all there is.
+- **seed** -- the sidecar with the seed's proposal: one FIFO queue, the seed's timeout tiers, its
+  10/3 semaphores as pool-wide class caps, no early rejection, one request per backend.
+- **policies-fixed** -- weighted fair queueing across tenants, shortest-predicted-first inside a
+  tenant, the seed's tiers as deadlines with unmeetable ones rejected at admission; `slots: 1`.
+- **policies-auto** -- the same with `slots: auto` (the sidecar finds each backend's concurrency).
 
-Writes ``overload.md`` (tables, formulas, reproduce command), ``overload.json`` (the summaries)
-and two PNG plots into the output directory. ``--smoke`` is a tiny version for the test suite.
+Writes ``overload.md`` (verdict, tables, formulas, reproduce command), ``overload.json`` (the
+summaries) and two PNG plots into the output directory. ``--smoke`` is a tiny version for the tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
-import os
-import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +36,13 @@ from typing import Any
 
 import aiohttp
 
+from bench import procs
 from bench.loadgen import Arrival, Record, Tenant, corpus_text, make_trace, replay
+from bench.nginx import MISSING as NGINX_MISSING
+from bench.nginx import nginx_binary, start_nginx
 from bench.summary import RunSummary, summarize
 from glmtts.emulator.timing import ServiceModel, throughput_at
 from glmtts.text import units
-from tests.support import backend_pids, free_port, free_port_range, pid_gone, start_sidecar
 
 # The seed's timeout tiers at time scale 1: (max chars or None, seconds). Scaled like the emulators.
 SEED_TIERS: tuple[tuple[int | None, float], ...] = ((50, 60.0), (200, 300.0), (None, 600.0))
@@ -48,21 +51,22 @@ TENANTS = (
     Tenant(name="light-a", key="bench-light-a-key-0123456789", share=0.2),
     Tenant(name="light-b", key="bench-light-b-key-0123456789", share=0.2),
 )
-CONFIGS = ("fifo-tiers", "policies")
+ARMS = ("nginx", "seed", "policies-fixed", "policies-auto")
+SIDECAR_ARMS = ARMS[1:]
+MAX_SLOTS = 4  # policies-auto's bound on concurrent requests per backend
 
 
 @dataclass(frozen=True, kw_only=True)
 class Setup:
-    """The pool and the runs: emulator time scale, pool shape, arrival window, loads, trace seed."""
+    """The pool and the runs: emulator time scale, pool shape, arrival window, loads, arms, seed."""
 
     time_scale: float
     backends: int
-    slots: int
     duration_s: float
     loads: tuple[float, ...]
+    arms: tuple[str, ...] = ARMS
     seed: int = 20240611
     warmup_rounds: int = 2
-    configs: tuple[str, ...] = CONFIGS
 
     def slo_s(self, chars: int) -> float:
         """A request's SLO: its deadline tier, scaled."""
@@ -72,9 +76,14 @@ class Setup:
     def max_slo_s(self) -> float:
         return SEED_TIERS[-1][1] * self.time_scale
 
+    @property
+    def gpus(self) -> list[str]:
+        """One emulated GPU per backend, as the seed deploys (one process per GPU)."""
+        return [str(i) for i in range(self.backends)]
 
-FULL = Setup(time_scale=0.05, backends=4, slots=1, duration_s=90.0, loads=(0.5, 1.0, 1.5))
-SMOKE = Setup(time_scale=0.01, backends=2, slots=1, duration_s=4.0, loads=(0.5, 1.5))
+
+FULL = Setup(time_scale=0.05, backends=4, duration_s=60.0, loads=(0.5, 1.0, 1.3, 2.5))
+SMOKE = Setup(time_scale=0.01, backends=2, duration_s=2.0, loads=(1.3, 2.5), warmup_rounds=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,16 +92,17 @@ class Capacity:
 
     mean_units: float
     mean_service_s: float  # per request, at the setup's time scale, one request at a time
-    rps: float  # backends * throughput(slots) / mean_service_s
+    short_service_s: float  # the same over the short texts only
+    rps: float  # backends / mean_service_s (one request at a time per backend)
 
 
 @dataclass
 class RunResult:
-    """One (configuration, load) point: its summary and the raw records (for the plots)."""
+    """One (arm, load) point: its summary and the raw records (for the plots)."""
 
     summary: RunSummary
     records: list[Record] = field(repr=False)
-    pids: list[int] = field(default_factory=list)  # the sidecar's and its backends', all stopped
+    pids: list[int] = field(default_factory=list)  # every process the run started, all stopped
 
 
 @dataclass
@@ -102,71 +112,102 @@ class BenchResult:
     runs: list[RunResult]
     wall_s: float
     command: str
+    skipped: dict[str, str] = field(default_factory=dict)  # arm -> why it did not run
 
 
-def reference_texts(setup: Setup, count: int = 5000) -> list[str]:
-    """Texts of the trace shape (same seed, same mix), enough to pin down its mean length."""
-    return [a.text for a in make_trace(seed=setup.seed, rate=1.0, duration_s=math.inf, tenants=TENANTS,
-                                       max_requests=count)]
+def reference_texts(setup: Setup, count: int = 5000) -> list[Arrival]:
+    """Arrivals of the trace shape (same seed, same mix), enough to pin down its mean length."""
+    return make_trace(seed=setup.seed, rate=1.0, duration_s=math.inf, tenants=TENANTS, max_requests=count)
 
 
-def pool_capacity(setup: Setup, texts: Sequence[str]) -> Capacity:
-    """Requests per second the pool completes when never idle:
+def pool_capacity(setup: Setup, arrivals: Sequence[Arrival]) -> Capacity:
+    """Requests per second the pool completes when never idle, one request per backend at a time:
 
-    backends x throughput(slots) / (time_scale x E[base_s + per_unit_s x units(text)] x E[jitter]),
-    with the emulator's ServiceModel (throughput(1) = 1; E[jitter] = exp(sigma^2 / 2), log-normal).
+    backends / (time_scale x E[base_s + per_unit_s x units(text)] x E[jitter]),
+    with the emulator's ServiceModel (E[jitter] = exp(sigma^2 / 2), log-normal).
     """
     model = ServiceModel(time_scale=setup.time_scale)
-    mean_units = sum(units(t) for t in texts) / len(texts)
     jitter = math.exp(model.jitter_sigma ** 2 / 2)
-    mean_s = sum(model.mean_seconds(units(t)) for t in texts) / len(texts) * setup.time_scale * jitter
-    rps = setup.backends * throughput_at(model.throughput, setup.slots) / mean_s
-    return Capacity(mean_units=mean_units, mean_service_s=mean_s, rps=rps)
+
+    def mean_s(texts: Sequence[str]) -> float:
+        return sum(model.mean_seconds(units(t)) for t in texts) / len(texts) * setup.time_scale * jitter
+
+    texts = [a.text for a in arrivals]
+    mean = mean_s(texts)
+    return Capacity(mean_units=sum(units(t) for t in texts) / len(texts), mean_service_s=mean,
+                    short_service_s=mean_s([a.text for a in arrivals if a.cls == "short"]),
+                    rps=setup.backends * throughput_at(model.throughput, 1) / mean)
 
 
-def config_extra(name: str, setup: Setup) -> str:
-    """The YAML sections (beyond listen/backends) of configuration `name` at the setup's time scale."""
+def _tiers_yaml(setup: Setup) -> str:
+    return ", ".join(f"{{max_chars: {'null' if limit is None else limit}, timeout_s: {seconds * setup.time_scale!r}}}"
+                     for limit, seconds in SEED_TIERS)
+
+
+def config_extra(arm: str, setup: Setup) -> str:
+    """The YAML sections (beyond listen and the pool's `backends` keys) of sidecar arm `arm`."""
     s = setup.time_scale
-    tiers = ", ".join(f"{{max_chars: {'null' if limit is None else limit}, timeout_s: {seconds * s!r}}}"
-                      for limit, seconds in SEED_TIERS)
     tenants = "\n".join(f"    - {{name: {t.name}, keys: [{t.key}], weight: {float(t.weight)!r}}}" for t in TENANTS)
     common = f"""cost: {{base_s: {0.3125 * s!r}, per_unit_s: {0.159375 * s!r}, reload_s: {20.0 * s!r}}}
 tenants:
   list:
 {tenants}
 """
-    if name == "fifo-tiers":
+    if arm == "seed":
         # The seed's semaphores: 10 for <= 200 chars together, 3 long; as class caps, 10 each for
         # short and medium (<= 20 together). Either way only the long cap binds on a small pool.
-        return common + f"""classes:
+        return "backends: {slots: 1}\n" + common + f"""classes:
   - {{name: short, max_chars: 50, max_in_service: 10}}
   - {{name: medium, max_chars: 200, max_in_service: 10}}
   - {{name: long, max_chars: null, max_in_service: 3}}
-deadlines: {{policy: tiers, tiers: [{tiers}], reject_unmeetable: false}}
+deadlines: {{policy: tiers, tiers: [{_tiers_yaml(setup)}], reject_unmeetable: false}}
 queue: {{order: fifo}}
 """
-    if name == "policies":
-        return common + f"""deadlines: {{policy: tiers, tiers: [{tiers}], reject_unmeetable: true}}
+    if arm in ("policies-fixed", "policies-auto"):
+        slots = "{slots: 1}" if arm == "policies-fixed" else f"{{slots: auto, max_slots: {MAX_SLOTS}}}"
+        return f"backends: {slots}\n" + common + f"""deadlines: {{policy: tiers, tiers: [{_tiers_yaml(setup)}], \
+reject_unmeetable: true}}
 queue: {{order: fair, within_tenant: shortest_first}}
 """
-    raise ValueError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+    raise ValueError(f"unknown sidecar arm {arm!r}; known: {', '.join(SIDECAR_ARMS)}")
 
 
-def sidecar_yaml(name: str, setup: Setup) -> tuple[str, int]:
-    """The whole config file of configuration `name` on free loopback ports; (yaml, listen port)."""
-    port = free_port()
-    command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", f"{setup.time_scale:g}",
-               "--seed", "{index}"]
+def emulator_args(setup: Setup) -> list[str]:
+    return ["--time-scale", f"{setup.time_scale:g}"]
+
+
+def sidecar_yaml(arm: str, setup: Setup) -> tuple[str, int]:
+    """The whole config file of sidecar arm `arm` on free loopback ports; (yaml, listen port).
+
+    The arm's `backends: {...}` line is merged into the pool's `backends` section."""
+    port = procs.free_port()
+    command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", *emulator_args(setup), "--seed", "{index}"]
+    extra = config_extra(arm, setup)
+    first, _, rest = extra.partition("\n")
+    arm_backends = first.removeprefix("backends: {").removesuffix("}")
     text = f"""listen: {{host: 127.0.0.1, port: {port}}}
 backends:
   command: {json.dumps(command)}
-  gpus: {json.dumps([str(i) for i in range(setup.backends)])}
-  base_port: {free_port_range(setup.backends)}
-  slots: {setup.slots}
+  env: {{CUDA_VISIBLE_DEVICES: "{{gpu}}"}}
+  gpus: {json.dumps(setup.gpus)}
+  base_port: {procs.free_ports(setup.backends)}
+  {arm_backends.replace(", ", chr(10) + "  ")}
   health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
   stop_grace_s: 5.0
-{config_extra(name, setup)}"""
+{rest}"""
     return text, port
+
+
+def unsupported(arm: str, setup: Setup, work_dir: Path) -> str | None:
+    """Why this sidecar cannot run arm `arm` (its `--check-config` answer), or None when it can."""
+    text, _ = sidecar_yaml(arm, setup)
+    path = work_dir / f"check-{arm}.yaml"
+    path.write_text(text)
+    check = subprocess.run([sys.executable, "-m", "scheduler", "--config", str(path), "--check-config"],
+                           capture_output=True, text=True, cwd=procs.ROOT, check=False)
+    if check.returncode == 0:
+        return None
+    return f"the sidecar rejects this arm's configuration: {(check.stderr or check.stdout).strip()[-500:]}"
 
 
 def _form(text: str) -> tuple[str, bytes]:
@@ -177,18 +218,17 @@ def _form(text: str) -> tuple[str, bytes]:
 
 
 async def warm_up(url: str, setup: Setup, key: str | None) -> set[str]:
-    """Load the model on every backend (lazy load + slow first request) before anything is measured.
+    """Load the model on every backend behind a sidecar before anything is measured.
 
     The sidecar sends a job to an idle backend without the model only when the busy ones that
     have it would take longer to free up than a load, and caps each length class below the pool
-    size; so each burst (one request per slot) alternates medium and long texts, whose service
+    size; so each burst (one request per backend) alternates medium and long texts, whose service
     outlasts a load (140 and 210 chars). Bursts repeat until every backend has answered one and at least
     `setup.warmup_rounds` went by. Returns the backend ids seen.
     """
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     forms = [_form(corpus_text(0, 140)), _form(corpus_text(0, 210))]  # ~1.2 and ~1.6 loads long
     seen: set[str] = set()
-    burst = setup.backends * setup.slots
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
 
         async def one(i: int) -> str | None:
@@ -199,23 +239,39 @@ async def warm_up(url: str, setup: Setup, key: str | None) -> set[str]:
                 return resp.headers.get("X-Backend") if resp.status == 200 else None
 
         for round_no in range(setup.warmup_rounds + 4):
-            seen.update(b for b in await asyncio.gather(*(one(i) for i in range(burst))) if b)
+            seen.update(b for b in await asyncio.gather(*(one(i) for i in range(setup.backends))) if b)
             if round_no + 1 >= setup.warmup_rounds and len(seen) >= setup.backends:
                 break
     return seen
 
 
+async def warm_up_direct(urls: Sequence[str], setup: Setup) -> None:
+    """Load the model on every backend by asking each directly (nginx would spread them anyhow)."""
+    content_type, body = _form(corpus_text(0, 140))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+
+        async def one(url: str) -> None:
+            for _ in range(setup.warmup_rounds):
+                async with session.post(url + "/api/v1/tts", data=body,
+                                        headers={"Content-Type": content_type}) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"warm-up of {url}: HTTP {resp.status}")
+
+        await asyncio.gather(*(one(u) for u in urls))
+
+
+async def _get_json(url: str) -> Any:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
+            session.get(url) as resp:
+        return await resp.json(content_type=None) if resp.status == 200 else None
+
+
 def orphaned_backend_seconds(url: str) -> float | None:
-    """`orphaned_backend_seconds` from GET /api/v1/queue (top level or one section down); None when
-    the endpoint or the field does not exist."""
-
-    async def fetch() -> Any:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
-                session.get(url + "/api/v1/queue") as resp:
-            return await resp.json(content_type=None) if resp.status == 200 else None
-
+    """`orphaned_backend_seconds` from a sidecar's GET /api/v1/queue (top level or one section
+    down); None when the endpoint or the field does not exist."""
     try:
-        payload = asyncio.run(fetch())
+        payload = asyncio.run(_get_json(url + "/api/v1/queue"))
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         return None
     candidates = [payload] + (list(payload.values()) if isinstance(payload, dict) else [])
@@ -225,77 +281,129 @@ def orphaned_backend_seconds(url: str) -> float | None:
     return None
 
 
-def _reap(pids: Sequence[int], timeout: float = 15.0) -> None:
-    """Make sure the backends the sidecar started are gone (it stops them; SIGKILL any straggler)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not all(pid_gone(p) for p in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        if not pid_gone(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+EMULATOR_ORPHANED_FIELDS = ("orphaned_seconds", "orphaned_busy_seconds", "orphaned_s")
 
 
-def run_point(setup: Setup, capacity: Capacity, config: str, load: float, work_dir: Path,
-              progress: bool = True) -> RunResult:
-    """Start a fresh sidecar + emulators with `config`, warm up, replay the trace at `load` x
-    capacity, read orphaned backend seconds, stop everything; summarize what the clients saw."""
-    trace: list[Arrival] = make_trace(seed=setup.seed, rate=load * capacity.rps, duration_s=setup.duration_s,
-                                      tenants=TENANTS)
-    text, port = sidecar_yaml(config, setup)
-    service = start_sidecar(text, port, work_dir)
+def emulator_orphaned_seconds(urls: Sequence[str]) -> float | None:
+    """Sum over backends of the seconds each spent on requests whose client it had already answered
+    (or lost), from GET /emulator/stats; None when an emulator does not report it."""
+    total = 0.0
+    for url in urls:
+        try:
+            stats = asyncio.run(_get_json(url + "/emulator/stats"))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+        value = next((stats[k] for k in EMULATOR_ORPHANED_FIELDS if isinstance(stats, dict)
+                      and isinstance(stats.get(k), int | float)), None)
+        if value is None:
+            return None
+        total += float(value)
+    return total
+
+
+def _settle(setup: Setup) -> None:
+    # Work orphaned by a 408 keeps its backend busy until the backend answers: let it finish.
+    time.sleep(min(5.0, 1.5 * ServiceModel().mean_seconds(500) * setup.time_scale))
+
+
+def _replay(url: str, trace: Sequence[Arrival], setup: Setup, label: str, progress: bool) -> list[Record]:
+    return asyncio.run(replay(url + "/api/v1/tts", trace, TENANTS, wall_cap_s=setup.duration_s + setup.max_slo_s + 10.0,
+                              label=label, progress=sys.stderr if progress else None))
+
+
+def run_nginx(setup: Setup, trace: Sequence[Arrival], label: str, work_dir: Path,
+              progress: bool) -> tuple[list[Record], float | None, list[int]]:
+    """Emulators started here (same command, scale, GPU ids as the sidecar's) behind nginx."""
+    env = procs.isolated_env(work_dir / "runtime")
+    emulators = procs.start_emulators(setup.backends, emulator_args(setup), gpus=setup.gpus, env=env)
+    started: list[procs.Proc] = list(emulators)
+    try:
+        proxy = start_nginx(work_dir / "nginx", [e.url.removeprefix("http://") for e in emulators])
+        started.insert(0, proxy)
+        asyncio.run(warm_up_direct([e.url for e in emulators], setup))
+        records = _replay(proxy.url, trace, setup, label, progress)
+        _settle(setup)
+        orphaned = emulator_orphaned_seconds([e.url for e in emulators])
+    finally:
+        for proc in started:
+            proc.stop()
+    return records, orphaned, [p.pid for p in started]
+
+
+def run_sidecar(arm: str, setup: Setup, trace: Sequence[Arrival], label: str, work_dir: Path,
+                progress: bool) -> tuple[list[Record], float | None, list[int]]:
+    """A fresh sidecar (which starts the emulators) with arm `arm`'s configuration."""
+    text, port = sidecar_yaml(arm, setup)
+    service = procs.start_sidecar(text, port, work_dir, env=procs.isolated_env(work_dir / "runtime"))
     pids: list[int] = []
     try:
-        pids = backend_pids(service)
+        pids = procs.backend_pids(service)
         seen = asyncio.run(warm_up(service.url, setup, TENANTS[0].key))
         if len(seen) < setup.backends:
-            raise RuntimeError(f"warm-up reached only backends {sorted(seen)}:\n{service.output()[-3000:]}")
-        records = asyncio.run(replay(service.url + "/api/v1/tts", trace, TENANTS,
-                                     wall_cap_s=setup.duration_s + setup.max_slo_s + 10.0,
-                                     label=f"{config} {load:g}x", progress=sys.stderr if progress else None))
-        # Work orphaned by a 408 keeps its backend busy until the backend answers: let it finish.
-        time.sleep(min(5.0, 1.5 * ServiceModel().mean_seconds(500) * setup.time_scale))
+            raise RuntimeError(f"warm-up reached only backends {sorted(seen)}:\n{service.output()}")
+        records = _replay(service.url, trace, setup, label, progress)
+        _settle(setup)
         orphaned = orphaned_backend_seconds(service.url)
     finally:
         service.stop()
-        _reap(pids)
-        with contextlib.suppress(OSError):
-            service.log_path.unlink()
-    summary = summarize(records, config=config, load=load, capacity_rps=capacity.rps, duration_s=setup.duration_s,
+        procs.reap(pids)
+    return records, orphaned, [service.pid, *pids]
+
+
+def run_point(setup: Setup, capacity: Capacity, arm: str, load: float, work_dir: Path,
+              progress: bool = True) -> RunResult:
+    """Start arm `arm` fresh, warm up, replay the trace at `load` x capacity, read orphaned backend
+    seconds, stop everything; summarize what the clients saw."""
+    trace = make_trace(seed=setup.seed, rate=load * capacity.rps, duration_s=setup.duration_s, tenants=TENANTS)
+    label = f"{arm} {load:g}x"
+    with tempfile.TemporaryDirectory(prefix=f"{arm}-", dir=work_dir) as tmp:
+        if arm == "nginx":
+            records, orphaned, pids = run_nginx(setup, trace, label, Path(tmp), progress)
+        else:
+            records, orphaned, pids = run_sidecar(arm, setup, trace, label, Path(tmp), progress)
+    summary = summarize(records, config=arm, load=load, capacity_rps=capacity.rps, duration_s=setup.duration_s,
                         slo_s=setup.slo_s, weights={t.name: t.weight for t in TENANTS},
                         orphaned_backend_s=orphaned)
-    return RunResult(summary=summary, records=records, pids=[service.pid, *pids])
+    return RunResult(summary=summary, records=records, pids=pids)
 
 
 def run(setup: Setup, *, command: str, progress: bool = True) -> BenchResult:
-    """Every configuration at every load, each on a fresh sidecar; the pool capacity they share."""
+    """Every arm at every load, each started fresh; the pool capacity they share. An arm this
+    machine cannot run (nginx missing, a configuration the sidecar rejects) is skipped, with why."""
     started = time.monotonic()
     capacity = pool_capacity(setup, reference_texts(setup))
     runs: list[RunResult] = []
+    skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="glmtts-overload-") as tmp:
-        for config in setup.configs:
+        for arm in setup.arms:
+            why = (NGINX_MISSING if nginx_binary() is None else None) if arm == "nginx" \
+                else unsupported(arm, setup, Path(tmp))
+            if why is not None:
+                skipped[arm] = why
+                sys.stderr.write(f"[{arm}] skipped: {why}\n")
+                continue
             for load in setup.loads:
-                runs.append(run_point(setup, capacity, config, load, Path(tmp), progress))
+                runs.append(run_point(setup, capacity, arm, load, Path(tmp), progress))
     return BenchResult(setup=setup, capacity=capacity, runs=runs, wall_s=time.monotonic() - started,
-                       command=command)
+                       command=command, skipped=skipped)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     from bench.overload_report import write_report
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny and fast: 2 backends, ~4 s runs, 2 loads")
+    parser.add_argument("--smoke", action="store_true", help="tiny and fast: 2 backends, 2 s runs, 2 loads")
     parser.add_argument("--out", type=Path, default=Path("bench/reports"), help="directory of the report")
     parser.add_argument("--duration", type=float, default=None, help="seconds of arrivals per run")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, help="only these configurations")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, help="only these arms")
     parser.add_argument("--loads", nargs="+", type=float, help="only these multiples of capacity")
     args = parser.parse_args(argv)
     setup = SMOKE if args.smoke else FULL
     if args.duration is not None:
         setup = replace(setup, duration_s=args.duration)
-    if args.configs:
-        setup = replace(setup, configs=tuple(args.configs))
+    if args.arms:
+        setup = replace(setup, arms=tuple(a for a in ARMS if a in args.arms))
     if args.loads:
         setup = replace(setup, loads=tuple(args.loads))
     command = "python -m bench.overload" + " ".join(a for a in ["", *(argv or sys.argv[1:])] if a != "--quiet")

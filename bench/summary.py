@@ -15,8 +15,9 @@ Pure functions over `bench.loadgen.Record`s; no I/O.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.loadgen import Record, outcome_counts
 
@@ -65,6 +66,32 @@ def jain_index(values: Sequence[float]) -> float | None:
     return sum(values) ** 2 / (len(values) * squares)
 
 
+# Why a request did not succeed, as the report groups them (see `failure_kind`).
+FAILURE_KINDS = ("429 queue full", "429 unmeetable", "503", "408", "backend error", "no answer", "other")
+QUEUE_FULL_REASONS = frozenset({"queue_full", "tenant_queue_full"})
+
+
+def failure_kind(record: Record) -> str | None:
+    """None for a success; else the sidecar's admission reason by status and body `reason` (429
+    queue or tenant share full / 429 deadline unmeetable / 503 no backend or draining), 408 (a
+    deadline passed, the sidecar's or the backend's own), a backend error (5xx other than 503, or
+    200 with `success: false`), no answer before the generator's cap, or other."""
+    if record.ok:
+        return None
+    if record.status is None:
+        return "no answer"
+    if record.status == 429:
+        return "429 queue full" if record.reason in QUEUE_FULL_REASONS else \
+            "429 unmeetable" if record.reason == "deadline_unmeetable" else "other"
+    if record.status == 503:
+        return "503"
+    if record.status == 408:
+        return "408"
+    if record.status == 200 or record.status >= 500:
+        return "backend error"
+    return "other"
+
+
 @dataclass(frozen=True, kw_only=True)
 class TenantShare:
     """One tenant's offered rate, goodput and max-min fair share, requests per second."""
@@ -94,6 +121,11 @@ class RunSummary:
     outcomes: dict[str, int]  # "200 ok", "429 queue_full", "408 deadline", "timeout", ...
     orphaned_backend_s: float | None  # from the sidecar's /api/v1/queue, when it reports it
     max_send_lag_s: float  # how late the generator sent its latest request (open-loop health)
+    failures: dict[str, int] = field(default_factory=dict)  # failure_kind -> requests
+
+    @property
+    def short_p99_s(self) -> float | None:
+        return self.latency_s["short"][1]
 
     @property
     def goodput_pct(self) -> float:
@@ -132,4 +164,5 @@ def summarize(records: Sequence[Record], *, config: str, load: float, capacity_r
                  for name in weights},
         outcomes=outcome_counts(records), orphaned_backend_s=orphaned_backend_s,
         max_send_lag_s=max((r.send_lag_s for r in records), default=0.0),
+        failures=dict(Counter(kind for r in records if (kind := failure_kind(r)) is not None)),
     )
