@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +43,20 @@ def http_parser_in_use() -> str:
     return "C" if c_parser is not None and vars(web_protocol).get("HttpRequestParser") is c_parser else "Python"
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; returns (before, after). Every client connection
+    holds a descriptor, and a shell's usual soft limit (1024) is what a few hundred slow clients take."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's default fs.nr_open
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.print_default_config:
@@ -74,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("serving with aiohttp's pure-Python HTTP parser (%s; --allow-python-parser)", why)
     else:
         log.info("HTTP parser: aiohttp's C parser (llhttp)")
+    was, now = raise_open_files_limit()
+    if now != was:
+        log.info("open files: soft limit raised from %d to %d (the hard limit)", was, now)
     from scheduler.app import build_app
     from scheduler.sdnotify import Notifier, ServiceStatus
 

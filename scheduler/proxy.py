@@ -400,7 +400,7 @@ class Proxy:
             record.outcome = "deadline_running"
             raise self._expired(job) from None
         except asyncio.CancelledError:
-            self._orphan(task, backend, job)
+            self._orphan(task, backend, job, client_left=self.dispatcher.clock())
             raise
         except BackendTimeout as exc:
             self.pool.report_failure(backend, str(exc))
@@ -423,8 +423,10 @@ class Proxy:
         handle = asyncio.get_running_loop().call_later(limit, fire)
         task.add_done_callback(lambda _: handle.cancel())
 
-    def _orphan(self, task: asyncio.Future[aiohttp.ClientResponse], backend: Backend, job: Job) -> None:
-        """Keep the slot busy until the backend really finishes the abandoned request."""
+    def _orphan(self, task: asyncio.Future[aiohttp.ClientResponse], backend: Backend, job: Job, *,
+                client_left: float | None = None) -> None:
+        """Keep the slot busy until the backend really finishes the abandoned request. ``client_left``:
+        when its client went away (not a deadline, which the scheduler counts itself)."""
         async def finish() -> None:
             ok = False
             try:
@@ -436,6 +438,8 @@ class Proxy:
                 self.pool.report_failure(backend, str(exc))
             finally:
                 self.dispatcher.finish(job, backend, ok=ok)
+                if client_left is not None:  # backend time nobody will receive: orphaned, not lost
+                    self.scheduler.tally.orphaned_s += max(0.0, self.dispatcher.clock() - client_left)
                 log.info("request %s: backend %s finished work whose client was already answered", job.id,
                          backend.id)
 
@@ -459,14 +463,17 @@ class Proxy:
             out.content_length = resp.content_length
         record.status = resp.status
         ok = False
+        finished = False
         try:
             try:
                 await out.prepare(request)
-                first = True
                 async for chunk in resp.content.iter_chunked(STREAM_CHUNK):
-                    if first:
+                    if not finished:
                         ok = resp.status == 200 and chunk.startswith(SUCCESS_PREFIX)
-                        first = False
+                        # GLM-TTS answers once synthesis is over, the whole body at once: the backend
+                        # is free now, so a client reading slowly holds a connection, never a slot.
+                        finished = True
+                        self.finish_answer(job, backend, resp.status, ok, record)
                     await out.write(chunk)
                 await out.write_eof()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -481,7 +488,8 @@ class Proxy:
                 raise
         finally:
             resp.release()
-            self.finish_answer(job, backend, resp.status, ok, record)
+            if not finished:
+                self.finish_answer(job, backend, resp.status, ok, record)
         return out
 
     def _log(self, job: Job, record: Outcome, arrived: float, request_id: str) -> None:
