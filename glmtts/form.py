@@ -85,8 +85,8 @@ def media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
     """Split a Content-Type into its lower-cased media type and its parameters."""
     if not content_type:
         return "", {}
-    head, _, rest = content_type.partition(";")
-    return head.strip().lower(), _parse_params(rest)
+    head, *segments = _split_params(content_type)
+    return head.strip(" \t").lower(), _parse_params(segments)
 
 
 def parse_form(content_type: str | None, body: bytes) -> FormData:
@@ -129,22 +129,42 @@ def _percent_decode(raw: bytes, *, what: str) -> str:
 
 # --- multipart ------------------------------------------------------------------------------
 
-# The lookbehinds only let a match start at the beginning of a run of blanks or token characters:
-# one starting inside a run would end the same way, and retrying at every position of a long run
-# made a 16 KiB header take seconds.
-_TOKEN_PARAM = re.compile(r'(?<![ \t])[ \t]*(?<![^\s=;])([^\s=;]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;]*)[ \t]*(?:;|$)',
-                          re.S | re.ASCII)
+# A ";" separates parameters unless it is inside double quotes (a quote after a backslash does not
+# count), as in python-multipart's _parseparam (vendored from the email package).
+_PARAM_SPLIT = re.compile(r'\\"|"|;')
 # Codecs that decode bytes to text but can yield lone surrogates or are not charsets at all.
 _NOT_CHARSETS = frozenset({"utf-7", "unicode-escape", "raw-unicode-escape", "punycode", "idna"})
 
 
-def _parse_params(text: str) -> dict[str, str]:
-    """Content-Type / Content-Disposition parameters; a repeated one: the last wins, as upstream."""
+def _split_params(text: str) -> list[str]:
+    """A header value's ";"-separated segments, quote-aware (in linear time, unlike _parseparam)."""
+    segments: list[str] = []
+    start, quoted = 0, False
+    for match in _PARAM_SPLIT.finditer(text):
+        token = match.group()
+        if token == '"':
+            quoted = not quoted
+        elif token == ";" and not quoted:
+            segments.append(text[start:match.start()])
+            start = match.end()
+    segments.append(text[start:])
+    return segments
+
+
+def _parse_params(segments: list[str]) -> dict[str, str]:
+    """Parameters as python-multipart's parse_options_header reads them: "key=value" (key folded to
+    lower case, both sides stripped of blanks), or a bare "key" with an empty value; RFC 2231 ``key*`` forms
+    are ignored (RFC 7578 forbids them); a repeated key: the last wins."""
     params: dict[str, str] = {}
-    for match in _TOKEN_PARAM.finditer(text):
-        key, value = match.group(1).lower(), match.group(2).strip(" \t")
+    for segment in segments:
+        key, equals, value = segment.partition("=")
+        key, value = (key.strip(" \t").lower(), value.strip(" \t")) if equals else (segment.strip(" \t"), "")
+        if "*" in key:
+            continue
         if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            value = value[1:-1].replace("\\\\", "\\").replace('\\"', '"')
+        if key == "filename" and (value[1:3] == ":\\" or value[:2] == "\\\\"):
+            value = value.rsplit("\\", 1)[-1]  # a full Windows path, as old browsers sent
         params[key] = value
     return params
 
@@ -246,8 +266,7 @@ def _part_headers(block: bytes) -> list[tuple[str, str]]:
 def _disposition(headers: list[tuple[str, str]], charset: str) -> tuple[str, str | None]:
     # A repeated header: the last one wins, as in python-multipart.
     raw = next((v for k, v in reversed(headers) if k == "content-disposition"), "")
-    _, _, rest = raw.partition(";")
-    params = _parse_params(rest)
+    params = _parse_params(_split_params(raw)[1:])
     if "name" not in params:
         raise FormError('The Content-Disposition header field "name" must be provided.')
     # Header bytes were read as latin-1; names and filenames may be UTF-8 (RFC 7578 section 5.1).
