@@ -67,7 +67,9 @@ def solo_seconds(setup: Setup) -> float:
 
 def run_k(setup: Setup, k: int, work_dir: Path) -> tuple[Point, list[int]]:
     env = procs.isolated_env(work_dir / f"runtime-{k}")
-    emulators = procs.start_emulators(k, ["--time-scale", f"{setup.time_scale:g}"], gpus=["0"], env=env)
+    # One jitter seed for all: every process takes exactly as long for the request, so ratios compare k alone.
+    emulators = procs.start_emulators(k, ["--time-scale", f"{setup.time_scale:g}", "--seed", "0"], gpus=["0"],
+                                      env=env)
     try:
         form = tts_form(corpus_text(0, setup.chars))
         warm([e.url for e in emulators], form)
@@ -160,8 +162,9 @@ def render(setup: Setup, points: Sequence[Point], wall_s: float, command: str) -
         f"`{GpuCurve().as_text()}`), each kept busy by its own closed-loop client with one request at a time, "
         "sent **directly** to the process (no sidecar: this measures the emulated GPU alone; the sidecar adds "
         "the overhead in proxy-overhead.md). Every request is the same "
-        f"{setup.chars}-character text ({units(corpus_text(0, setup.chars)):.0f} units, {solo:.3f} s alone on "
-        f"an idle GPU at this time scale). Each process is warmed up (model loaded, cold request served); then "
+        f"{setup.chars}-character text ({units(corpus_text(0, setup.chars)):.0f} units: the service model's mean "
+        f"is {solo:.3f} s alone at this time scale, and every process, started with the same `--seed 0`, draws "
+        "the same jitter for it). Each process is warmed up (model loaded, cold request served); then "
         f"requests finishing within a {setup.window_s:g} s window, after a ramp of {setup.ramp_factor:g}× the "
         "expected latency, count.",
         "",
@@ -173,6 +176,9 @@ def render(setup: Setup, points: Sequence[Point], wall_s: float, command: str) -
         "- **expected k/G(k)**: each busy process runs at G(k)/k of its solo speed, so a request takes k/G(k) "
         "times as long; **calibration latency s** is the measured mean per request in those rows (real "
         "seconds, 250-token requests), for the shape of the curve.",
+        "- Measured ratios may fall a few % short of G(k): between two requests a process does no GPU work "
+        "(the answer's round trip and WAV encoding), and the others notice a change in the number of busy "
+        "processes at their next poll (every 30 ms).",
         "- **emulator CPU %**: CPU time of the k emulator processes over the window, % of one core (of "
         f"{os.cpu_count()}): far below the machine's capacity means the emulated GPU, not the host, set the pace.",
         "",

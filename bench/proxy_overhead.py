@@ -50,7 +50,8 @@ PATHS = ("direct", "nginx", "sidecar")
 TEXT = "你好"
 BACKEND_SLOTS = 10  # the emulator's (upstream's) short-text semaphore: what a direct client can use at once
 LATENCY_COLUMNS = ("path", "requests", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms")
-SATURATION_COLUMNS = ("path", "req/s", "errors", "load generator CPU %", "proxy CPU %", "backend CPU %")
+SATURATION_COLUMNS = ("path", "req/s", "errors", "load generator CPU %", "proxy CPU %", "backend CPU %",
+                      "machine busy %")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +78,7 @@ class Saturation:
     generator_cpu_pct: float  # % of one core
     proxy_cpu_pct: float | None  # nginx (master + workers) or the sidecar; None for direct
     backend_cpu_pct: float
+    machine_busy_pct: float  # every process on the machine, % of all its cores
 
 
 @dataclass
@@ -84,6 +86,13 @@ class PathResult:
     path: str
     latencies_s: list[float] = field(default_factory=list)
     saturation: Saturation | None = None
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def children_of(pid: int) -> list[int]:
@@ -153,6 +162,7 @@ def _wrk(url: str, form: tuple[str, bytes], setup: Setup, work_dir: Path) -> tup
 def saturate(url: str, form: tuple[str, bytes], setup: Setup, work_dir: Path, proxy_pids: Sequence[int],
              backend_pids: Sequence[int]) -> Saturation:
     proxy_before, backend_before = cpu_seconds(proxy_pids), cpu_seconds(backend_pids)
+    busy_before, total_before = machine_ticks()
     started = time.monotonic()
     if shutil.which("wrk"):
         rps, errors, generator_cpu = _wrk(url, form, setup, work_dir)
@@ -162,10 +172,12 @@ def saturate(url: str, form: tuple[str, bytes], setup: Setup, work_dir: Path, pr
         window = measure([url] * setup.connections, form, window_s=setup.saturation_s, ramp_s=0.5)
         rps, errors, generator_cpu, tool = window.rps, window.failed, time.process_time() - own, "python"
     elapsed = time.monotonic() - started
+    busy_after, total_after = machine_ticks()
     proxy_cpu = (cpu_seconds(proxy_pids) - proxy_before) if proxy_pids else None
     return Saturation(rps=rps, errors=errors, tool=tool, generator_cpu_pct=100 * generator_cpu / elapsed,
                       proxy_cpu_pct=None if proxy_cpu is None else 100 * proxy_cpu / elapsed,
-                      backend_cpu_pct=100 * (cpu_seconds(backend_pids) - backend_before) / elapsed)
+                      backend_cpu_pct=100 * (cpu_seconds(backend_pids) - backend_before) / elapsed,
+                      machine_busy_pct=100 * (busy_after - busy_before) / max(1, total_after - total_before))
 
 
 def sidecar_yaml(backend_url: str, setup: Setup) -> tuple[str, int]:
@@ -255,7 +267,7 @@ def saturation_table(results: Sequence[PathResult]) -> list[str]:
             continue
         proxy = "–" if s.proxy_cpu_pct is None else f"{s.proxy_cpu_pct:.0f}"
         rows.append(f"| {r.path} | {s.rps:.0f} | {s.errors} | {s.generator_cpu_pct:.0f} | {proxy} | "
-                    f"{s.backend_cpu_pct:.0f} |")
+                    f"{s.backend_cpu_pct:.0f} | {s.machine_busy_pct:.0f} |")
     return rows
 
 
@@ -308,10 +320,12 @@ def render(setup: Setup, results: Sequence[PathResult], mem: dict[str, Any] | No
         *saturation_table(results),
         "",
         "CPU % is of one core over the run (the machine has "
-        f"{os.cpu_count()}); the load generator, proxy and backend share them. The load generator is not the "
-        "bottleneck when its CPU use stays well below what the servers use: wrk is C, two threads, and sends "
-        "the same pre-built request. Proxy CPU near 100 % means the proxy (one process each) is what saturates; "
-        "direct shows the backend's own ceiling.",
+        f"{os.cpu_count()}); the load generator, proxy and backend share them. *machine busy %* is every process "
+        "on the machine, % of all cores: near 100 % means the host, not one process, set the ceiling, and "
+        "anything else running shows up there. The load generator is not the bottleneck when its CPU use stays "
+        "well below what the servers use: wrk is C, two threads, and sends the same pre-built request. Proxy "
+        "CPU near 100 % means the proxy (one process each, single-threaded) is what saturates; direct shows the "
+        "backend's own ceiling.",
         "",
     ]
     if "python" in tools:

@@ -10,6 +10,7 @@ answer streamed through keeps the peak flat; one held whole would add clients x 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import tempfile
@@ -18,50 +19,67 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tests.contract_cases import multipart
-from tests.support import Service, http, sidecar_config, start_sidecar
+from bench import procs
+from bench.closedloop import tts_form
+from bench.procs import memory_kib
 
 TEXT = "从前有一座山，山上有一座庙，庙里有一个老和尚在给小和尚讲故事。"
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0])
-    return fields
-
-
-def _request(service: Service, text: str, seed: int) -> int:
-    content_type, body = multipart(("input_text", text), ("index", "exampleA"), ("seed", str(seed)))
-    status, _, raw = http("POST", service.url + "/api/v1/tts", body=body, headers={"Content-Type": content_type},
-                          timeout=120)
-    assert status == 200 and json.loads(raw)["success"], raw[:200]
+def _request(url: str, text: str, seed: int) -> int:
+    content_type, body = tts_form(text, seed=seed)
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=120)
+    try:
+        conn.request("POST", "/api/v1/tts", body=body, headers={"Content-Type": content_type})
+        resp = conn.getresponse()
+        raw = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200 and json.loads(raw)["success"], raw[:200]
     return len(raw)
+
+
+def sidecar_yaml(*, backends: int, slots: int, time_scale: float) -> tuple[str, int]:
+    """A sidecar over `backends` emulators on free loopback ports; (yaml, listen port)."""
+    port = procs.free_port()
+    command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", f"{time_scale:g}",
+               "--seed", "{index}"]
+    return f"""listen: {{host: 127.0.0.1, port: {port}}}
+backends:
+  command: {json.dumps(command)}
+  gpus: {json.dumps([str(i) for i in range(backends)])}
+  base_port: {procs.free_ports(backends)}
+  slots: {slots}
+  health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
+  warmup: {{enabled: false}}
+  stop_grace_s: 5.0
+cost: {{base_s: {0.3125 * time_scale!r}, per_unit_s: {0.159375 * time_scale!r}, reload_s: {20.0 * time_scale!r}}}
+""", port
 
 
 def measure(*, clients: int = 20, chars: int = 360, backends: int = 2, time_scale: float = 0.002) -> dict[str, Any]:
     text = (TEXT * (chars // len(TEXT) + 1))[:chars]
     slots = max(1, clients // backends)
-    config, port = sidecar_config(backends=backends, slots=slots, time_scale=time_scale)
+    config, port = sidecar_yaml(backends=backends, slots=slots, time_scale=time_scale)
     with tempfile.TemporaryDirectory() as tmp:
-        service = start_sidecar(config, port, Path(tmp))
+        service = procs.start_sidecar(config, port, Path(tmp), env=procs.isolated_env(Path(tmp) / "runtime"))
+        pids = procs.backend_pids(service)
         try:
             for seed in range(backends * 2):  # load the models, warm every path
-                _request(service, text, seed)
+                _request(service.url, text, seed)
             before = memory_kib(service.pid)
             started = time.monotonic()
             with ThreadPoolExecutor(clients) as pool:
-                sizes = list(pool.map(lambda i: _request(service, text, 1000 + i), range(clients)))
+                sizes = list(pool.map(lambda i: _request(service.url, text, 1000 + i), range(clients)))
             elapsed = time.monotonic() - started
             after = memory_kib(service.pid)
         finally:
             service.stop()
+            procs.reap(pids)
     return {
         "clients": clients, "answer_bytes": max(sizes), "total_bytes": sum(sizes), "seconds": elapsed,
         "rss_before_kib": before["VmRSS"], "peak_before_kib": before["VmHWM"], "peak_after_kib": after["VmHWM"],
-        "peak_growth_kib": after["VmHWM"] - before["VmHWM"],
+        "peak_growth_kib": after["VmHWM"] - before["VmHWM"], "pids": [service.pid, *pids],
     }
 
 
