@@ -464,9 +464,11 @@ class Proxy:
         record.status = resp.status
         ok = False
         finished = False
+        writing = True  # to the client; else reading from the backend: whose failure it is
         try:
             try:
                 await out.prepare(request)
+                writing = False
                 async for chunk in resp.content.iter_chunked(STREAM_CHUNK):
                     if not finished:
                         ok = resp.status == 200 and chunk.startswith(SUCCESS_PREFIX)
@@ -474,16 +476,22 @@ class Proxy:
                         # is free now, so a client reading slowly holds a connection, never a slot.
                         finished = True
                         self.finish_answer(job, backend, resp.status, ok, record)
+                    writing = True
                     await out.write(chunk)
+                    writing = False
+                writing = True
                 await out.write_eof()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError) as exc:
+                if writing:  # the client went away (aiohttp's write error is a ClientError too)
+                    record.outcome = "client_gone"
+                    raise
                 # The backend died mid-answer: bytes already went out, so no retry; cut the client off.
                 ok = False
                 record.outcome = "backend_cut"
                 self.pool.report_failure(backend, f"answer cut short: {exc}")
                 if request.transport is not None:
                     request.transport.close()
-            except (ConnectionResetError, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 record.outcome = "client_gone"
                 raise
         finally:

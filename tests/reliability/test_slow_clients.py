@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -86,17 +85,16 @@ def tts_request(text: str) -> bytes:
 
 # --- slowhttptest ---------------------------------------------------------------------------------
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 @contextmanager
-def slowhttptest(*args: str, out: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run Debian's slowhttptest against the sidecar; it is ended (by its pid) on exit."""
+def slowhttptest(*args: str, stats: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run Debian's slowhttptest against the sidecar, its per-second statistics to ``stats``.csv;
+    it is ended (by its pid) on exit."""
     program = shutil.which("slowhttptest")
     if program is None:
         pytest.skip("slowhttptest not installed")
-    with out.open("wb") as sink:
-        proc = subprocess.Popen([program, *args], stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with stats.with_suffix(".out").open("wb") as sink:
+        proc = subprocess.Popen([program, *args, "-g", "-o", str(stats)], stdout=sink, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
     try:
         yield proc
     finally:
@@ -109,12 +107,15 @@ def slowhttptest(*args: str, out: Path) -> Iterator[subprocess.Popen[bytes]]:
                 proc.wait(5)
 
 
-def attack_figures(out: Path) -> dict[str, Any]:
-    """The most connections slowhttptest held at once, and whether it ever found the service down."""
-    text = _ANSI.sub("", out.read_text(errors="replace"))
-    connected = [int(n) for n in re.findall(r"connected:\s+(\d+)", text)]
-    available = re.findall(r"service available:\s+(\w+)", text)
-    return {"held_max": max(connected, default=0), "service_unavailable_seen": "NO" in available}
+def attack_figures(stats: Path) -> dict[str, Any]:
+    """From slowhttptest's CSV: the most connections it held at once, the most the server closed,
+    and the lowest 'service available' it saw (0: its probe found the service down)."""
+    csv = stats.with_suffix(".csv")
+    if not csv.exists():
+        return {}
+    rows = [line.split(",") for line in csv.read_text().splitlines()[1:] if line.strip()]
+    return {"held_max": max(int(r[3]) for r in rows), "closed_by_server_max": max(int(r[1]) for r in rows),
+            "service_available_min": min(int(r[4]) for r in rows)}
 
 
 LOW_SOFT_NOFILE = 256  # a shell's or container's usual soft limit is 1024: below what one attack holds
@@ -156,24 +157,25 @@ def attacked(tmp_path: Path, case: str, args: list[str], *, held_at_least: int) 
         soft, hard = fd_limits(service.pid)
         assert soft == hard or soft >= 65536, (soft, hard)
         tts(service.url)  # first-request costs out of the baseline
-        base_results, baseline = traffic(service.url, 2.5)
+        base_results, baseline = traffic(service.url, 2.0)
         fds_before = open_fds(service.pid)
-        out = tmp_path / "slowhttptest.out"
-        with slowhttptest(*args, "-u", service.url + "/api/v1/health", out=out) as proc:
+        stats = tmp_path / "slowhttptest"
+        with slowhttptest(*args, "-u", service.url + "/api/v1/health", stats=stats) as proc:
             wait_until(lambda: open_fds(service.pid) >= fds_before + held_at_least or proc.poll() is not None,
                        timeout=10, what="the attack's connections")
             fds_attack = open_fds(service.pid)
-            results, during = traffic(service.url, 4.0)
+            results, during = traffic(service.url, 3.5)
             fds_attack = max(fds_attack, open_fds(service.pid))
+            proc.wait(15)  # its statistics are written when it ends by itself
         wait_until(lambda: open_fds(service.pid) <= fds_before + 10, timeout=10, what="descriptors back")
         lag = assert_loop_lag_ok(service.url)
-    figures = attack_figures(out)
+    figures = attack_figures(stats)
     results += base_results
     lost = sum(r.status is None for r in results)
     assert lost == 0 and all(r.ok for r in results), sorted({(r.status, r.error) for r in results}, key=str)
     assert fds_attack >= fds_before + held_at_least, (fds_before, fds_attack)
     assert within_tolerance(baseline, during), (percentile(baseline, 0.99), percentile(during, 0.99))
-    assert not figures["service_unavailable_seen"], figures
+    assert figures.get("service_available_min", 1) > 0, figures
     record(case, sent=len(results), lost=lost, attack_connections_held=fds_attack - fds_before,
            p50_ms=[ms(percentile(baseline, 0.5)), ms(percentile(during, 0.5))],
            p99_ms=[ms(percentile(baseline, 0.99)), ms(percentile(during, 0.99))],
@@ -183,13 +185,13 @@ def attacked(tmp_path: Path, case: str, args: list[str], *, held_at_least: int) 
 
 def test_slowloris_does_not_slow_normal_traffic(tmp_path: Path) -> None:
     attacked(tmp_path, "slow clients: slowloris (500 slow headers)",
-             ["-H", "-c", "500", "-i", "5", "-r", "250", "-l", "12"], held_at_least=300)
+             ["-H", "-c", "500", "-i", "5", "-r", "250", "-l", "7"], held_at_least=300)
 
 
 def test_slow_readers_do_not_slow_normal_traffic(tmp_path: Path) -> None:
     attacked(tmp_path, "slow clients: slow read (200 slowhttptest readers)",
              ["-X", "-c", "200", "-w", "512", "-y", "1024", "-n", "5", "-z", "32", "-k", "3", "-r", "200",
-              "-l", "12"], held_at_least=150)
+              "-l", "7"], held_at_least=150)
 
 
 def test_slow_readers_of_big_answers_hold_no_backend_slot(tmp_path: Path) -> None:
@@ -197,7 +199,7 @@ def test_slow_readers_of_big_answers_hold_no_backend_slot(tmp_path: Path) -> Non
     the backend finished its work when its answer began."""
     with running_sidecar(tmp_path, backends=2, time_scale=0.01) as service:
         tts(service.url)
-        base_results, baseline = traffic(service.url, 2.0)
+        base_results, baseline = traffic(service.url, 1.5)
         readers = []
         try:
             for _ in range(4):
@@ -210,7 +212,7 @@ def test_slow_readers_of_big_answers_hold_no_backend_slot(tmp_path: Path) -> Non
                 sock.settimeout(30)
                 assert sock.recv(16).startswith(b"HTTP/1.1 200")
             held = queue(service)["in_service"]
-            results, during = traffic(service.url, 3.0)
+            results, during = traffic(service.url, 2.5)
         finally:
             for sock in readers:
                 sock.close()
@@ -233,6 +235,9 @@ def test_disconnects_mid_upload_while_queued_and_mid_answer_free_everything(tmp_
     with running_sidecar(tmp_path, backends=1, time_scale=0.05) as service:
         backend_url = backends(service)[0]["url"]
         tts(service.url)
+        began = time.monotonic()
+        assert tts(service.url).ok
+        idle_took = time.monotonic() - began
         wait_until(lambda: settled(service), timeout=10, what="an idle sidecar")
         fds_before = open_fds(service.pid)
         forwarded_before = received(backend_url)
@@ -276,6 +281,9 @@ def test_disconnects_mid_upload_while_queued_and_mid_answer_free_everything(tmp_
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         wait_until(lambda: settled(service), timeout=15, what="slots free after the cut answer")
         wait_until(lambda: open_fds(service.pid) <= fds_before + 2, timeout=10, what="descriptors back")
+        # A client hanging up says nothing about the backend: it stays in rotation.
+        backend = backends(service)[0]
+        assert backend["state"] == "ready" and backend["last_error"] is None, backend
 
         # No slot leaked: an idle sidecar serves the next request at once.
         began = time.monotonic()
@@ -283,8 +291,9 @@ def test_disconnects_mid_upload_while_queued_and_mid_answer_free_everything(tmp_
         took = time.monotonic() - began
         fds_after = open_fds(service.pid)
         lag = assert_loop_lag_ok(service.url)
-    assert after.ok and took < 2.0, took
+    assert after.ok and took < 3 * idle_took + 0.5, (idle_took, took)
+    assert float(after.headers["X-Queue-Wait"]) < 0.1, after.headers
     assert orphaned > 0, "a request whose client left while it ran was not counted as orphaned work"
     record("slow clients: disconnects (upload, queued, running, answer)", lost=0, forwarded_of_queued=0,
-           orphaned_backend_s=round(orphaned, 2), fds=[fds_before, fds_after], next_request_ms=ms(took),
-           loop_lag_ms=ms(lag))
+           orphaned_backend_s=round(orphaned, 2), fds=[fds_before, fds_after],
+           next_request_ms=[ms(idle_took), ms(took)], loop_lag_ms=ms(lag))
