@@ -183,14 +183,18 @@ def _parse_multipart(body: bytes, boundary_text: str, charset: str) -> FormData:
         raise FormError(f"Invalid multipart boundary: must be 1 to {MAX_BOUNDARY_LENGTH} characters.")
     _check_charset(charset)
     delimiter = b"--" + boundary_text.encode("latin-1", "replace")
-    # python-multipart skips blank lines before the first boundary and rejects anything else.
+    # python-multipart (0.0.34) rejects text before the first delimiter, unless the body starts with
+    # CR or LF: then it skips everything up to the first "-".
     pos = 0
-    while body.startswith(b"\r\n", pos):
-        pos += 2
+    if body[:1] in (b"\r", b"\n"):
+        pos = body.find(b"-")
+        if pos < 0:
+            return FormData()
     if not body.startswith(delimiter, pos):
         if not body[pos:]:
             return FormData()
-        raise FormError(INVALID_MULTIPART)
+        # A body that stops inside the first delimiter was cut, not malformed.
+        raise FormError(_UNTERMINATED if delimiter.startswith(body[pos:]) else INVALID_MULTIPART)
     pos += len(delimiter)
     separator = b"\r\n" + delimiter
     items: list[tuple[str, FormValue]] = []
@@ -201,7 +205,8 @@ def _parse_multipart(body: bytes, boundary_text: str, charset: str) -> FormData:
         while body[pos : pos + 1] in (b" ", b"\t"):
             pos += 1  # RFC 2046 transport padding
         if not body.startswith(b"\r\n", pos):
-            raise FormError(INVALID_MULTIPART if pos < len(body) else _UNTERMINATED)
+            # "-" or CR alone at the very end: cut inside the closing "--" or the CRLF.
+            raise FormError(_UNTERMINATED if body[pos:] in (b"", b"-", b"\r") else INVALID_MULTIPART)
         # A part may have no header line at all (then upstream reports its missing name).
         headers_end = pos if body.startswith(b"\r\n", pos + 2) else body.find(b"\r\n\r\n", pos + 2)
         if headers_end < 0 or headers_end - pos > MAX_PART_HEADER_BYTES:

@@ -225,7 +225,14 @@ def test_leading_crlfs_are_skipped() -> None:
     assert items(MP, b"\r\n\r\n\r\n" + multipart(("a", "1"))) == (("a", "1"),)
 
 
-@pytest.mark.parametrize("preamble", [b"junk\r\n", b" \r\n", b"\n", b"\r", b"\r\nx\r\n", b"-", b"\t"])
+@pytest.mark.parametrize("preamble", [b"\n", b"\r", b"\r\nx\r\n", b"\n\r\rpreamble text\x00\xff\r\n"])
+def test_after_a_leading_cr_or_lf_everything_up_to_a_dash_is_skipped(preamble: bytes) -> None:
+    # As python-multipart 0.0.34 does, in one chunk.
+    assert items(MP, preamble + multipart(("a", "1"))) == (("a", "1"),)
+    assert parse_form(MP, preamble) == FormData()
+
+
+@pytest.mark.parametrize("preamble", [b"junk\r\n", b" \r\n", b"-", b"\t", b"\r\n-x\r\n", b"\r\nnot-here"])
 def test_preamble_text_is_invalid(preamble: bytes) -> None:
     assert form_error(MP, preamble + multipart(("a", "1"))) == INVALID_MULTIPART
 
@@ -263,7 +270,12 @@ def test_empty_forms(body: bytes) -> None:
         (f'--{B}\r\nContent-Disposition: form-data; name="a"\r\n\r\nvalue'.encode(), UNTERMINATED),
         (field_part("a", "1"), UNTERMINATED),
         (field_part("a", "1") + f"--{B}".encode(), UNTERMINATED),
-        (field_part("a", "1") + f"--{B}-".encode(), INVALID_MULTIPART),
+        (field_part("a", "1") + f"--{B}-".encode(), UNTERMINATED),
+        (field_part("a", "1") + f"--{B}\r".encode(), UNTERMINATED),
+        (field_part("a", "1") + f"--{B} \t\r".encode(), UNTERMINATED),
+        (b"-", UNTERMINATED),
+        (f"\r\n--{B[:-1]}".encode(), UNTERMINATED),
+        (field_part("a", "1") + f"--{B}-x".encode(), UNTERMINATED),  # not a delimiter: more data
         (f"--{B}x\r\n".encode(), INVALID_MULTIPART),
     ],
 )
