@@ -258,13 +258,17 @@ def _find_delimiter(body: bytes, separator: bytes, start: int) -> int:
 _UNTERMINATED = "Invalid multipart data: the body ends before the closing boundary."
 
 
+# A part header's name is an RFC 7230 token, as python-multipart insists; its value runs to the CR.
+_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def _part_headers(block: bytes) -> list[tuple[str, str]]:
     headers: list[tuple[str, str]] = []
     for line in block.split(b"\r\n"):
         name, colon, value = line.partition(b":")
-        if not colon or not name.strip() or b"\n" in line or b"\r" in line or b"\0" in line:
+        if not colon or not _HEADER_NAME.fullmatch(name) or b"\r" in value:
             raise FormError(INVALID_MULTIPART)
-        headers.append((name.strip().decode("latin-1").lower(), value.strip().decode("latin-1")))
+        headers.append((name.decode("ascii").lower(), value.strip().decode("latin-1")))
     return headers
 
 
