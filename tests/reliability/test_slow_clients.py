@@ -122,9 +122,9 @@ LOW_SOFT_NOFILE = 256  # a shell's or container's usual soft limit is 1024: belo
 
 
 @contextmanager
-def sidecar_with_low_fd_limit(tmp_path: Path) -> Iterator[Service]:
+def sidecar_with_low_fd_limit(tmp_path: Path, extra: str = "") -> Iterator[Service]:
     """A ready sidecar started with a soft RLIMIT_NOFILE of LOW_SOFT_NOFILE (its hard limit unchanged)."""
-    text, port = sidecar_config(backends=2, time_scale=0.01)
+    text, port = sidecar_config(backends=2, time_scale=0.01, extra=extra)
     config = tmp_path / "sidecar.yaml"
     config.write_text(text + f"\ntasks: {{state_dir: {json.dumps(str(tmp_path / 'tasks'))}}}\n")
     launch = ("import resource, runpy, sys; "
@@ -150,10 +150,11 @@ def fd_limits(pid: int) -> tuple[int, int]:
     raise AssertionError("no 'Max open files' in /proc/limits")
 
 
-def attacked(tmp_path: Path, case: str, args: list[str], *, held_at_least: int) -> None:
+def attacked(tmp_path: Path, case: str, args: list[str], *, held_at_least: int, extra: str = "") -> dict[str, Any]:
     """Normal traffic before and during a slowhttptest attack: all answered, latency kept. The
-    sidecar starts with a low soft descriptor limit, as from a shell: it raises it to the hard one."""
-    with sidecar_with_low_fd_limit(tmp_path) as service:
+    sidecar starts with a low soft descriptor limit, as from a shell: it raises it to the hard one.
+    Returns slowhttptest's figures."""
+    with sidecar_with_low_fd_limit(tmp_path, extra) as service:
         soft, hard = fd_limits(service.pid)
         assert soft == hard or soft >= 65536, (soft, hard)
         tts(service.url)  # first-request costs out of the baseline
@@ -181,11 +182,15 @@ def attacked(tmp_path: Path, case: str, args: list[str], *, held_at_least: int) 
            p99_ms=[ms(percentile(baseline, 0.99)), ms(percentile(during, 0.99))],
            p99_ratio=round(percentile(during, 0.99) / percentile(baseline, 0.99), 2),
            fd_soft_limit=soft, loop_lag_ms=ms(lag), **figures)
+    return figures
 
 
 def test_slowloris_does_not_slow_normal_traffic(tmp_path: Path) -> None:
-    attacked(tmp_path, "slow clients: slowloris (500 slow headers)",
-             ["-H", "-c", "500", "-i", "5", "-r", "250", "-l", "7"], held_at_least=300)
+    # A connection without a whole request head is closed after limits.idle_timeout_s.
+    figures = attacked(tmp_path, "slow clients: slowloris (500 slow headers)",
+                       ["-H", "-c", "500", "-i", "5", "-r", "250", "-l", "7"], held_at_least=300,
+                       extra="limits: {idle_timeout_s: 4.0}")
+    assert figures.get("closed_by_server_max", 1) > 0, figures
 
 
 def test_slow_readers_do_not_slow_normal_traffic(tmp_path: Path) -> None:
