@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 import uuid
@@ -56,6 +57,11 @@ class Window:
 
     def latency(self, q: float) -> float | None:
         return percentile(self.latencies_s, q)
+
+    def latency_or_nan(self, q: float) -> float:
+        """For plots: a missing percentile is a gap."""
+        value = self.latency(q)
+        return math.nan if value is None else value
 
 
 def tts_form(text: str, *, seed: int = 1) -> tuple[str, bytes]:

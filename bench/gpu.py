@@ -180,20 +180,19 @@ def table(setup: Setup, points: Sequence[Point]) -> list[str]:
 
 
 def plot(points: Sequence[Point], out: Path, tokens: float) -> None:
-    for name, ylabel, value in (
-        (THROUGHPUT_PLOT, "speech tokens/s (all processes)", lambda w: w.rps * tokens),
-        (LATENCY_PLOT, "latency p50 (solid) / p99 (dashed), s", None),
-    ):
+    for name, ylabel in ((THROUGHPUT_PLOT, "speech tokens/s (all processes)"),
+                         (LATENCY_PLOT, "latency p50 (solid) / p99 (dashed), s")):
         fig = Figure(figsize=(5.5, 4.0))
         ax = fig.subplots()
         for path, marker in (("raw", "o"), ("sidecar", "s")):
             mine = [p for p in points if p.path == path]
             ks = [p.k for p in mine]
-            if value is not None:
-                ax.plot(ks, [value(p.window) for p in mine], marker=marker, label=path)
+            if name == THROUGHPUT_PLOT:
+                ax.plot(ks, [p.window.rps * tokens for p in mine], marker=marker, label=path)
             else:
-                ax.plot(ks, [p.window.latency(50) for p in mine], marker=marker, label=f"{path} p50")
-                ax.plot(ks, [p.window.latency(99) for p in mine], marker=marker, linestyle="--", label=f"{path} p99")
+                ax.plot(ks, [p.window.latency_or_nan(50) for p in mine], marker=marker, label=f"{path} p50")
+                ax.plot(ks, [p.window.latency_or_nan(99) for p in mine], marker=marker, linestyle="--",
+                        label=f"{path} p99")
         ax.set_xlabel("processes on one GPU")
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)

@@ -137,8 +137,8 @@ def plot(points: Sequence[Point], out_dir: Path) -> None:
 
     fig = Figure(figsize=(5.5, 4.0))
     ax = fig.subplots()
-    ax.plot(ks, [p.window.latency(50) for p in points], marker="o", label="p50")
-    ax.plot(ks, [p.window.latency(99) for p in points], marker="s", label="p99")
+    ax.plot(ks, [p.window.latency_or_nan(50) for p in points], marker="o", label="p50")
+    ax.plot(ks, [p.window.latency_or_nan(99) for p in points], marker="s", label="p99")
     solo = points[0].window.latency(50) or 0.0
     ax.plot(ks, [solo * k / curve(k) for k in ks], linestyle="--", color="grey", label="p50(1) × k/G(k)")
     ax.set_xlabel("processes on one GPU")
