@@ -240,9 +240,10 @@ def _parse_multipart(body: bytes, boundary_text: str, charset: str) -> FormData:
 
 
 def _find_delimiter(body: bytes, separator: bytes, start: int) -> int:
-    """The next CRLF--boundary that really is a delimiter: followed by "--", padding or CRLF.
+    """The next CRLF--boundary that really is a delimiter: followed by "--", padding or CRLF, or
+    by the end of the body (cut there).
 
-    Anything else after it is part data, as python-multipart reads it.
+    Anything else after it (a CR without LF too) is part data, as python-multipart reads it.
     """
     while True:
         found = body.find(separator, start)
@@ -250,7 +251,7 @@ def _find_delimiter(body: bytes, separator: bytes, start: int) -> int:
             return -1
         after = found + len(separator)
         rest = body[after : after + 2]
-        if rest == b"--" or rest.startswith((b"\r", b" ", b"\t")) or after >= len(body) - 1:
+        if rest == b"--" or rest == b"\r\n" or rest.startswith((b" ", b"\t")) or after >= len(body) - 1:
             return found
         start = found + 1
 

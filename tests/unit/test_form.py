@@ -568,7 +568,7 @@ def test_repeated_boundary_follows_upstream_or_fails() -> None:
     form_error("multipart/form-data; boundary=first; boundary=second", multipart(("a", "1"), boundary="first"))
 
 
-@pytest.mark.parametrize("tail", ["x", "-x", "_2"])
+@pytest.mark.parametrize("tail", ["x", "-x", "_2", "\r", "\rx", "\r\r\n"])
 def test_delimiter_lookalike_inside_a_part(tail: str) -> None:
     value = f"before\r\n--{B}{tail} after"
     assert items(MP, multipart(("a", value), ("b", "2"))) == (("a", value), ("b", "2"))
