@@ -251,7 +251,7 @@ def _find_delimiter(body: bytes, separator: bytes, start: int) -> int:
             return -1
         after = found + len(separator)
         rest = body[after : after + 2]
-        if rest == b"--" or rest == b"\r\n" or rest.startswith((b" ", b"\t")) or after >= len(body) - 1:
+        if rest in (b"--", b"\r\n", b"", b"-", b"\r") or rest.startswith((b" ", b"\t")):
             return found
         start = found + 1
 

@@ -276,6 +276,7 @@ def test_empty_forms(body: bytes) -> None:
         (b"-", UNTERMINATED),
         (f"\r\n--{B[:-1]}".encode(), UNTERMINATED),
         (field_part("a", "1") + f"--{B}-x".encode(), UNTERMINATED),  # not a delimiter: more data
+        (field_part("a", "1") + f"--{B}\n".encode(), UNTERMINATED),
         (f"--{B}x\r\n".encode(), INVALID_MULTIPART),
     ],
 )
