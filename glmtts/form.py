@@ -269,7 +269,8 @@ def _part_headers(block: bytes) -> list[tuple[str, str]]:
         name, colon, value = line.partition(b":")
         if not colon or not _HEADER_NAME.fullmatch(name) or b"\r" in value:
             raise FormError(INVALID_MULTIPART)
-        headers.append((name.decode("ascii").lower(), value.strip().decode("latin-1")))
+        # Leading spaces are skipped, nothing else: a trailing LF stays, so 'name="a"\n' is not quoted.
+        headers.append((name.decode("ascii").lower(), value.lstrip(b" ").decode("latin-1")))
     return headers
 
 

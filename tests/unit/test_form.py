@@ -429,14 +429,22 @@ def test_file_parts() -> None:
     assert (other.filename, other.content_type, other.data, other.size) == ("x.bin", None, b"", 0)
 
 
-def test_file_part_headers_keep_order_and_trim_values() -> None:
+def test_file_part_headers_keep_order_and_lose_leading_spaces() -> None:
+    # As python-multipart: leading spaces are skipped, tabs and trailing blanks kept.
     headers = (b'Content-Disposition: form-data; name="f"; filename="a.wav"\r\n'
                b"CONTENT-TYPE:   audio/x-wav  \r\nX-Extra:\t1")
     audio = parse_form(MP, raw_part(headers, b"data") + close()).get("f")
     assert isinstance(audio, UploadedFile)
-    assert audio.content_type == "audio/x-wav"
+    assert audio.content_type == "audio/x-wav  "
     assert audio.headers == (("content-disposition", 'form-data; name="f"; filename="a.wav"'),
-                             ("content-type", "audio/x-wav"), ("x-extra", "1"))
+                             ("content-type", "audio/x-wav  "), ("x-extra", "\t1"))
+
+
+@pytest.mark.parametrize(("headers", "name"), [(b'Content-Disposition: form-data; name="a"\n', '"a"\n'),
+                                               (b'Content-Disposition: form-data; name="a"\t', "a"),
+                                               (b'Content-Disposition:\tform-data; name="a" ', "a")])
+def test_only_blanks_around_a_parameter_are_trimmed(headers: bytes, name: str) -> None:
+    assert items(MP, raw_part(headers) + close()) == ((name, "v"),)
 
 
 def test_empty_filename_is_no_file() -> None:
