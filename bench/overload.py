@@ -25,10 +25,12 @@ import argparse
 import asyncio
 import json
 import math
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -103,6 +105,7 @@ class RunResult:
     summary: RunSummary
     records: list[Record] = field(repr=False)
     pids: list[int] = field(default_factory=list)  # every process the run started, all stopped
+    slots: dict[str, float] = field(default_factory=dict)  # sidecar arms: each backend's slots at the end
 
 
 @dataclass
@@ -301,6 +304,19 @@ def emulator_orphaned_seconds(urls: Sequence[str]) -> float | None:
     return total
 
 
+SLOTS_METRIC = re.compile(r'^glmtts_sidecar_backend_slots\{backend="([^"]+)"\} ([0-9.e+-]+)$', re.MULTILINE)
+
+
+def backend_slots(url: str) -> dict[str, float]:
+    """Each backend's slot limit now (what `slots: auto` learned), from the sidecar's /metrics."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    return {backend: float(value) for backend, value in SLOTS_METRIC.findall(text)}
+
+
 def _settle(setup: Setup) -> None:
     # Work orphaned by a 408 keeps its backend busy until the backend answers: let it finish.
     time.sleep(min(5.0, 1.5 * ServiceModel().mean_seconds(500) * setup.time_scale))
@@ -312,7 +328,7 @@ def _replay(url: str, trace: Sequence[Arrival], setup: Setup, label: str, progre
 
 
 def run_nginx(setup: Setup, trace: Sequence[Arrival], label: str, work_dir: Path,
-              progress: bool) -> tuple[list[Record], float | None, list[int]]:
+              progress: bool) -> tuple[list[Record], float | None, list[int], dict[str, float]]:
     """Emulators started here (same command, scale, GPU ids as the sidecar's) behind nginx."""
     env = procs.isolated_env(work_dir / "runtime")
     emulators = procs.start_emulators(setup.backends, emulator_args(setup), gpus=setup.gpus, env=env)
@@ -327,11 +343,11 @@ def run_nginx(setup: Setup, trace: Sequence[Arrival], label: str, work_dir: Path
     finally:
         for proc in started:
             proc.stop()
-    return records, orphaned, [p.pid for p in started]
+    return records, orphaned, [p.pid for p in started], {}
 
 
 def run_sidecar(arm: str, setup: Setup, trace: Sequence[Arrival], label: str, work_dir: Path,
-                progress: bool) -> tuple[list[Record], float | None, list[int]]:
+                progress: bool) -> tuple[list[Record], float | None, list[int], dict[str, float]]:
     """A fresh sidecar (which starts the emulators) with arm `arm`'s configuration."""
     text, port = sidecar_yaml(arm, setup)
     service = procs.start_sidecar(text, port, work_dir, env=procs.isolated_env(work_dir / "runtime"))
@@ -342,12 +358,13 @@ def run_sidecar(arm: str, setup: Setup, trace: Sequence[Arrival], label: str, wo
         if len(seen) < setup.backends:
             raise RuntimeError(f"warm-up reached only backends {sorted(seen)}:\n{service.output()}")
         records = _replay(service.url, trace, setup, label, progress)
+        slots = backend_slots(service.url)
         _settle(setup)
         orphaned = orphaned_backend_seconds(service.url)
     finally:
         service.stop()
         procs.reap(pids)
-    return records, orphaned, [service.pid, *pids]
+    return records, orphaned, [service.pid, *pids], slots
 
 
 def run_point(setup: Setup, capacity: Capacity, arm: str, load: float, work_dir: Path,
@@ -358,13 +375,13 @@ def run_point(setup: Setup, capacity: Capacity, arm: str, load: float, work_dir:
     label = f"{arm} {load:g}x"
     with tempfile.TemporaryDirectory(prefix=f"{arm}-", dir=work_dir) as tmp:
         if arm == "nginx":
-            records, orphaned, pids = run_nginx(setup, trace, label, Path(tmp), progress)
+            records, orphaned, pids, slots = run_nginx(setup, trace, label, Path(tmp), progress)
         else:
-            records, orphaned, pids = run_sidecar(arm, setup, trace, label, Path(tmp), progress)
+            records, orphaned, pids, slots = run_sidecar(arm, setup, trace, label, Path(tmp), progress)
     summary = summarize(records, config=arm, load=load, capacity_rps=capacity.rps, duration_s=setup.duration_s,
                         slo_s=setup.slo_s, weights={t.name: t.weight for t in TENANTS},
                         orphaned_backend_s=orphaned)
-    return RunResult(summary=summary, records=records, pids=pids)
+    return RunResult(summary=summary, records=records, pids=pids, slots=slots)
 
 
 def run(setup: Setup, *, command: str, progress: bool = True) -> BenchResult:

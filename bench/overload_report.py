@@ -183,6 +183,16 @@ def _slo_by_class(result: BenchResult) -> dict[str, float]:
     return {c.name: result.setup.slo_s(c.max_chars) for c in LENGTH_MIX}
 
 
+def slots_lines(runs: Sequence[RunResult]) -> list[str]:
+    """Each sidecar run's slots per backend at the end of its arrivals (`glmtts_sidecar_backend_slots`)."""
+    rows = [[r.summary.config, f"{r.summary.load:g}×", ", ".join(f"{b} {v:g}" for b, v in sorted(r.slots.items()))]
+            for r in runs if r.slots]
+    if not rows:
+        return []
+    return ["Slots per backend when the arrivals ended (`glmtts_sidecar_backend_slots`; what `slots: auto` "
+            "learned):", "", *_table(["arm", "load", "slots"], rows), ""]
+
+
 def render_markdown(result: BenchResult) -> str:
     """The report: verdict, setup, capacity formula, the tables, the plots, how each number is computed."""
     setup, cap = result.setup, result.capacity
@@ -286,6 +296,7 @@ def render_markdown(result: BenchResult) -> str:
         f"Generator health: latest send {lag * 1000:.1f} ms after its intended time; {timeouts} requests "
         "cut off by the wall-clock cap.",
         "",
+        *slots_lines(result.runs),
         "## Why these policies",
         "",
         "The policy arms use the seed's tiers as deadlines *with* unmeetable ones rejected at admission, rather than "

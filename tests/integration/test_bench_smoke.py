@@ -66,6 +66,8 @@ def test_smoke_benchmark_reports_every_arm_and_load_and_leaves_no_process(tmp_pa
     assert all(row[3] in ("yes", "**no**", "not measured") for row in verdict), verdict
     if "nginx" not in result.skipped:
         assert all(row[3] != "not measured" for row in verdict), verdict
+    assert all(r.slots for r in result.runs if r.summary.config != "nginx"), [r.slots for r in result.runs]
+    assert "Slots per backend" in text
     failures = _main_table(text, ("arm", "load", "requests", "200 OK", *FAILURE_KINDS))
     for row in failures:
         assert int(row[2]) == int(row[3]) + sum(int(c) for c in row[4:]), row
