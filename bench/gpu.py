@@ -135,29 +135,43 @@ def run_k(setup: Setup, k: int, work: Path) -> tuple[list[Point], list[int]]:
             Point(k=k, path="sidecar", window=through, load_s=load_s)], pids
 
 
-def run(setup: Setup) -> tuple[list[Point], list[int], list[int], float]:
-    """(points, pids started, ks left out for time, wall seconds)."""
+@dataclass
+class Outcome:
+    points: list[Point]
+    pids: list[int]  # every process started
+    left_out: list[int]  # ks not run, to stay within the budget or after a failure
+    failure: str | None  # what went wrong, when something did
+    wall_s: float
+
+
+def run(setup: Setup) -> Outcome:
+    """Each k in turn; a k that would overrun the budget is left out, and a failure ends the run
+    (what was measured before it is kept)."""
     began = time.monotonic()
-    points: list[Point] = []
-    pids: list[int] = []
-    left_out: list[int] = []
+    out = Outcome(points=[], pids=[], left_out=[], failure=None, wall_s=0.0)
     per_k_s = 0.0
     with tempfile.TemporaryDirectory(prefix="glmtts-gpu-") as tmp:
         for k in setup.ks:
             elapsed = time.monotonic() - began
             # A k costs at least as much as the one before it (more processes to load, longer decodes).
-            if points and elapsed + per_k_s * 1.3 > setup.budget_s:
-                left_out.append(k)
+            if out.failure or (out.points and elapsed + per_k_s * 1.3 > setup.budget_s):
+                out.left_out.append(k)
                 continue
             k_began = time.monotonic()
-            new, started = run_k(setup, k, Path(tmp))
+            try:
+                new, started = run_k(setup, k, Path(tmp))
+            except Exception as exc:  # keep what was measured; say what failed
+                out.failure = f"k = {k}: {type(exc).__name__}: {str(exc)[-3000:]}"
+                sys.stderr.write(f"[gpu] {out.failure}\n")
+                continue
             per_k_s = time.monotonic() - k_began
-            points += new
-            pids += started
+            out.points += new
+            out.pids += started
             for p in new:
                 sys.stderr.write(f"[gpu] k={k} {p.path}: {p.window.rps:.2f} req/s, "
                                  f"p50 {p.window.latency(50) or 0:.2f} s (load {p.load_s:.0f} s)\n")
-    return points, pids, left_out, time.monotonic() - began
+    out.wall_s = time.monotonic() - began
+    return out
 
 
 def _f(value: float | None, digits: int = 2) -> str:
@@ -203,7 +217,7 @@ def plot(points: Sequence[Point], out: Path, tokens: float) -> None:
 
 
 def render(setup: Setup, points: Sequence[Point], left_out: Sequence[int], wall_s: float, command: str,
-           skipped: str | None) -> str:
+           skipped: str | None, failure: str | None = None) -> str:
     model = ("the engine's tiny default model (a dry run of the orchestration, not a GPU measurement)" if setup.tiny
              else "GLM-TTS's first-stage shape: a 1.36 B-parameter Llama in bf16")
     lines = [
@@ -230,8 +244,11 @@ def render(setup: Setup, points: Sequence[Point], left_out: Sequence[int], wall_
         *table(setup, points),
         "",
     ]
+    if failure:
+        lines += ["**The run failed** (what was measured before is above):", "", "```", failure, "```", ""]
     if left_out:
-        lines += [f"Left out to stay within the {setup.budget_s:g} s budget: k = {', '.join(map(str, left_out))}.", ""]
+        why = "after the failure" if failure else f"to stay within the {setup.budget_s:g} s budget"
+        lines += [f"Left out {why}: k = {', '.join(map(str, left_out))}.", ""]
     lines += [
         "The calibration's aggregate tokens/s for k processes on one H200 (250-token, mostly cold requests; "
         "measurements/h200-calibration.md): "
@@ -265,22 +282,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / REPORT
     skipped = availability(setup.device)
-    points: list[Point] = []
-    pids: list[int] = []
-    left_out: list[int] = []
-    wall = 0.0
+    outcome = Outcome(points=[], pids=[], left_out=[], failure=None, wall_s=0.0)
     if skipped is None:
-        points, pids, left_out, wall = run(setup)
-        plot(points, args.out, tokens_per_request(setup))
+        outcome = run(setup)
+        plot(outcome.points, args.out, tokens_per_request(setup))
     else:
         sys.stderr.write(skipped + "\n")
-    report.write_text(render(setup, points, left_out, wall, command, skipped))
+    report.write_text(render(setup, outcome.points, outcome.left_out, outcome.wall_s, command, skipped,
+                             outcome.failure))
     (args.out / "gpu.json").write_text(json.dumps(
-        {"setup": asdict(setup), "skipped": skipped, "wall_s": wall, "left_out": left_out, "pids": pids,
+        {"setup": asdict(setup), "skipped": skipped, "failure": outcome.failure, "wall_s": outcome.wall_s,
+         "left_out": outcome.left_out, "pids": outcome.pids,
          "points": [{"k": p.k, "path": p.path, "rps": p.window.rps, "p50_s": p.window.latency(50),
                      "p99_s": p.window.latency(99), "completed": p.window.completed, "failed": p.window.failed,
-                     "load_s": p.load_s} for p in points]}, indent=2) + "\n")
+                     "load_s": p.load_s} for p in outcome.points]}, indent=2) + "\n")
     sys.stdout.write(report.read_text())
+    if outcome.failure:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,28 @@ def test_gpu_dry_run_on_cpu_runs_raw_and_sidecar_for_each_k(tmp_path: Path) -> N
     assert all(float(r[2]) > 0 and float(r[6]) >= float(r[5]) for r in rows), rows
     _pngs(tmp_path, gpu.THROUGHPUT_PLOT, gpu.LATENCY_PLOT)
     summary = json.loads((tmp_path / "gpu.json").read_text())
-    assert summary["skipped"] is None and summary["left_out"] == []
+    assert summary["skipped"] is None and summary["failure"] is None and summary["left_out"] == []
     _all_gone(summary["pids"])
+
+
+def test_gpu_benchmark_keeps_what_it_measured_when_a_k_fails(tmp_path: Path, monkeypatch: Any) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    window = gpu.Window(clients=1, window_s=1.0, completed=2, failed=0, latencies_s=(0.5, 0.5))
+
+    def run_k(setup: gpu.Setup, k: int, work: Path) -> tuple[list[gpu.Point], list[int]]:
+        if k == 2:
+            raise RuntimeError("backend gpu0-1 exited 1: CUDA out of memory")
+        return [gpu.Point(k=k, path=p, window=window, load_s=1.0) for p in ("raw", "sidecar")], []
+
+    monkeypatch.setattr(gpu, "run_k", run_k)
+    with pytest.raises(SystemExit) as exited:
+        gpu.main(["--device", "cpu", "--tiny", "--ks", "1", "2", "4", "--out", str(tmp_path)])
+    assert exited.value.code == 1
+    text = (tmp_path / gpu.REPORT).read_text()
+    assert "**The run failed**" in text and "CUDA out of memory" in text
+    assert "Left out after the failure: k = 4." in text
+    assert [(int(r[0]), r[1]) for r in _table(text, gpu.COLUMNS)] == [(1, "raw"), (1, "sidecar")]
 
 
 def test_gpu_benchmark_without_cuda_is_skipped_with_the_reason(tmp_path: Path, monkeypatch: Any,
