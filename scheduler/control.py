@@ -69,7 +69,9 @@ class Control:
 
     async def _drain(self) -> None:
         timeout = self.proxy.config.shutdown.drain_timeout_s
-        # A job leaves `running` only once its answer has streamed out (or its backend finished).
+        # A job leaves `running` once its backend finished with it (its answer began, or the backend
+        # stopped working on it). Answers still streaming to clients after that are aiohttp's to
+        # wait for: at stop it lets running handlers finish before the backends are stopped.
         if not await self.proxy.dispatcher.wait_idle(timeout):
             left = len(self.proxy.scheduler.queue) + len(self.proxy.scheduler.running)
             log.error("drain timeout (%g s) with %d request(s) unfinished; stopping anyway", timeout, left)

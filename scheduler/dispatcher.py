@@ -174,7 +174,8 @@ class Dispatcher:
         return rose
 
     def idle(self) -> bool:
-        """Nothing queued and nothing running (answers streaming out count as running)."""
+        """Nothing queued and no backend working on a job (an answer still streaming to its client
+        holds no slot: GLM-TTS answers only once synthesis is done)."""
         return not len(self.scheduler.queue) and not self.scheduler.running
 
     async def wait_idle(self, timeout: float) -> bool:
