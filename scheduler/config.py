@@ -231,6 +231,7 @@ class AdaptiveConfig(ConfigSection):
 class BackendsConfig(ConfigSection):
     command: tuple[StrictStr, ...] = (
         "{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", "0.05", "--seed", "{index}",
+        "--gpu", "{gpu}",
     )
     cwd: Path | None = None  # absolute after load; relative paths are taken from the config file's directory
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
