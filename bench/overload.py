@@ -69,6 +69,7 @@ class Setup:
     arms: tuple[str, ...] = ARMS
     seed: int = 20240611
     warmup_rounds: int = 2
+    deadlines: str = "tiers"  # the policy arms' deadlines: "tiers" (the seed's) or "learned"
 
     def slo_s(self, chars: int) -> float:
         """A request's SLO: its deadline tier, scaled."""
@@ -147,8 +148,13 @@ def _tiers_yaml(setup: Setup) -> str:
                      for limit, seconds in SEED_TIERS)
 
 
+def arm_backends(arm: str) -> dict[str, int | str]:
+    """The `backends` keys sidecar arm `arm` sets beyond the pool's."""
+    return {"slots": "auto", "max_slots": MAX_SLOTS} if arm == "policies-auto" else {"slots": 1}
+
+
 def config_extra(arm: str, setup: Setup) -> str:
-    """The YAML sections (beyond listen and the pool's `backends` keys) of sidecar arm `arm`."""
+    """The YAML of sidecar arm `arm` beyond `listen` and the pool's `backends` keys."""
     s = setup.time_scale
     tenants = "\n".join(f"    - {{name: {t.name}, keys: [{t.key}], weight: {float(t.weight)!r}}}" for t in TENANTS)
     common = f"""cost: {{base_s: {0.3125 * s!r}, per_unit_s: {0.159375 * s!r}, reload_s: {20.0 * s!r}}}
@@ -159,7 +165,7 @@ tenants:
     if arm == "seed":
         # The seed's semaphores: 10 for <= 200 chars together, 3 long; as class caps, 10 each for
         # short and medium (<= 20 together). Either way only the long cap binds on a small pool.
-        return "backends: {slots: 1}\n" + common + f"""classes:
+        return common + f"""classes:
   - {{name: short, max_chars: 50, max_in_service: 10}}
   - {{name: medium, max_chars: 200, max_in_service: 10}}
   - {{name: long, max_chars: null, max_in_service: 3}}
@@ -167,9 +173,13 @@ deadlines: {{policy: tiers, tiers: [{_tiers_yaml(setup)}], reject_unmeetable: fa
 queue: {{order: fifo}}
 """
     if arm in ("policies-fixed", "policies-auto"):
-        slots = "{slots: 1}" if arm == "policies-fixed" else f"{{slots: auto, max_slots: {MAX_SLOTS}}}"
-        return f"backends: {slots}\n" + common + f"""deadlines: {{policy: tiers, tiers: [{_tiers_yaml(setup)}], \
-reject_unmeetable: true}}
+        if setup.deadlines == "learned":
+            # p95 x 2 + 2 s, clamped to 5..600 s (time scale 1): about 3x a short text's service time.
+            deadlines = (f"{{policy: learned, learned: {{factor: 2.0, buffer_s: {2.0 * s!r}, min_s: {5.0 * s!r}, "
+                         f"max_s: {600.0 * s!r}}}, reject_unmeetable: true}}")
+        else:
+            deadlines = f"{{policy: tiers, tiers: [{_tiers_yaml(setup)}], reject_unmeetable: true}}"
+        return common + f"""deadlines: {deadlines}
 queue: {{order: fair, within_tenant: shortest_first}}
 """
     raise ValueError(f"unknown sidecar arm {arm!r}; known: {', '.join(SIDECAR_ARMS)}")
@@ -180,24 +190,19 @@ def emulator_args(setup: Setup) -> list[str]:
 
 
 def sidecar_yaml(arm: str, setup: Setup) -> tuple[str, int]:
-    """The whole config file of sidecar arm `arm` on free loopback ports; (yaml, listen port).
-
-    The arm's `backends: {...}` line is merged into the pool's `backends` section."""
+    """The whole config file of sidecar arm `arm` on free loopback ports; (yaml, listen port)."""
     port = procs.free_port()
     command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", *emulator_args(setup), "--seed", "{index}"]
-    extra = config_extra(arm, setup)
-    first, _, rest = extra.partition("\n")
-    arm_backends = first.removeprefix("backends: {").removesuffix("}")
+    keys = "".join(f"  {key}: {value}\n" for key, value in arm_backends(arm).items())
     text = f"""listen: {{host: 127.0.0.1, port: {port}}}
 backends:
   command: {json.dumps(command)}
   env: {{CUDA_VISIBLE_DEVICES: "{{gpu}}"}}
   gpus: {json.dumps(setup.gpus)}
   base_port: {procs.free_ports(setup.backends)}
-  {arm_backends.replace(", ", chr(10) + "  ")}
-  health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
+{keys}  health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
   stop_grace_s: 5.0
-{rest}"""
+{config_extra(arm, setup)}"""
     return text, port
 
 
@@ -415,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--arms", nargs="+", choices=ARMS, help="only these arms")
     parser.add_argument("--loads", nargs="+", type=float, help="only these multiples of capacity")
+    parser.add_argument("--deadlines", choices=("tiers", "learned"), default="tiers",
+                        help="the policy arms' deadlines (the SLO that counts goodput stays the seed's tiers)")
     args = parser.parse_args(argv)
     setup = SMOKE if args.smoke else FULL
     if args.duration is not None:
@@ -423,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         setup = replace(setup, arms=tuple(a for a in ARMS if a in args.arms))
     if args.loads:
         setup = replace(setup, loads=tuple(args.loads))
+    setup = replace(setup, deadlines=args.deadlines)
     command = "python -m bench.overload" + " ".join(a for a in ["", *(argv or sys.argv[1:])] if a != "--quiet")
     result = run(setup, command=command, progress=not args.quiet)
     report = write_report(result, args.out)
