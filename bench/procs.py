@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,20 +197,6 @@ def reap(pids: Sequence[int], timeout: float = 15.0) -> None:
         if not pid_gone(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def stopping(procs: Sequence[Proc], extra_pids: Callable[[], Sequence[int]] = list) -> Iterator[None]:
-    """Stop `procs` (and reap `extra_pids()`, read before stopping) when the block ends."""
-    pids: Sequence[int] = []
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            pids = extra_pids()
-        for proc in procs:
-            proc.stop()
-        reap(pids)
 
 
 def memory_kib(pid: int) -> dict[str, int]:
