@@ -77,7 +77,7 @@ def test_proxy_overhead_smoke_measures_every_path_and_the_memory(tmp_path: Path)
     _pngs(tmp_path, proxy_overhead.LATENCY_PLOT)
     summary = json.loads((tmp_path / "proxy-overhead.json").read_text())
     assert summary["memory"]["clients"] == proxy_overhead.SMOKE.memory_clients
-    _all_gone(summary["pids"])
+    _all_gone(summary["pids"] + summary["memory"]["pids"])
 
 
 def test_lua_body_escapes_every_byte_wrk_could_misread() -> None:
