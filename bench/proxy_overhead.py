@@ -50,8 +50,8 @@ PATHS = ("direct", "nginx", "sidecar")
 TEXT = "你好"
 BACKEND_SLOTS = 10  # the emulator's (upstream's) short-text semaphore: what a direct client can use at once
 LATENCY_COLUMNS = ("path", "requests", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms")
-SATURATION_COLUMNS = ("path", "req/s", "errors", "load generator CPU %", "proxy CPU %", "backend CPU %",
-                      "machine busy %")
+SATURATION_COLUMNS = ("path", "req/s", "errors", "load generator CPU %", "proxy CPU %", "proxy CPU ms per request",
+                      "backend CPU %", "machine busy %")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,7 +266,8 @@ def saturation_table(results: Sequence[PathResult]) -> list[str]:
         if s is None:
             continue
         proxy = "–" if s.proxy_cpu_pct is None else f"{s.proxy_cpu_pct:.0f}"
-        rows.append(f"| {r.path} | {s.rps:.0f} | {s.errors} | {s.generator_cpu_pct:.0f} | {proxy} | "
+        per_request = "–" if s.proxy_cpu_pct is None or not s.rps else f"{10 * s.proxy_cpu_pct / s.rps:.3f}"
+        rows.append(f"| {r.path} | {s.rps:.0f} | {s.errors} | {s.generator_cpu_pct:.0f} | {proxy} | {per_request} | "
                     f"{s.backend_cpu_pct:.0f} | {s.machine_busy_pct:.0f} |")
     return rows
 
@@ -310,7 +311,8 @@ def render(setup: Setup, results: Sequence[PathResult], mem: dict[str, Any] | No
         "",
         *latency_table(results),
         "",
-        "Added = the path's percentile minus the direct path's.",
+        "Added = the path's percentile minus the direct path's (a difference within run-to-run noise can come "
+        "out negative).",
         "",
         f"![latency distributions]({LATENCY_PLOT})",
         "",
@@ -325,7 +327,8 @@ def render(setup: Setup, results: Sequence[PathResult], mem: dict[str, Any] | No
         "anything else running shows up there. The load generator is not the bottleneck when its CPU use stays "
         "well below what the servers use: wrk is C, two threads, and sends the same pre-built request. Proxy "
         "CPU near 100 % means the proxy (one process each, single-threaded) is what saturates; direct shows the "
-        "backend's own ceiling.",
+        "backend's own ceiling. *proxy CPU ms per request* = proxy CPU seconds / requests: what one request costs "
+        "the proxy, whatever the machine's load.",
         "",
     ]
     if "python" in tools:
