@@ -22,7 +22,10 @@ def build_scheduler(config: SidecarConfig, *, cost: CostModel | None = None) -> 
                          max_s=d.learned.max_s)
     queue = make_queue(q.order, max_size=q.max_size, max_per_tenant=q.max_per_tenant,
                        within_tenant=q.within_tenant, aging_s=q.aging_s, band_aging_s=q.band_aging_s)
-    classes = LengthClasses([ClassRule(name=k.name, max_chars=k.max_chars, max_in_service=k.max_in_service)
+    bands = config.priorities.bands
+    classes = LengthClasses([ClassRule(name=k.name, max_chars=k.max_chars, max_in_service=k.max_in_service,
+                                       band=None if k.band is None else bands.index(k.band),
+                                       extra_slots=k.extra_slots)
                              for k in config.classes])
     return Scheduler(queue=queue, cost=cost, classes=classes, deadlines=policy, reject_unmeetable=d.reject_unmeetable)
 

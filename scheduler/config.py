@@ -440,6 +440,8 @@ class ClassConfig(ConfigSection):
     name: StrictStr = Field(pattern=_LABEL)
     max_chars: StrictInt | None = Field(ge=1)
     max_in_service: StrictInt | None = Field(default=None, ge=1)  # pool-wide; None: no cap
+    band: StrictStr | None = None  # a priorities.bands name: its requests queue at least this high; None: as asked
+    extra_slots: StrictInt = Field(default=0, ge=0, le=64)  # its requests may exceed a backend's slots by this many
 
 
 _DEFAULT_CLASSES = (
@@ -775,7 +777,7 @@ class SidecarConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> SidecarConfig:
-        _raise_if(self._address_problems() + self._tenant_problems())
+        _raise_if(self._address_problems() + self._tenant_problems() + self._class_problems())
         return self
 
     def _address_problems(self) -> list[tuple[Key, str]]:
@@ -816,6 +818,11 @@ class SidecarConfig(ConfigSection):
             if policy.max_queued is not None and policy.max_queued > max_size:
                 problems.append(((*key, "max_queued"), f"must be <= queue.max_size ({max_size})"))
         return problems
+
+    def _class_problems(self) -> list[tuple[Key, str]]:
+        bands = self.priorities.bands
+        return [(("classes", i, "band"), f"{c.band!r} is not in priorities.bands ({', '.join(bands)})")
+                for i, c in enumerate(self.classes) if c.band is not None and c.band not in bands]
 
     def class_of(self, chars: int) -> ClassConfig:
         """The length class of a text of `chars` characters."""

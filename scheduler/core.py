@@ -11,9 +11,10 @@ cannot cancel work: that orphaned time is counted.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scheduler.admission import Outlook, Rejection, admit
@@ -28,6 +29,8 @@ class ClassRule:
     name: str
     max_chars: int | None  # None: no upper bound (the last class)
     max_in_service: int | None = None  # pool-wide cap on jobs of this class in service
+    band: int | None = None  # its jobs queue in this band or a higher one (0 = highest); None: as asked
+    extra_slots: int = 0  # its jobs may run on a backend this many beyond the backend's slots
 
 
 class LengthClasses:
@@ -38,6 +41,9 @@ class LengthClasses:
 
     def of(self, chars: int) -> ClassRule:
         return next(r for r in self.rules if r.max_chars is None or chars <= r.max_chars)
+
+    def extra_slots(self, name: str) -> int:
+        return next((r.extra_slots for r in self.rules if r.name == name), 0)
 
     def cap(self, name: str, pool_slots: int) -> int | None:
         """The class's cap on jobs in service; a capped class never fills a pool of 2+ slots."""
@@ -90,6 +96,13 @@ class Tally:
     orphaned_s: float = 0.0  # backend seconds spent on work whose client was already answered
 
 
+# Seconds over which the rate of admitted work per band is averaged (exponential decay): long
+# enough to smooth Poisson arrivals, short enough to follow a change of load within a minute.
+RATE_WINDOW_S = 30.0
+# A band never counts on less than this share of the pool: the rest may go to higher bands.
+MIN_BAND_SHARE = 0.1
+
+
 class Scheduler:
     def __init__(self, *, queue: JobQueue, cost: CostModel, classes: LengthClasses, deadlines: DeadlinePolicy,
                  reject_unmeetable: bool = True) -> None:
@@ -101,6 +114,10 @@ class Scheduler:
         self.running: dict[str, Running] = {}
         self.tally = Tally()
         self._deadlines: list[tuple[float, int, str]] = []  # heap of queued jobs' deadlines
+        # Admitted work per band (predicted seconds), decayed over RATE_WINDOW_S, as of _work_at.
+        self._work: dict[int, float] = {}
+        self._work_at: float | None = None
+        self._work_since: float | None = None
 
     # --- jobs in -------------------------------------------------------------------------------
 
@@ -113,8 +130,11 @@ class Scheduler:
         budget = self.deadlines.budget_s(chars=chars, prediction=prediction) if budget_s is None else budget_s
         if client_budget_s is not None:
             budget = min(budget, client_budget_s)
+        rule = self.classes.of(chars)
+        if rule.band is not None:  # a class may lift its requests to a higher band, never lower them
+            band = min(band, rule.band)
         return Job(id=id, chars=chars, units=units, model_key=model_key, arrived_at=now, deadline_at=now + budget,
-                   tenant=tenant, weight=weight, band=band, cls=self.classes.of(chars).name,
+                   tenant=tenant, weight=weight, band=band, cls=rule.name,
                    predicted_s=prediction.mean_s, p95_s=prediction.p95_s, tenant_bound=tenant_bound)
 
     def offer(self, job: Job, now: float, backends: Sequence[BackendView], *, force: bool = False) -> Rejection | None:
@@ -136,7 +156,35 @@ class Scheduler:
             return rejection
         heapq.heappush(self._deadlines, (job.deadline_at, job.seq, job.id))
         self.tally.admitted += 1
+        self._note_work(job, now)
         return None
+
+    def _decay_work(self, now: float) -> None:
+        if self._work_at is None:
+            self._work_at = self._work_since = now
+            return
+        if now > self._work_at:
+            factor = math.exp(-(now - self._work_at) / RATE_WINDOW_S)
+            self._work = {band: work * factor for band, work in self._work.items()}
+            self._work_at = now
+
+    def _note_work(self, job: Job, now: float) -> None:
+        self._decay_work(now)
+        self._work[job.band] = self._work.get(job.band, 0.0) + job.predicted_s
+
+    def work_rate(self, now: float, *, above_band: int) -> float:
+        """Predicted seconds of work admitted per second into bands higher than ``above_band``
+        (0 = highest), averaged over about RATE_WINDOW_S: what will keep jumping ahead of a job
+        of that band while it waits."""
+        self._decay_work(now)
+        if self._work_since is None:
+            return 0.0
+        elapsed = now - self._work_since
+        if elapsed <= 0:
+            return 0.0
+        # The decayed sum of a steady rate r is r * window * (1 - exp(-elapsed / window)).
+        horizon = RATE_WINDOW_S * -math.expm1(-elapsed / RATE_WINDOW_S)
+        return sum(work for band, work in self._work.items() if band < above_band) / horizon
 
     # --- dispatch ------------------------------------------------------------------------------
 
@@ -150,9 +198,10 @@ class Scheduler:
         demand: dict[ModelKey, float] = {}  # queued work by model configuration
         for queued in self.queue.jobs():
             demand[queued.model_key] = demand.get(queued.model_key, 0.0) + queued.predicted_s
+        most_extra = max((r.extra_slots for r in self.classes.rules), default=0)
         while True:
             candidates = self._candidates(ready, now, loaded)
-            if not any(c.free_slots for c in candidates):
+            if not any(c.in_flight < c.slots + most_extra for c in candidates):
                 break
             in_service = Counter(r.job.cls for r in self.running.values())
             waiting: dict[ModelKey, float] = {}  # work already waiting for a backend of a configuration
@@ -161,7 +210,9 @@ class Scheduler:
                 cap = self.classes.cap(job.cls, pool_slots)
                 if cap is not None and in_service[job.cls] >= cap:
                     continue
-                choice = choose_backend(job.model_key, candidates, reload_s=self.cost.reload_s,
+                extra = self.classes.extra_slots(job.cls)
+                seen = [replace(c, slots=c.slots + extra) for c in candidates] if extra else candidates
+                choice = choose_backend(job.model_key, seen, reload_s=self.cost.reload_s,
                                         waiting_s=waiting.get(job.model_key, 0.0), demand=demand)
                 if choice is not None:
                     chosen = Assignment(job=job, backend_id=choice.backend_id, reload=choice.reload)
@@ -260,6 +311,7 @@ class Scheduler:
         self._deadlines = list(old._deadlines)
         heapq.heapify(self._deadlines)
         self.tally = old.tally
+        self._work, self._work_at, self._work_since = dict(old._work), old._work_at, old._work_since
 
     # --- predictions ---------------------------------------------------------------------------
 
@@ -320,7 +372,10 @@ class Scheduler:
         for tenant, backlog in others.items():
             ahead += min(backlog, own * weights[tenant] / job.weight)
         ahead += own - job.predicted_s
-        return ahead / slots
+        # Work arriving in higher bands while the job waits goes first too: with it coming in at
+        # rate r, the backlog drains at (slots - r) seconds of work per second.
+        higher = self.work_rate(now, above_band=band) if band > 0 else 0.0
+        return ahead / max(slots - higher, slots * MIN_BAND_SHARE)
 
     def _goes_before(self, queued: Job, job: Job, now: float) -> bool:
         """Whether a queued job of the same tenant and band will be served before ``job``."""

@@ -2,7 +2,8 @@
 
 A backend holds one model configuration (sample_rate, use_phoneme) at a time and reloads, for
 tens of seconds, to serve another. So: a free backend already loaded with the job's
-configuration if there is one; otherwise, if a busy backend with that configuration will be
+configuration if there is one (the one running fewest requests, then the one with the least
+work left); otherwise, if a busy backend with that configuration will be
 free -- for this job, after the same-configuration work queued before it -- sooner than a reload
 would take, wait for it; otherwise switch a free backend that no queued job of its own
 configuration needs, preferring one with nothing loaded; ties go to the least remaining work.
@@ -58,7 +59,8 @@ def choose_backend(job_key: ModelKey, candidates: Sequence[Candidate], *, reload
         return None
     matching = [c for c in free if c.model_key == job_key]
     if matching:
-        best = min(matching, key=lambda c: c.remaining_s)
+        # Fewest requests in flight first (each one slows the others down), then least work left.
+        best = min(matching, key=lambda c: (c.in_flight, c.remaining_s))
         return Choice(backend_id=best.id, reload=False)
     same = [c for c in candidates if c.model_key == job_key]
     same_slots = sum(c.slots for c in same)

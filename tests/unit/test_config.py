@@ -719,3 +719,14 @@ def test_slots_is_a_number_or_auto_with_its_knobs() -> None:
         max_slots=3, min_gain=0.2, samples=5, reprobe_s=300.0, latency_headroom=0.5))
     assert auto.slot_policy().mode == "auto" and fixed.slot_policy().mode == "fixed"
     assert parse_config("backends: {slots: auto}").backends.slot_policy().adaptive.max_slots == 4
+
+
+def test_a_class_band_must_name_a_priority_band() -> None:
+    from scheduler.config import ConfigError, parse_config
+
+    config = parse_config("classes:\n  - {name: short, max_chars: 50, band: interactive}\n"
+                          "  - {name: rest, max_chars: null}\n", check_paths=False)
+    assert config.classes[0].band == "interactive" and config.classes[1].band is None
+    with pytest.raises(ConfigError, match=r"classes\[0\]\.band: 'urgent' is not in priorities\.bands"):
+        parse_config("classes:\n  - {name: short, max_chars: 50, band: urgent}\n"
+                     "  - {name: rest, max_chars: null}\n", check_paths=False)

@@ -502,3 +502,71 @@ def test_nothing_is_dispatched_to_a_backend_that_is_not_ready() -> None:
                            STARTING) is None
     assert scheduler.schedule(0.0, STARTING) == []
     assert scheduler.schedule(0.0, [view("s", ready=False), view("r")])[0].backend_id == "r"
+
+
+# --- class bands, and waits that count work arriving in higher bands ---------------------------------
+
+
+def test_a_class_band_lifts_its_jobs_but_never_lowers_them() -> None:
+    s = Scheduler(queue=make_queue("fair", max_size=100), cost=CostModel(),
+                  classes=LengthClasses([ClassRule(name="short", max_chars=50, band=0),
+                                         ClassRule(name="long", max_chars=None)]),
+                  deadlines=TIERS)
+    short = s.make_job(id="s", chars=20, units=20, model_key=K24, now=0.0, band=2)
+    long = s.make_job(id="l", chars=300, units=300, model_key=K24, now=0.0, band=2)
+    assert (short.band, long.band) == (0, 2)
+    assert s.make_job(id="s0", chars=20, units=20, model_key=K24, now=0.0, band=0).band == 0
+
+
+def test_a_short_lifted_to_a_higher_band_goes_before_earlier_long_jobs() -> None:
+    s = Scheduler(queue=make_queue("fair", max_size=100), cost=CostModel(),
+                  classes=LengthClasses([ClassRule(name="short", max_chars=50, band=0),
+                                         ClassRule(name="long", max_chars=None)]),
+                  deadlines=TIERS, reject_unmeetable=False)
+    backends = [view("b0")]
+    for i in range(3):
+        assert s.offer(s.make_job(id=f"l{i}", chars=300, units=300, model_key=K24, now=0.0, band=1), 0.0,
+                       backends) is None
+    assert [a.job.id for a in s.schedule(0.0, backends)] == ["l0"]
+    assert s.offer(s.make_job(id="s", chars=20, units=20, model_key=K24, now=1.0, band=1), 1.0, backends) is None
+    s.finish("l0", 50.0, ok=True)
+    assert [a.job.id for a in s.schedule(50.0, backends)] == ["s"]
+
+
+def test_work_rate_measures_admitted_work_per_second_in_higher_bands() -> None:
+    s = make_scheduler(order="fair")
+    backends = [view("b0", slots=4)]
+    # 2 s of predicted work every second into band 0 for 120 s (well past the averaging window).
+    now = 0.0
+    for i in range(120):
+        now = float(i)
+        job = s.make_job(id=f"h{i}", chars=20, units=20, model_key=K24, now=now, band=0)
+        job.predicted_s = 2.0
+        assert s.offer(job, now, backends) is None
+        s.queue.remove(job.id)  # keep the queue empty: only the arrival rate matters here
+    assert s.work_rate(now, above_band=1) == pytest.approx(2.0, rel=0.05)
+    assert s.work_rate(now, above_band=0) == 0.0  # nothing is above the highest band
+
+
+def test_the_wait_of_a_lower_band_job_grows_with_the_work_arriving_above_it() -> None:
+    backends = [view("b0", slots=2)]
+
+    def wait_with(rate_per_s: float) -> float:
+        s = make_scheduler(order="fair")
+        for i in range(60):
+            if rate_per_s:
+                job = s.make_job(id=f"h{i}", chars=20, units=20, model_key=K24, now=float(i), band=0)
+                job.predicted_s = rate_per_s
+                assert s.offer(job, float(i), backends) is None
+                s.queue.remove(job.id)
+        for i in range(4):  # 4 queued long jobs of band 1 ahead of the probe
+            queued = s.make_job(id=f"q{i}", chars=300, units=300, model_key=K24, now=60.0, band=1)
+            assert s.offer(queued, 60.0, backends) is None
+        probe = s.make_job(id="p", chars=300, units=300, model_key=K24, now=60.0, band=1)
+        return s.predicted_wait_s(probe, 60.0, slots=2)
+
+    alone, busy = wait_with(0.0), wait_with(1.0)
+    # One slot's worth of work arrives above it each second: half the pool is left, so twice the wait.
+    assert busy == pytest.approx(2 * alone, rel=0.1)
+    # Work above that would take the whole pool still leaves the band its minimum share.
+    assert wait_with(5.0) == pytest.approx(alone / 0.1, rel=0.01)
