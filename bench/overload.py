@@ -179,8 +179,15 @@ queue: {{order: fifo}}
                          f"max_s: {600.0 * s!r}}}, reject_unmeetable: true}}")
         else:
             deadlines = f"{{policy: tiers, tiers: [{_tiers_yaml(setup)}], reject_unmeetable: true}}"
+        # Short texts queue in the top band (across tenants, still fair among them): a short one
+        # never waits behind another tenant's backlog of long ones; the long cap keeps them from
+        # holding every backend.
         return common + f"""deadlines: {deadlines}
 queue: {{order: fair, within_tenant: shortest_first}}
+classes:
+  - {{name: short, max_chars: 50, band: interactive, extra_slots: 1}}
+  - {{name: medium, max_chars: 200}}
+  - {{name: long, max_chars: null, max_in_service: 3}}
 """
     raise ValueError(f"unknown sidecar arm {arm!r}; known: {', '.join(SIDECAR_ARMS)}")
 
