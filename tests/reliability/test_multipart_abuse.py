@@ -72,10 +72,6 @@ CASES = {
     "non-UTF-8 filename": (post(GOOD + file_part("prompt_audio", b"a\xff\xfe.wav", b"RIFF") + END), 400,
                            "Invalid utf-8 in the filename of 'prompt_audio'."),
     "CR in a field name": (post(GOOD + part(b"a\rb", b"x") + END), 400, "Invalid multipart data."),
-    "LF in a field name": (post(GOOD + part(b"a\nb", b"x") + END), 400, "Invalid multipart data."),
-    "NUL in a field name": (post(GOOD + part(b"a\0b", b"x") + END), 400, "Invalid multipart data."),
-    "NUL in a filename": (post(GOOD + file_part("prompt_audio", b"a\0.wav", b"RIFF") + END), 400,
-                          "Invalid multipart data."),
     # Nested multipart is not flattened: its fields stay inside one part, so input_text is missing.
     "nested multipart/mixed inside a part": (
         post(part("payload", NESTED, b"Content-Type: multipart/mixed; boundary=inner\r\n") + END), 422,
@@ -89,6 +85,21 @@ CASES = {
 def test_hostile_multipart_is_refused(target: Target, case: str) -> None:
     data, status, detail = CASES[case]
     run_case(target, f"multipart: {case}", data, status=status, detail=detail, until=1, timeout=15)
+
+
+# A part header's value runs to its CR, for python-multipart as for us: a bare LF or a NUL inside
+# a quoted name is part of that name. An unknown field is ignored, as FastAPI ignores it, and a
+# prompt_audio file on /api/v1/tts is not read: upstream serves these, so the sidecar does too.
+SERVED = {
+    "LF in a field name": GOOD + part(b"a\nb", b"x") + END,
+    "NUL in a field name": GOOD + part(b"a\0b", b"x") + END,
+    "NUL in a filename": GOOD + file_part("prompt_audio", b"a\0.wav", b"RIFF") + END,
+}
+
+
+@pytest.mark.parametrize("case", list(SERVED))
+def test_what_upstream_reads_as_a_valid_form_is_served_once(target: Target, case: str) -> None:
+    run_case(target, f"multipart: {case}", post(SERVED[case]), status=200, forwarded=1, until=1, timeout=15)
 
 
 def test_crlf_in_a_filename_ends_the_header_line_as_upstream_reads_it(target: Target) -> None:
