@@ -18,9 +18,10 @@ from backend.client import Answer, BackendTimeout, BackendUnavailable
 from backend.pool import Backend
 from backend.state import BackendState
 from glmtts.contract import LONG_TEXT_THRESHOLD, upstream_length_class
+from glmtts.responses import json_response
 from scheduler.control import Control
 from scheduler.errors import NoBackend
-from scheduler.proxy import REQUEST_ID, Proxy, error_response, json_response
+from scheduler.proxy import REQUEST_ID, Proxy, error_response
 
 log = logging.getLogger("glmtts_sidecar.admin")
 

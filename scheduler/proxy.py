@@ -25,8 +25,9 @@ from backend.client import BackendClient, BackendTimeout, BackendUnavailable
 from backend.pool import Backend, BackendPool
 from backend.state import BackendState
 from glmtts.contract import check_tts, parse_tts_form, upstream_length_class
-from glmtts.errors import HTTPDetailError, dump_json
+from glmtts.errors import HTTPDetailError
 from glmtts.form import parse_form
+from glmtts.responses import json_response
 from glmtts.text import units
 from scheduler.admission import Rejection
 from scheduler.config import SidecarConfig
@@ -58,11 +59,6 @@ INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the even
 PASSED_HEADERS = ("Content-Type", "Allow", "Retry-After")
 # FastAPI serialises TTSResponse in field order, so a success starts with exactly this.
 SUCCESS_PREFIX = b'{"success":true'
-
-
-def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=dump_json(payload), status=status,
-                        headers={"Content-Type": "application/json", **(headers or {})})
 
 
 def error_response(exc: SidecarError | HTTPDetailError) -> web.Response:

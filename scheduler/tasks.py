@@ -25,11 +25,12 @@ from backend.pool import Backend
 from glmtts.contract import parse_tts_form
 from glmtts.errors import GLMTTSError
 from glmtts.form import parse_form
+from glmtts.responses import json_response
 from glmtts.text import units
 from glmtts.wav import WavError, read_wav
 from scheduler.config import TasksConfig
 from scheduler.errors import DeadlineExpired, SidecarError
-from scheduler.proxy import REQUEST_ID, Intake, Outcome, Proxy, error_response, json_response
+from scheduler.proxy import REQUEST_ID, Intake, Outcome, Proxy, error_response
 from scheduler.queue import Job
 from scheduler.taskstore import StoreError, Task, TaskState, TaskStore
 from scheduler.tenants import TenantError

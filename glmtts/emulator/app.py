@@ -30,19 +30,15 @@ from glmtts.emulator.faults import Faults, FaultSpecError
 from glmtts.emulator.gpu import GpuShare
 from glmtts.emulator.prompts import PromptStore
 from glmtts.emulator.upstream import UpstreamConcurrency, UpstreamConfig
-from glmtts.errors import HTTPDetailError, dump_json
+from glmtts.errors import HTTPDetailError
 from glmtts.form import parse_form
+from glmtts.responses import json_response
 from glmtts.text import units
 from glmtts.wav import to_base64
 
 log = logging.getLogger("glmtts.emulator")
 
 CLEAR_CACHE_MESSAGE = "Memory cleared. Models will reload on next inference."
-
-
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=dump_json(payload), status=status,
-                        headers={"Content-Type": "application/json", **(headers or {})})
 
 
 def detail_response(exc: HTTPDetailError) -> web.Response:
