@@ -7,7 +7,6 @@ import http.client as httpclient
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Free ports and process checks are the benchmarks' too: one copy, in bench.procs.
+from bench.procs import free_port as free_port
+from bench.procs import free_ports as free_ports
+from bench.procs import pid_gone as pid_gone
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def http(method: str, url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
@@ -137,37 +135,6 @@ def emulator(*args: str, **kwargs: Any) -> Iterator[Service]:
         service.stop()
 
 
-def pid_gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists (reaped or never a zombie of ours)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    status = Path(f"/proc/{pid}/status")
-    return status.exists() and "State:\tZ" in status.read_text()
-
-
-def free_port_range(count: int, host: str = "127.0.0.1") -> int:
-    """A base port such that base .. base+count-1 are all free right now."""
-    import random
-
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
 def sidecar_config(*, backends: int = 2, slots: int | str = 1, time_scale: float = 0.01,
                    emulator_args: Sequence[str] = (), extra: str = "", warmup: bool = False,
                    command: Sequence[str] | None = None, backend_extra: str = "",
@@ -178,7 +145,7 @@ def sidecar_config(*, backends: int = 2, slots: int | str = 1, time_scale: float
     for, so tests can count every request a backend receives. ``backend_extra``: more YAML lines
     for the ``backends`` section (e.g. ``watchdog: {...}``); ``extra``: more top-level sections."""
     port = free_port()
-    base = free_port_range(backends)
+    base = free_ports(backends)
     if command is None:
         command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", str(time_scale),
                    "--seed", "{index}", *emulator_args]

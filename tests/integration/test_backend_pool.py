@@ -29,7 +29,7 @@ S = BackendState
 EMULATOR = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", "0.01"]
 
 
-def free_port_range(count: int) -> int:
+def free_ports(count: int) -> int:
     """A base port with `count` consecutive free loopback ports (free when we looked)."""
     for _ in range(100):
         base = free_port()
@@ -56,7 +56,7 @@ def make_config(
     """A pool config on free loopback ports; `sections`: more `backends` keys (warmup, outlier, ...)."""
     backends = {
         "command": list(command), "gpus": list(gpus), "env": env or {}, "external": list(external),
-        "base_port": base_port or free_port_range(max(len(gpus), 1)),
+        "base_port": base_port or free_ports(max(len(gpus), 1)),
         "health": {"interval_s": interval_s, "timeout_s": timeout_s, "start_timeout_s": start_timeout_s,
                    "rise": rise, "fall": fall},
         "restart": {"backoff_initial_s": backoff_initial_s, "backoff_max_s": backoff_max_s,

@@ -13,7 +13,7 @@ import pytest
 from backend.state import BackendState
 from tests.contract_cases import multipart
 from tests.integration.test_backend_pool import EMULATOR, assert_gone, make_config, running, until
-from tests.support import emulator, free_port_range, get_json, http, pid_gone
+from tests.support import emulator, free_ports, get_json, http, pid_gone
 
 S = BackendState
 EXIT_AT_ONCE = ["{python}", "-c", "import sys; sys.exit(3)"]
@@ -217,7 +217,7 @@ async def test_restart_backend_drains_first_and_kill_backend_kills_at_once() -> 
 
 
 async def test_apply_grows_and_shrinks_the_pool_keeping_unchanged_backends_running() -> None:
-    base = free_port_range(3)
+    base = free_ports(3)
     two = make_config(gpus=["0", "1"], base_port=base)
     three = make_config(gpus=["0", "1", "2"], base_port=base, warmup={"sample_rate": 32000})
     async with running(two) as w:
@@ -244,7 +244,7 @@ async def test_apply_grows_and_shrinks_the_pool_keeping_unchanged_backends_runni
 
 
 async def test_apply_moves_backends_onto_ports_still_in_use_and_replaces_changed_launches() -> None:
-    base = free_port_range(3)
+    base = free_ports(3)
     old = make_config(gpus=["0", "1"], base_port=base)
     shifted = make_config(gpus=["0", "1"], base_port=base + 1)
     async with running(old) as w:
