@@ -12,20 +12,8 @@ from typing import Any
 import pytest
 
 from bench import gpu, procs_per_gpu, proxy_overhead
+from tests.integration.test_bench_smoke import PNG_MAGIC, markdown_table
 from tests.support import pid_gone, wait_until
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _table(markdown: str, columns: tuple[str, ...]) -> list[list[str]]:
-    lines = markdown.splitlines()
-    start = lines.index("| " + " | ".join(columns) + " |") + 2
-    rows: list[list[str]] = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 def _pngs(out: Path, *names: str) -> None:
@@ -45,7 +33,7 @@ def test_procs_per_gpu_smoke_reports_each_k_with_shared_gpu_scaling(tmp_path: Pa
     procs_per_gpu.plot(points, tmp_path)
     text = procs_per_gpu.render(setup, points, wall, "python -m bench.procs_per_gpu --smoke")
 
-    rows = _table(text, procs_per_gpu.COLUMNS)
+    rows = markdown_table(text, procs_per_gpu.COLUMNS)
     assert [int(r[0]) for r in rows] == list(setup.ks)
     assert all(float(r[1]) > 0 for r in rows), rows
     by_k = {int(r[0]): float(r[2]) for r in rows}
@@ -64,10 +52,10 @@ def test_proxy_overhead_smoke_measures_every_path_and_the_memory(tmp_path: Path)
 
     expected = [p for p in proxy_overhead.PATHS if p != "nginx" or shutil.which("nginx") or
                 Path("/usr/sbin/nginx").exists()]
-    latency = _table(text, proxy_overhead.LATENCY_COLUMNS)
+    latency = markdown_table(text, proxy_overhead.LATENCY_COLUMNS)
     assert [r[0] for r in latency] == expected, text
     assert all(float(r[2]) > 0 and float(r[3]) >= float(r[2]) for r in latency), latency
-    saturation = _table(text, proxy_overhead.SATURATION_COLUMNS)
+    saturation = markdown_table(text, proxy_overhead.SATURATION_COLUMNS)
     assert [r[0] for r in saturation] == expected, text
     # Errors would be the proxies' (a 5xx, a dropped connection): at most a stray wrk timeout on a busy machine.
     seconds = proxy_overhead.SMOKE.saturation_s
@@ -93,7 +81,7 @@ def test_gpu_dry_run_on_cpu_runs_raw_and_sidecar_for_each_k(tmp_path: Path) -> N
     gpu.main(["--device", "cpu", "--tiny", "--ks", "1", "2", "--out", str(tmp_path)])
     text = (tmp_path / gpu.REPORT).read_text()
 
-    rows = _table(text, gpu.COLUMNS)
+    rows = markdown_table(text, gpu.COLUMNS)
     assert [(int(r[0]), r[1]) for r in rows] == [(1, "raw"), (1, "sidecar"), (2, "raw"), (2, "sidecar")], text
     assert all(float(r[2]) > 0 and float(r[6]) >= float(r[5]) for r in rows), rows
     _pngs(tmp_path, gpu.THROUGHPUT_PLOT, gpu.LATENCY_PLOT)
@@ -119,7 +107,7 @@ def test_gpu_benchmark_keeps_what_it_measured_when_a_k_fails(tmp_path: Path, mon
     text = (tmp_path / gpu.REPORT).read_text()
     assert "**The run failed**" in text and "CUDA out of memory" in text
     assert "Left out after the failure: k = 4." in text
-    assert [(int(r[0]), r[1]) for r in _table(text, gpu.COLUMNS)] == [(1, "raw"), (1, "sidecar")]
+    assert [(int(r[0]), r[1]) for r in markdown_table(text, gpu.COLUMNS)] == [(1, "raw"), (1, "sidecar")]
 
 
 def test_gpu_benchmark_without_cuda_is_skipped_with_the_reason(tmp_path: Path, monkeypatch: Any,

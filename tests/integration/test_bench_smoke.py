@@ -16,7 +16,8 @@ from tests.support import pid_gone, wait_until
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _main_table(markdown: str, columns: tuple[str, ...] = MAIN_COLUMNS) -> list[list[str]]:
+def markdown_table(markdown: str, columns: tuple[str, ...] = MAIN_COLUMNS) -> list[list[str]]:
+    """The rows of the report's table headed by ``columns``, as stripped cells."""
     lines = markdown.splitlines()
     header = "| " + " | ".join(columns) + " |"
     start = lines.index(header) + 2  # past the header and the --- row
@@ -43,7 +44,7 @@ def test_smoke_benchmark_reports_every_arm_and_load_and_leaves_no_process(tmp_pa
         assert "nginx" not in result.skipped, result.skipped
     assert set(result.skipped) <= {"nginx"}, result.skipped  # every sidecar arm runs on this sidecar
     arms = [a for a in ARMS if a not in result.skipped]
-    rows = _main_table(text)
+    rows = markdown_table(text)
     assert {(r[0], r[1]) for r in rows} == {(a, f"{load:g}×") for a in arms for load in SMOKE.loads}, text
     for row in rows:
         assert len(row) == len(MAIN_COLUMNS), row
@@ -60,7 +61,7 @@ def test_smoke_benchmark_reports_every_arm_and_load_and_leaves_no_process(tmp_pa
     lowest = [r for r in rows if r[1] == f"{min(SMOKE.loads):g}×"]
     assert all(float(r[3]) > 0 for r in lowest), "nothing was served at the lowest load"
 
-    verdict = _main_table(text, VERDICT_COLUMNS)
+    verdict = markdown_table(text, VERDICT_COLUMNS)
     assert len(verdict) == 3, text
     assert text.index("## Verdict") < text.index("## Setup")
     assert all(row[3] in ("yes", "**no**", "not measured") for row in verdict), verdict
@@ -68,7 +69,7 @@ def test_smoke_benchmark_reports_every_arm_and_load_and_leaves_no_process(tmp_pa
         assert all(row[3] != "not measured" for row in verdict), verdict
     assert all(r.slots for r in result.runs if r.summary.config != "nginx"), [r.slots for r in result.runs]
     assert "Slots per backend" in text
-    failures = _main_table(text, ("arm", "load", "requests", "200 OK", *FAILURE_KINDS))
+    failures = markdown_table(text, ("arm", "load", "requests", "200 OK", *FAILURE_KINDS))
     for row in failures:
         assert int(row[2]) == int(row[3]) + sum(int(c) for c in row[4:]), row
 
