@@ -311,9 +311,7 @@ class Proxy:
                 except BackendUnavailable as exc:
                     self.pool.report_failure(backend, str(exc))
                     self.pool.report_outcome(backend, ok=False, latency_ratio=None)
-                    if retrying:
-                        self.retries.release()
-                    retrying = self._may_retry(job, record)
+                    retrying = self._retry_permit(job, record, held=retrying)
                     if not retrying:
                         self.dispatcher.finish(job, backend, ok=False)
                         raise BackendFailed(f"Backend {backend.id} went away before answering: {exc}") from None
@@ -325,9 +323,7 @@ class Proxy:
                 if resp.status < 500:
                     return backend, resp
                 # A server error before any byte went to the client: another backend may succeed.
-                if retrying:
-                    self.retries.release()
-                retrying = self._may_retry(job, record)
+                retrying = self._retry_permit(job, record, held=retrying)
                 if not retrying:
                     return backend, resp  # finish_answer reports it
                 self.pool.report_outcome(backend, ok=False, latency_ratio=None)
@@ -343,8 +339,11 @@ class Proxy:
             if retrying:
                 self.retries.release()
 
-    def _may_retry(self, job: Job, record: Outcome) -> bool:
-        """Whether a failed attempt may be tried again; takes a permit of the retry budget if so."""
+    def _retry_permit(self, job: Job, record: Outcome, *, held: bool) -> bool:
+        """After a failed attempt: give back the retry permit it held (``held``), then whether the
+        job may be tried again, taking a permit of the retry budget if so."""
+        if held:
+            self.retries.release()
         now = self.dispatcher.clock()
         return (record.attempts < self.config.retries.max_attempts and now < job.deadline_at
                 and self.retries.try_acquire(now))
