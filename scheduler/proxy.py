@@ -55,6 +55,7 @@ access_log = logging.getLogger("glmtts_sidecar.access")
 REQUEST_ID = "X-Request-ID"
 STREAM_CHUNK = 64 * 1024
 INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop
+YIELD_EVERY_CHUNKS = 1024  # body chunks read before giving other requests a turn
 # Backend answer headers worth passing on; hop-by-hop and framing headers are ours to set.
 PASSED_HEADERS = ("Content-Type", "Allow", "Retry-After")
 # FastAPI serialises TTSResponse in field order, so a success starts with exactly this.
@@ -75,6 +76,12 @@ def closing(response: web.Response) -> web.Response:
 
 def rejection_error(rejection: Rejection) -> Rejected:
     return Rejected(rejection.status, rejection.reason.value, rejection.detail, retry_after=rejection.retry_after_s)
+
+
+def sendable(value: str) -> str:
+    """A received header value as it can be sent on: a byte that was not UTF-8 (a lone surrogate
+    from aiohttp's parser) cannot be encoded again, so it is left out."""
+    return value if value.isascii() else value.encode("utf-8", "ignore").decode("utf-8")
 
 
 def request_id(request: web.Request) -> str:
@@ -237,6 +244,10 @@ class Proxy:
             if size > limit:
                 raise web.HTTPRequestEntityTooLarge(limit, size)
             chunks.append(chunk)
+            if len(chunks) % YIELD_EVERY_CHUNKS == 0:
+                # readany does not suspend while data is buffered: a body sent as a flood of tiny
+                # chunks would otherwise be drained in one go, stalling every other request.
+                await asyncio.sleep(0)
         return b"".join(chunks)
 
     async def tts(self, request: web.Request) -> web.StreamResponse:
@@ -248,7 +259,7 @@ class Proxy:
         job, rid, arrived, body, content_type = (intake.job, intake.request_id, intake.arrived, intake.body,
                                                  intake.content_type)
         record = Outcome(request_id=rid)
-        headers = {"Content-Type": content_type or "", REQUEST_ID: rid}
+        headers = {"Content-Type": sendable(content_type), REQUEST_ID: rid}
         try:
             response = await self._serve(request, job, body, headers, record)
         except SidecarError as exc:
@@ -314,7 +325,10 @@ class Proxy:
                     retrying = self._retry_permit(job, record, held=retrying)
                     if not retrying:
                         self.dispatcher.finish(job, backend, ok=False)
-                        raise BackendFailed(f"Backend {backend.id} went away before answering: {exc}") from None
+                        # The client learns which backend; its address and the error stay in the log.
+                        log.warning("request %s: backend %s failed before answering (%s); no retry left", job.id,
+                                    backend.id, exc)
+                        raise BackendFailed(f"Backend {backend.id} went away before answering") from None
                     log.warning("request %s: backend %s failed before answering (%s); trying again", job.id,
                                 backend.id, exc)
                     future = self.dispatcher.requeue(job, backend)
@@ -402,6 +416,13 @@ class Proxy:
             self.dispatcher.finish(job, backend, ok=False)
             raise BackendFailed(f"Backend {backend.id} did not answer within "
                                 f"{self.config.backends.request_timeout_s:g} s") from exc
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # the request could not even be sent: the slot is free again
+            log.exception("request %s: cannot forward to backend %s", job.id, backend.id)
+            self.dispatcher.finish(job, backend, ok=False)
+            raise BackendFailed(f"The request could not be forwarded to backend {backend.id}: "
+                                f"{exc.__class__.__name__}") from exc
 
     def _watch(self, task: asyncio.Future[aiohttp.ClientResponse], backend: Backend, job: Job) -> None:
         """The watchdog: a request still without an answer far beyond its prediction means a stuck

@@ -3,8 +3,14 @@
 A task goes through the same validation, attribution, admission, fair queueing and dispatch as a
 synchronous request, under its own, longer deadline (``tasks.deadline_s``). It is persisted
 (scheduler.taskstore: SQLite, request body and audio as files) before the 202 goes out, so a
-sidecar that is killed and restarted re-queues every task still queued or running: nothing
-accepted is lost. Only the tenant that created a task can see, fetch or cancel it (404 to others).
+sidecar that is killed and restarted re-queues every task still queued or running (in its
+priority band) and resumes the callbacks it had not finished: nothing accepted is lost. Only the
+tenant that created a task can see, fetch or cancel it (404 to others).
+
+A submit is stored first and admitted second: whatever ends the request early (a store error, the
+client leaving while the body is written, admission refusing it) leaves neither a queued job nobody
+awaits nor a stored task nobody runs. Each tenant's stored tasks and bytes are capped (429), and no
+task is taken when the store's disk runs low (503).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -28,11 +35,21 @@ from glmtts.form import parse_form
 from glmtts.responses import json_response
 from glmtts.text import units
 from glmtts.wav import WavError, read_wav
+from scheduler.callbacks import deliver
 from scheduler.config import TasksConfig
 from scheduler.errors import DeadlineExpired, SidecarError
 from scheduler.proxy import REQUEST_ID, Intake, Outcome, Proxy, error_response
 from scheduler.queue import Job
-from scheduler.taskstore import StoreError, Task, TaskState, TaskStore
+from scheduler.taskstore import (
+    DiskLow,
+    Quota,
+    QuotaExceeded,
+    StoreError,
+    Task,
+    TaskState,
+    TaskStore,
+    request_digest,
+)
 from scheduler.tenants import TenantError
 
 log = logging.getLogger("glmtts_sidecar.tasks")
@@ -40,6 +57,66 @@ log = logging.getLogger("glmtts_sidecar.tasks")
 IDEMPOTENCY_KEY = "Idempotency-Key"
 CALLBACK_URL = "X-Callback-URL"
 MAX_IDEMPOTENCY_KEY = 200
+# Headers a task stores or is attributed by: bytes that are not ASCII are refused, never stored.
+ASCII_HEADERS = ("Content-Type", CALLBACK_URL, "Authorization")
+STORE_RETRY_AFTER_S = 30.0
+
+T = TypeVar("T")
+
+
+class StoreUnavailable(SidecarError):
+    status = 503
+    reason = "store_unavailable"
+
+
+class TaskQuotaExceeded(SidecarError):
+    status = 429
+    reason = "task_quota"
+
+
+class DiskSpaceLow(SidecarError):
+    status = 503
+    reason = "disk_low"
+
+
+class IdempotencyKeyReused(SidecarError):
+    status = 422
+    reason = "idempotency_key_reused"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskResult:
+    """What a backend's answer to a task comes to: ``ok`` (upstream's success), its metadata, the WAV of a success."""
+
+    ok: bool
+    meta: dict[str, Any]
+    wav: bytes | None = None
+
+
+def _read_answer(status: int, raw: bytes) -> TaskResult:
+    try:
+        payload = json.loads(raw) if raw else None
+    except ValueError as exc:
+        return TaskResult(ok=False, meta={"detail": f"answer unreadable: {exc}"})
+    ok = status == 200 and isinstance(payload, dict) and payload.get("success") is True
+    meta = {k: v for k, v in payload.items() if k != "audio_base64"} if isinstance(payload, dict) else {}
+    if not ok:
+        return TaskResult(ok=False, meta=meta)
+    try:
+        wav = base64.b64decode(payload["audio_base64"], validate=True)  # type: ignore[index]
+        meta.update(audio_bytes=len(wav), duration_s=round(read_wav(wav).duration, 3))
+    except (binascii.Error, KeyError, TypeError, WavError) as exc:
+        # The backend said success: its slot learns so; the task fails on what it cannot keep.
+        return TaskResult(ok=True, meta={**meta, "error": f"the backend's audio is not a WAV: {exc}"})
+    return TaskResult(ok=True, meta=meta, wav=wav)
+
+
+@dataclass(frozen=True)
+class Runner:
+    """What runs one admitted task: cancelling ``work`` gives back its queue place or slot."""
+
+    work: asyncio.Task[None]
+    job: Job
 
 
 class TaskService:
@@ -48,8 +125,12 @@ class TaskService:
         self.config = config
         self.wall = wall  # task times are wall-clock (they outlive the process)
         self.store: TaskStore | None = None
-        self._runners: dict[str, tuple[asyncio.Task[None], Job, asyncio.Future[Backend]]] = {}
+        self._runners: dict[str, Runner] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Removals of tasks stored for a client that was never told of them; awaited, not cancelled, at close.
+        self._withdrawals: set[asyncio.Task[None]] = set()
+        # (tenant, Idempotency-Key) of submits being stored or removed: a retry waits for the outcome.
+        self._claims: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     # --- lifetime -----------------------------------------------------------------------------
 
@@ -62,16 +143,28 @@ class TaskService:
             log.error("async tasks unavailable: cannot open the task store in %s: %s", directory, exc)
             return
         log.info("async tasks stored in %s", directory)
-        for task in await asyncio.to_thread(self.store.unfinished):
-            await self._recover(task)
+        try:
+            unfinished = await asyncio.to_thread(self.store.unfinished)
+            announcing = await asyncio.to_thread(self.store.callbacks_due)
+        except StoreError as exc:
+            log.error("cannot read the tasks a previous run left: %s", exc)
+            unfinished, announcing = [], []
+        for task in unfinished:
+            try:
+                await self._recover(task)
+            except StoreError as exc:  # it stays stored: the next start tries again
+                log.error("task %s cannot be re-queued: %s", task.id, exc)
+        for task in announcing:  # finished, but its callback was never delivered or given up on
+            self._spawn(self._announce(task))
         self._spawn(self._sweeper())
 
     async def close(self) -> None:
-        for runner, _, _ in list(self._runners.values()):
-            runner.cancel()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*(r for r, _, _ in self._runners.values()), *self._background, return_exceptions=True)
+        runners = [runner.work for runner in self._runners.values()]
+        background = list(self._background)
+        for work in (*runners, *background):
+            work.cancel()
+        await asyncio.gather(*runners, *background, return_exceptions=True)
+        await asyncio.gather(*self._withdrawals, return_exceptions=True)
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 
@@ -96,43 +189,157 @@ class TaskService:
             raise StoreError("the task store is not open")
         return self.store
 
+    async def _call(self, what: str, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store call off the event loop; any failure is StoreUnavailable (503), logged."""
+        try:
+            return await asyncio.to_thread(method, *args, **kwargs)
+        except StoreError as exc:
+            log.error("%s: %s", what, exc)
+            raise _unavailable(str(exc)) from None
+        except Exception as exc:
+            log.exception("%s", what)
+            raise _unavailable(f"{exc.__class__.__name__}: {exc}") from None
+
+    def _quota(self) -> Quota:
+        return Quota(max_tasks=self.config.max_per_tenant, max_bytes=self.config.max_bytes_per_tenant,
+                     min_free_bytes=self.config.min_free_bytes)
+
     # --- POST /api/v1/tasks (and Prefer: respond-async) ---------------------------------------
 
     async def submit(self, request: web.Request) -> web.StreamResponse:
+        if (bad_header := _non_ascii_header(request)) is not None:
+            return bad_header
         if self.store is None:
             return _store_unavailable("the task store could not be opened (see the log)")
-        store = self.store
         key = request.headers.get(IDEMPOTENCY_KEY)
         callback = request.headers.get(CALLBACK_URL)
         if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isascii() and key.isprintable()):
             return json_response({"detail": f"{IDEMPOTENCY_KEY} must be 1 to {MAX_IDEMPOTENCY_KEY} printable "
                                   "ASCII characters", "reason": "bad_idempotency_key"}, 400)
-        if callback is not None and not self.config.callbacks.allows(callback):
-            return json_response({"detail": f"{CALLBACK_URL} is not in tasks.callbacks.allow",
-                                  "reason": "callback_not_allowed"}, 400)
+        if callback is not None and (refused := self.config.callbacks.refusal(callback)) is not None:
+            return json_response({"detail": f"{CALLBACK_URL} {refused}", "reason": "callback_not_allowed"}, 400)
         intake = await self.proxy.intake(request, budget_s=self.config.deadline_s)
         if isinstance(intake, web.Response):
             return intake
-        job = intake.job
         try:
-            future = self.proxy.admit(job)
+            return await self._accept(intake, key, callback)
         except SidecarError as exc:
             return error_response(exc)
-        budget = job.deadline_at - job.arrived_at
+
+    async def _accept(self, intake: Intake, key: str | None, callback: str | None) -> web.Response:
+        if key is None:
+            return await self._store_and_admit(intake, key, callback, "")
+        # What the key is bound to; hashed off the event loop (a body may be megabytes).
+        digest = await asyncio.to_thread(request_digest, intake.content_type, intake.body)
+        # One submit per key at a time: a retry that comes while the first is being stored waits for
+        # its outcome (accepted, or removed again because its client left), so that it is never
+        # told of a task about to be removed.
+        claim = (intake.job.tenant, key)
+        while (earlier := self._claims.get(claim)) is not None:
+            await asyncio.wait([earlier])
+        held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._claims[claim] = held
         try:
-            task, created = await asyncio.to_thread(
-                store.create, tenant=job.tenant, body=intake.body, content_type=intake.content_type,
-                chars=job.chars, deadline_at=self.wall() + budget, now=self.wall(), idempotency_key=key,
-                callback_url=callback)
+            # A retry of a stored task is answered before any admission or quota.
+            existing = await self._call("cannot look up an Idempotency-Key", self._require().find, claim[0], key)
+            if existing is not None:
+                return self._replay(existing, key, digest)
+            return await self._store_and_admit(intake, key, callback, digest)
+        finally:
+            held.set_result(None)
+            if self._claims.get(claim) is held:  # else a removal holds the key until it is done
+                del self._claims[claim]
+
+    async def _store_and_admit(self, intake: Intake, key: str | None, callback: str | None,
+                               digest: str) -> web.Response:
+        """Store the task, then admit its job: a refusal, or the client leaving meanwhile, removes
+        the stored task again; nothing is admitted that is not stored. ``digest``: the request's,
+        when it has an Idempotency-Key."""
+        store = self._require()
+        job = intake.job
+        claim = None if key is None else (job.tenant, key)
+        now = self.wall()
+        creating = asyncio.ensure_future(asyncio.to_thread(
+            store.create, tenant=job.tenant, body=intake.body, content_type=intake.content_type, chars=job.chars,
+            deadline_at=now + (job.deadline_at - job.arrived_at), now=now, idempotency_key=key,
+            callback_url=callback, band=self.proxy.tenants.band_names[job.band], quota=self._quota()))
+        try:
+            # Shielded: a client leaving cancels this wait, not the thread, which may still store the task.
+            task, created = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            self._withdraw(creating, claim)
+            raise
+        except QuotaExceeded as exc:
+            raise self._over_quota(job.tenant, exc) from None
+        except DiskLow as exc:
+            raise DiskSpaceLow(f"The task store's filesystem has {exc.free} bytes free; a new task needs {exc.needed} "
+                               "(its body plus tasks.min_free_bytes)", retry_after=self.config.sweep_interval_s,
+                               limit="tasks.min_free_bytes") from None
         except StoreError as exc:
-            self.proxy.dispatcher.withdraw(job, future)
             log.error("cannot persist a task: %s", exc)
-            return _store_unavailable(str(exc))
-        if not created:  # the same Idempotency-Key from the same tenant: the same task
-            self.proxy.dispatcher.withdraw(job, future)
-            return self._accepted(task, status=200 if task.state is not TaskState.QUEUED else 202)
+            raise _unavailable(str(exc)) from None
+        except Exception as exc:
+            log.exception("cannot persist a task")
+            raise _unavailable(f"{exc.__class__.__name__}: {exc}") from None
+        if not created:  # a concurrent submit with the same key stored it first
+            return self._replay(task, key or "", digest)
+        try:
+            future = self.proxy.admit(job)
+        except SidecarError:
+            await asyncio.shield(self._withdraw(creating, claim))
+            raise
         self._run(task, job, future, intake)
         return self._accepted(task)
+
+    def _replay(self, task: Task, key: str, digest: str) -> web.Response:
+        """The answer to a retry with an Idempotency-Key: the same task, if the same request."""
+        if task.request_sha256 != digest:
+            raise IdempotencyKeyReused(f"{IDEMPOTENCY_KEY} {key!r} was already used for a different request "
+                                       "(another body or Content-Type); a new request needs a new key")
+        return self._accepted(task, status=200 if task.state is not TaskState.QUEUED else 202)
+
+    def _withdraw(self, creating: asyncio.Future[tuple[Task, bool]],
+                  claim: tuple[str, str] | None) -> asyncio.Task[None]:
+        """Remove the task ``creating`` stores, once stored: its client was never told of it. Its
+        Idempotency-Key stays claimed until then."""
+        async def remove() -> None:
+            try:
+                task, created = await creating
+            except Exception:  # nothing was stored (create leaves nothing behind when it fails)
+                return
+            if not created:  # another request's task, found by its Idempotency-Key
+                return
+            try:
+                await asyncio.to_thread(self._require().delete, task.id)
+            except Exception as exc:
+                log.error("task %s was never accepted but cannot be removed: %s", task.id, exc)
+
+        removal = asyncio.ensure_future(remove())
+        self._withdrawals.add(removal)
+        removal.add_done_callback(self._withdrawals.discard)
+        if claim is not None:
+            self._claims[claim] = removal
+
+            def unclaim(_: object) -> None:
+                if self._claims.get(claim) is removal:
+                    del self._claims[claim]
+
+            removal.add_done_callback(unclaim)
+        return removal
+
+    def _over_quota(self, tenant: str, exc: QuotaExceeded) -> TaskQuotaExceeded:
+        # Room comes back when the sweep removes the tenant's oldest finished task; else, look again later.
+        retry = (exc.oldest_finished_at + self.config.ttl_s - self.wall() if exc.oldest_finished_at is not None
+                 else self.config.sweep_interval_s)
+        retry = max(retry, 1.0)
+        if exc.limit == "tasks":
+            return TaskQuotaExceeded(
+                f"Tenant {tenant!r} has {exc.used} stored tasks, the most tasks.max_per_tenant allows "
+                f"({exc.allowed}); finished tasks are removed tasks.ttl_s after they finish",
+                retry_after=retry, limit="tasks.max_per_tenant")
+        return TaskQuotaExceeded(
+            f"Tenant {tenant!r} stores {exc.used} bytes of task bodies and audio; {exc.adding} more would pass "
+            f"tasks.max_bytes_per_tenant ({exc.allowed})", retry_after=retry, limit="tasks.max_bytes_per_tenant")
 
     def _accepted(self, task: Task, status: int = 202) -> web.Response:
         body = {"task_id": task.id, "status": task.state.value, **self._queue_estimates(task)}
@@ -143,7 +350,7 @@ class TaskService:
         runner = self._runners.get(task.id)
         if task.state is not TaskState.QUEUED or runner is None:
             return {}
-        job = runner[1]
+        job = runner.job
         scheduler = self.proxy.scheduler
         now = self.proxy.dispatcher.clock()
         order = [j.id for j in scheduler.queue.candidates(now)]
@@ -160,84 +367,103 @@ class TaskService:
 
     def _run(self, task: Task, job: Job, future: asyncio.Future[Backend], intake: Intake) -> None:
         headers = {"Content-Type": intake.content_type, REQUEST_ID: f"task-{task.id}"}
-        runner = asyncio.ensure_future(self._execute(task, job, future, intake.body, headers))
-        self._runners[task.id] = (runner, job, future)
-        runner.add_done_callback(lambda _: self._runners.pop(task.id, None))
+        work = asyncio.ensure_future(self._execute(task, job, future, intake.body, headers))
+        self._runners[task.id] = Runner(work, job)
+        work.add_done_callback(lambda _: self._runners.pop(task.id, None))
         future.add_done_callback(lambda f: self._started(task.id, f))
 
     def _started(self, task_id: str, future: asyncio.Future[Backend]) -> None:
         if future.done() and not future.cancelled() and future.exception() is None:
-            self._spawn(asyncio.to_thread(self._require().mark_running, task_id, self.wall()))
+            self._spawn(self._store_quietly(f"task {task_id}: cannot mark it running", self._require().mark_running,
+                                            task_id, self.wall()))
+
+    async def _store_quietly(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+        """A store write whose failure is logged, not raised (True when it went through): a task left
+        unfinished by it is re-queued at the next start."""
+        try:
+            await asyncio.to_thread(method, *args, **kwargs)
+        except StoreError as exc:
+            log.error("%s: %s", what, exc)
+            return False
+        except Exception:
+            log.exception("%s", what)
+            return False
+        return True
 
     async def _execute(self, task: Task, job: Job, future: asyncio.Future[Backend], body: bytes,
                        headers: dict[str, str]) -> None:
+        """Run the task to its outcome, then announce it. Cancelled at any point (DELETE, shutdown),
+        nothing stays taken: proxy.exchange withdraws a queued job and leaves one in flight to finish
+        on its backend (GLM-TTS cannot cancel), whose slot is freed when it answers; an answer being
+        read is finished here."""
         store = self._require()
         record = Outcome(request_id=f"task-{task.id}")
         try:
             backend, resp = await self.proxy.exchange(job, future, body, headers, record)
         except DeadlineExpired as exc:
-            await asyncio.to_thread(store.fail, task.id, state=TaskState.EXPIRED, reason=exc.detail, result=None,
-                                    now=self.wall())
-            return await self._announce(task)
+            stored = await self._store_quietly(f"task {task.id}: cannot mark it expired", store.fail, task.id,
+                                               state=TaskState.EXPIRED, reason=exc.detail, result=None,
+                                               now=self.wall())
         except SidecarError as exc:
-            await asyncio.to_thread(store.fail, task.id, state=TaskState.FAILED, reason=f"{exc.reason}: {exc.detail}",
-                                    result=None, now=self.wall())
-            return await self._announce(task)
-        ok = False
-        try:
-            raw = await resp.read()
-            payload = json.loads(raw) if raw else None
-            ok = resp.status == 200 and isinstance(payload, dict) and payload.get("success") is True
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            payload, raw = {"detail": f"answer unreadable: {exc}"}, b""
-        finally:
-            resp.release()
-            self.proxy.finish_answer(job, backend, resp.status, ok, record)
-        await self._record(task, resp.status, payload, ok)
-        await self._announce(task)
-
-    async def _record(self, task: Task, status: int, payload: Any, ok: bool) -> None:
-        store = self._require()
-        meta = {k: v for k, v in payload.items() if k != "audio_base64"} if isinstance(payload, dict) else {}
-        if ok:
+            stored = await self._store_quietly(f"task {task.id}: cannot mark it failed", store.fail, task.id,
+                                               state=TaskState.FAILED, reason=f"{exc.reason}: {exc.detail}",
+                                               result=None, now=self.wall())
+        else:
+            answer: TaskResult | None = None
             try:
-                wav = base64.b64decode(payload["audio_base64"], validate=True)
-                meta.update(audio_bytes=len(wav), duration_s=round(read_wav(wav).duration, 3))
-            except (binascii.Error, KeyError, TypeError, WavError) as exc:
-                ok, meta = False, {**meta, "error": f"the backend's audio is not a WAV: {exc}"}
-            else:
-                await asyncio.to_thread(store.succeed, task.id, wav=wav, result=meta, now=self.wall())
-                return
+                raw = await resp.read()
+                # Megabytes of JSON and base64 (a long text's audio): decoded off the event loop.
+                answer = await asyncio.to_thread(_read_answer, resp.status, raw)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                answer = TaskResult(ok=False, meta={"detail": f"answer unreadable: {exc}"})
+            finally:
+                resp.release()
+                self.proxy.finish_answer(job, backend, resp.status, answer is not None and answer.ok, record)
+            stored = await self._record(task, resp.status, answer)
+        if stored:  # else the task is still unfinished in the store: nothing to announce yet
+            self._spawn(self._announce(task))
+
+    async def _record(self, task: Task, status: int, answer: TaskResult) -> bool:
+        store = self._require()
+        if answer.wav is not None:
+            return await self._store_quietly(f"task {task.id}: cannot store its audio", store.succeed, task.id,
+                                             wav=answer.wav, result=answer.meta, now=self.wall())
+        meta = answer.meta
         detail = meta.get("error") or meta.get("detail") or f"HTTP {status}"
-        await asyncio.to_thread(store.fail, task.id, state=TaskState.FAILED, reason=f"backend answered {status}: "
-                                f"{detail}", result=meta or None, now=self.wall())
+        return await self._store_quietly(f"task {task.id}: cannot mark it failed", store.fail, task.id,
+                                         state=TaskState.FAILED, reason=f"backend answered {status}: {detail}",
+                                         result=meta or None, now=self.wall())
 
     async def _recover(self, task: Task) -> None:
-        """Re-queue a task a previous run accepted but did not finish."""
+        """Re-queue a task a previous run accepted but did not finish, in the band it was given."""
         store = self._require()
         left = task.deadline_at - self.wall()
         if left <= 0:
             await asyncio.to_thread(store.fail, task.id, state=TaskState.EXPIRED,
                                     reason="the deadline passed while the sidecar was stopped", result=None,
                                     now=self.wall())
+            self._spawn(self._announce(task))
             return
-        body = await asyncio.to_thread(store.body, task.id)
         try:
+            body = await asyncio.to_thread(store.body, task.id)
             tts = parse_tts_form(parse_form(task.content_type, body))
-        except GLMTTSError as exc:  # cannot happen for a body that was validated; never lose it silently
+        except (GLMTTSError, StoreError) as exc:  # cannot happen for a stored, validated body; never lose it silently
             await asyncio.to_thread(store.fail, task.id, state=TaskState.FAILED,
                                     reason=f"stored request unreadable: {exc}", result=None, now=self.wall())
+            self._spawn(self._announce(task))
             return
         if task.state is TaskState.RUNNING:
             await asyncio.to_thread(store.requeue, task.id, self.wall())
+        directory = self.proxy.tenants
         try:
-            tenant = self.proxy.tenants.tenant(task.tenant)
+            tenant = directory.tenant(task.tenant)
         except KeyError:
-            tenant = self.proxy.tenants.default
+            tenant = directory.default
+        # By name: a reload may have reordered the bands; one that is gone means the default band.
+        band = directory.band_names.index(task.band) if task.band in directory.band_names else directory.default_band
         job = self.proxy.scheduler.make_job(
             id=f"task-{task.id}", chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key,
-            now=self.proxy.dispatcher.clock(), tenant=tenant.name, weight=tenant.weight,
-            band=self.proxy.tenants.default_band, budget_s=left)
+            now=self.proxy.dispatcher.clock(), tenant=tenant.name, weight=tenant.weight, band=band, budget_s=left)
         future = self.proxy.admit(job, force=True)
         intake = Intake(request_id=f"task-{task.id}", arrived=job.arrived_at, body=body,
                         content_type=task.content_type, job=job)
@@ -245,7 +471,9 @@ class TaskService:
         log.info("task %s re-queued after a restart (%.0f s of its deadline left)", task.id, left)
 
     async def _announce(self, submitted: Task) -> None:
-        """POST the finished task to its callback URL, with retries; never fails the task."""
+        """POST the finished task to its callback URL (scheduler.callbacks.deliver); never fails the task.
+
+        The task's ``callback`` says only pending, delivered or failed; why an attempt failed is logged."""
         if submitted.callback_url is None:
             return
         store = self._require()
@@ -253,25 +481,10 @@ class TaskService:
         task = await asyncio.to_thread(store.get, task_id, tenant=submitted.tenant)
         if task is None or task.callback_url is None:
             return
-        cfg = self.config.callbacks
         await asyncio.to_thread(store.set_callback_state, task_id, "pending")
-        delay = cfg.backoff_s
-        timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
-        for attempt in range(1, cfg.attempts + 1):
-            try:
-                async with aiohttp.ClientSession(timeout=timeout) as session, \
-                        session.post(task.callback_url, json=self.describe(task)) as resp:
-                    if 200 <= resp.status < 300:
-                        await asyncio.to_thread(store.set_callback_state, task_id, "delivered")
-                        return
-                    why = f"HTTP {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                why = str(exc) or exc.__class__.__name__
-            log.warning("task %s: callback attempt %d of %d failed (%s)", task_id, attempt, cfg.attempts, why)
-            if attempt < cfg.attempts:
-                await asyncio.sleep(delay)
-                delay *= 2
-        await asyncio.to_thread(store.set_callback_state, task_id, "failed")
+        delivered = await deliver(self.config.callbacks, task.callback_url, self.describe(task),
+                                  label=f"task {task_id}")
+        await asyncio.to_thread(store.set_callback_state, task_id, "delivered" if delivered else "failed")
 
     # --- GET / DELETE -------------------------------------------------------------------------
 
@@ -289,6 +502,8 @@ class TaskService:
         return body
 
     async def _owned(self, request: web.Request) -> Task | web.Response:
+        if (bad_header := _non_ascii_header(request)) is not None:
+            return bad_header
         if self.store is None:
             return _store_unavailable("the task store could not be opened (see the log)")
         try:
@@ -297,9 +512,12 @@ class TaskService:
         except TenantError as exc:
             return json_response({"detail": exc.detail, "reason": exc.reason}, exc.status)
         task_id = request.match_info["task_id"]
-        task = await asyncio.to_thread(self._require().get, task_id, tenant=who.tenant.name)
+        try:
+            task = await self._call(f"cannot read task {task_id}", self._require().get, task_id, tenant=who.tenant.name)
+        except SidecarError as exc:
+            return error_response(exc)
         if task is None:  # unknown, or another tenant's: the same answer, so ids leak nothing
-            return json_response({"detail": f"Task '{task_id}' not found", "reason": "unknown_task"}, 404)
+            return _unknown(task_id)
         return task
 
     async def status(self, request: web.Request) -> web.Response:
@@ -312,7 +530,10 @@ class TaskService:
         task = await self._owned(request)
         if isinstance(task, web.Response):
             return task
-        path = await asyncio.to_thread(self._require().audio_path, task.id)
+        try:
+            path = await self._call(f"cannot read task {task.id}", self._require().audio_path, task.id)
+        except SidecarError as exc:
+            return error_response(exc)
         if path is None:
             return json_response({"detail": f"Task '{task.id}' has no audio (status {task.state.value})",
                                   "reason": "no_audio", "status": task.state.value}, 409)
@@ -324,17 +545,38 @@ class TaskService:
         task = await self._owned(request)
         if isinstance(task, web.Response):
             return task
-        updated = await asyncio.to_thread(self._require().cancel, task.id, tenant=task.tenant, now=self.wall())
+        try:
+            updated = await self._call(f"cannot cancel task {task.id}", self._require().cancel, task.id,
+                                       tenant=task.tenant, now=self.wall())
+        except SidecarError as exc:
+            return error_response(exc)
         if updated is None:
-            return json_response({"detail": f"Task '{task.id}' not found", "reason": "unknown_task"}, 404)
+            return _unknown(task.id)
         runner = self._runners.get(task.id)
-        if runner is not None and task.state is TaskState.QUEUED:
-            future = runner[2]
-            if not future.done():  # still waiting: it leaves the queue; a running one finishes, unused
-                runner[0].cancel()
+        # Whichever attempt runs now: a queued one leaves the queue; one in flight finishes on its
+        # backend (GLM-TTS cannot cancel), its slot freed when it answers, its result unused.
+        if runner is not None and updated.state is TaskState.CANCELLED and runner.work.cancel():
+            self._spawn(self._announce(updated))
         return json_response(self.describe(updated))
 
 
+def _non_ascii_header(request: web.Request) -> web.Response | None:
+    """400 for a header a task would store or be attributed by that is not ASCII (aiohttp hands
+    bytes that are not UTF-8 over as lone surrogates, which can be neither stored nor compared)."""
+    for name in ASCII_HEADERS:
+        if not all(value.isascii() for value in request.headers.getall(name, ())):
+            return json_response({"detail": f"The {name} header must be ASCII", "reason": "non_ascii_header",
+                                  "header": name}, 400)
+    return None
+
+
+def _unknown(task_id: str) -> web.Response:
+    return json_response({"detail": f"Task '{task_id}' not found", "reason": "unknown_task"}, 404)
+
+
+def _unavailable(why: str) -> StoreUnavailable:
+    return StoreUnavailable(f"Tasks cannot be stored right now: {why}", retry_after=STORE_RETRY_AFTER_S)
+
+
 def _store_unavailable(why: str) -> web.Response:
-    return json_response({"detail": f"Tasks cannot be stored right now: {why}", "reason": "store_unavailable"},
-                         503, {"Retry-After": "30"})
+    return error_response(_unavailable(why))

@@ -8,13 +8,23 @@ Layout under one directory:
 
 Files are written atomically (temporary name, fsync, rename, fsync of the directory) *before* the
 row that names them, so a crash leaves at worst an orphan file, which `sweep` removes; a row never
-names a missing or half-written file.
+names a missing or half-written file. A request body is deleted as soon as its task is finished
+(succeeded, failed, expired or cancelled): only a task that may still run needs it.
+
+`create` refuses a task that would take a tenant past its `Quota` (stored tasks, stored bytes:
+bodies plus audio) or leave the filesystem with less free space than the quota keeps.
+
+Schema history (`user_version`): 1, the first; 2 adds the request's SHA-256 (Idempotency-Key reuse
+with another request is told apart), the priority band by name (kept across a restart) and the
+bytes each task keeps on disk (per-tenant quotas). An older database is upgraded in place when it
+is opened, in one transaction; a newer one is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import json
 import os
 import re
@@ -26,9 +36,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CALLBACK_STATES", "FINISHED", "SCHEMA_VERSION", "StoreError", "Task", "TaskState", "TaskStore"]
+__all__ = [
+    "CALLBACK_STATES",
+    "FINISHED",
+    "SCHEMA_VERSION",
+    "DiskLow",
+    "Quota",
+    "QuotaExceeded",
+    "StoreError",
+    "Task",
+    "TaskState",
+    "TaskStore",
+    "request_digest",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CALLBACK_STATES = frozenset({"pending", "delivered", "failed"})
 
 
@@ -65,17 +87,64 @@ class Task:
     # generation_time, error, audio_bytes, duration_s.
     result: dict[str, Any] | None
     callback_state: str | None  # None, "pending", "delivered" or "failed"
+    request_sha256: str | None = None  # request_digest of what was submitted; None: unknown (schema 1)
+    band: str | None = None  # the priority band's name; None: unknown (schema 1)
+    body_bytes: int = 0  # the stored request body (0 once the task is finished)
+    audio_bytes: int = 0  # the stored WAV of a succeeded task
 
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.body_bytes + self.audio_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quota:
+    """What one tenant may keep in the store, and the free space the filesystem must keep."""
+
+    max_tasks: int  # stored tasks of any state, until swept
+    max_bytes: int  # request bodies plus audio
+    min_free_bytes: int  # free space left on the store's filesystem after the body is written
 
 
 class StoreError(Exception):
     """The store cannot read or write (disk full, read-only, corrupt, newer schema): answer 503."""
 
 
-_SCHEMA = """
+class QuotaExceeded(Exception):
+    """A new task would take its tenant past a `Quota` limit: ``limit`` is "tasks" or "bytes"."""
+
+    def __init__(self, *, limit: str, used: int, allowed: int, adding: int, oldest_finished_at: float | None) -> None:
+        super().__init__(f"{limit}: {used} stored, {adding} more, {allowed} allowed")
+        self.limit = limit
+        self.used = used
+        self.allowed = allowed
+        self.adding = adding
+        self.oldest_finished_at = oldest_finished_at  # the tenant's first task the sweep will remove
+
+
+class DiskLow(Exception):
+    """Writing the body would leave less free space than `Quota.min_free_bytes`."""
+
+    def __init__(self, *, free: int, needed: int) -> None:
+        super().__init__(f"{free} bytes free, {needed} needed")
+        self.free = free
+        self.needed = needed
+
+
+def request_digest(content_type: str, body: bytes) -> str:
+    """SHA-256 of what a task was submitted with: an Idempotency-Key is bound to it."""
+    digest = hashlib.sha256(content_type.encode("utf-8", "surrogateescape"))
+    digest.update(b"\n")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+# Schema version 1, exactly as it was created; later versions are reached by _UPGRADES.
+_SCHEMA_V1 = """
 CREATE TABLE tasks (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -100,9 +169,17 @@ CREATE INDEX tasks_state ON tasks (state, created_at);
 CREATE INDEX tasks_finished_at ON tasks (finished_at);
 """
 
+_V2_COLUMNS = (
+    "request_sha256 TEXT",
+    "band TEXT",
+    "body_bytes INTEGER NOT NULL DEFAULT 0",
+    "audio_bytes INTEGER NOT NULL DEFAULT 0",
+)
+
 _COLUMNS = (
     "id, tenant, state, created_at, updated_at, started_at, finished_at, deadline_at, idempotency_key, "
-    "callback_url, content_type, chars, attempts, reason, result, callback_state"
+    "callback_url, content_type, chars, attempts, reason, result, callback_state, request_sha256, band, "
+    "body_bytes, audio_bytes"
 )
 # <id>.body / <id>.wav, and their temporary names .<id>.body.tmp / .<id>.wav.tmp
 _FILE_NAME = re.compile(r"^\.?([0-9a-f]{32})\.(?:body|wav)(?:\.tmp)?$")
@@ -150,13 +227,35 @@ class TaskStore:
                 if version > SCHEMA_VERSION:
                     raise StoreError(
                         f"task database {db_path} has schema version {version}, newer than this sidecar's "
-                        f"{SCHEMA_VERSION}: upgrade the sidecar or point tasks.dir elsewhere"
+                        f"{SCHEMA_VERSION}: upgrade the sidecar or point tasks.state_dir elsewhere"
                     )
                 if version == 0:
-                    for statement in _SCHEMA.split(";"):
+                    for statement in _SCHEMA_V1.split(";"):
                         if statement.strip():
                             self._db.execute(statement)
+                    version = 1
+                if version < SCHEMA_VERSION:
+                    self._upgrade_to_v2()
                     self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _upgrade_to_v2(self) -> None:
+        """Schema 1 → 2, inside the opening transaction: the new columns, filled in from the files
+        on disk (a request's hash only where an Idempotency-Key needs it). Schema 1 kept the bodies
+        of finished tasks too; they are no longer counted, and the next sweep removes them."""
+        for column in _V2_COLUMNS:
+            self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column}")
+        rows = self._db.execute("SELECT id, state, content_type, idempotency_key FROM tasks").fetchall()
+        for task_id, state, content_type, key in rows:
+            body_path, wav_path = self._body_path(task_id), self._wav_path(task_id)
+            body_bytes = body_path.stat().st_size if state in _UNFINISHED and body_path.is_file() else 0
+            audio_bytes = wav_path.stat().st_size if state == TaskState.SUCCEEDED.value and wav_path.is_file() else 0
+            digest = None
+            if key is not None and body_path.is_file():
+                digest = request_digest(content_type, body_path.read_bytes())
+            self._db.execute(
+                "UPDATE tasks SET request_sha256 = ?, body_bytes = ?, audio_bytes = ? WHERE id = ?",
+                (digest, body_bytes, audio_bytes, task_id),
+            )
 
     # -- creation -----------------------------------------------------------------------------
 
@@ -171,16 +270,24 @@ class TaskStore:
         now: float,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        band: str | None = None,
+        quota: Quota | None = None,
     ) -> tuple[Task, bool]:
         """Persist a new QUEUED task; returns (task, created).
 
         A key this tenant already used (on a task not yet swept) returns that task and False,
-        whatever the body. The body is durable before the row exists; on failure nothing is left.
+        whatever the body (the caller compares `request_sha256`) and whatever the quota. Else
+        `quota` is checked: QuotaExceeded or DiskLow, nothing written. The body is durable before
+        the row exists; on any failure nothing is left.
         """
         if idempotency_key is not None:
-            existing = self._by_key(tenant, idempotency_key)
+            existing = self.find(tenant, idempotency_key)
             if existing is not None:
                 return existing, False
+        if quota is not None:
+            self._check_disk(len(body), quota)
+            with self._lock, self._guard("cannot read tasks"):
+                self._check_quota(tenant, len(body), quota)
         task_id = uuid.uuid4().hex
         body_path = self._body_path(task_id)
         with self._lock:
@@ -194,6 +301,8 @@ class TaskStore:
                         if existing is not None:  # a concurrent create with the same key won
                             body_path.unlink(missing_ok=True)
                             return existing, False
+                    if quota is not None:  # again, atomically: concurrent creates of one tenant
+                        self._check_quota(tenant, len(body), quota)
                     self._insert_row(
                         task_id=task_id,
                         tenant=tenant,
@@ -203,17 +312,21 @@ class TaskStore:
                         now=now,
                         idempotency_key=idempotency_key,
                         callback_url=callback_url,
+                        request_sha256=request_digest(content_type, body),
+                        band=band,
+                        body_bytes=len(body),
                     )
-            except (OSError, sqlite3.Error) as exc:
+                    # Read back inside the transaction: once it commits, nothing can fail any more.
+                    task = _task(self._db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone())
+            except BaseException as exc:  # whatever went wrong (or cancelled us): leave nothing
                 _unlink_quietly(body_path)
                 _unlink_quietly(_tmp_path(body_path))
-                raise StoreError(f"cannot persist task: {exc}") from exc
+                if isinstance(exc, (OSError, sqlite3.Error)):
+                    raise StoreError(f"cannot persist task: {exc}") from exc
+                raise
         finally:
             with self._lock:
                 self._pending.discard(task_id)
-        task = self._get_any(task_id)
-        if task is None:  # swept or deleted by someone else between commit and read: impossible here
-            raise StoreError(f"task {task_id} vanished right after it was created")
         return task, True
 
     def _insert_row(
@@ -227,13 +340,42 @@ class TaskStore:
         now: float,
         idempotency_key: str | None,
         callback_url: str | None,
+        request_sha256: str,
+        band: str | None,
+        body_bytes: int,
     ) -> None:
         self._db.execute(
             "INSERT INTO tasks (id, tenant, state, created_at, updated_at, deadline_at, idempotency_key, "
-            "callback_url, content_type, chars) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "callback_url, content_type, chars, request_sha256, band, body_bytes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (task_id, tenant, TaskState.QUEUED.value, now, now, deadline_at, idempotency_key, callback_url,
-             content_type, chars),
+             content_type, chars, request_sha256, band, body_bytes),
         )
+
+    def _check_disk(self, adding: int, quota: Quota) -> None:
+        try:
+            free = self.free_bytes()
+        except OSError as exc:
+            raise StoreError(f"cannot read the free space of {self.directory}: {exc}") from exc
+        if free - adding < quota.min_free_bytes:
+            raise DiskLow(free=free, needed=adding + quota.min_free_bytes)
+
+    def _check_quota(self, tenant: str, adding: int, quota: Quota) -> None:
+        """Under the lock: QuotaExceeded when one more task of ``adding`` bytes does not fit."""
+        tasks, stored, oldest = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(body_bytes + audio_bytes), 0), MIN(finished_at) FROM tasks WHERE tenant = ?",
+            (tenant,),
+        ).fetchone()
+        if tasks + 1 > quota.max_tasks:
+            raise QuotaExceeded(limit="tasks", used=tasks, allowed=quota.max_tasks, adding=1, oldest_finished_at=oldest)
+        if stored + adding > quota.max_bytes:
+            raise QuotaExceeded(limit="bytes", used=stored, allowed=quota.max_bytes, adding=adding,
+                                oldest_finished_at=oldest)
+
+    def free_bytes(self) -> int:
+        """Free space on the store's filesystem, for an unprivileged writer."""
+        stats = os.statvfs(self.directory)
+        return stats.f_bavail * stats.f_frsize
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -257,9 +399,33 @@ class TaskStore:
         path = self._wav_path(task_id)
         return path if path.is_file() else None
 
+    def find(self, tenant: str, idempotency_key: str) -> Task | None:
+        """The tenant's task created with this Idempotency-Key, if not yet swept."""
+        with self._lock:
+            return self._by_key_locked(tenant, idempotency_key)
+
     def unfinished(self) -> list[Task]:
         """QUEUED and RUNNING tasks, oldest first: what a restarted sidecar re-queues."""
         return self._select("WHERE state IN (?, ?) ORDER BY created_at, seq", _UNFINISHED)
+
+    def callbacks_due(self) -> list[Task]:
+        """Finished tasks with a callback URL whose announcement never ended (pending, or not
+        begun): what a restarted sidecar announces again."""
+        finished = tuple(state.value for state in FINISHED)
+        marks = ", ".join("?" for _ in finished)
+        return self._select(
+            f"WHERE state IN ({marks}) AND callback_url IS NOT NULL AND "
+            "(callback_state IS NULL OR callback_state = 'pending') ORDER BY finished_at, seq",
+            finished,
+        )
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(stored tasks, stored bytes: bodies plus audio) of a tenant: what its Quota counts."""
+        with self._lock, self._guard("cannot read tasks"):
+            tasks, stored = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(body_bytes + audio_bytes), 0) FROM tasks WHERE tenant = ?", (tenant,)
+            ).fetchone()
+        return int(tasks), int(stored)
 
     def counts(self) -> dict[str, int]:
         """Tasks by state, every state present."""
@@ -305,8 +471,8 @@ class TaskStore:
         )
 
     def succeed(self, task_id: str, *, wav: bytes, result: dict[str, Any], now: float) -> Task | None:
-        """Store the WAV, then mark SUCCEEDED. None, with the audio discarded, when the task
-        finished meanwhile (cancelled, expired) or is unknown."""
+        """Store the WAV, then mark SUCCEEDED (the body goes). None, with the audio discarded, when
+        the task finished meanwhile (cancelled, expired) or is unknown."""
         current = self._get_any(task_id)
         if current is None or current.finished:
             return None
@@ -317,13 +483,12 @@ class TaskStore:
             _unlink_quietly(_tmp_path(path))
             raise StoreError(f"cannot store the audio of task {task_id}: {exc}") from exc
         try:
-            task = self._transition(
+            task = self._finish(
                 task_id,
-                "state = ?, finished_at = ?, updated_at = ?, result = ?, reason = NULL",
-                (TaskState.SUCCEEDED.value, now, now, _dump_result(result)),
-                from_states=_UNFINISHED,
+                "state = ?, finished_at = ?, updated_at = ?, result = ?, reason = NULL, audio_bytes = ?",
+                (TaskState.SUCCEEDED.value, now, now, _dump_result(result), len(wav)),
             )
-        except StoreError:
+        except BaseException:
             _unlink_quietly(path)
             raise
         if task is None:  # cancelled (or expired) between the check and the update
@@ -336,11 +501,10 @@ class TaskStore:
         """Mark FAILED or EXPIRED; None (no change) when unknown or already finished."""
         if state not in (TaskState.FAILED, TaskState.EXPIRED):
             raise ValueError(f"fail() takes FAILED or EXPIRED, not {state}")
-        return self._transition(
+        return self._finish(
             task_id,
             "state = ?, finished_at = ?, updated_at = ?, reason = ?, result = ?",
             (state.value, now, now, reason, None if result is None else _dump_result(result)),
-            from_states=_UNFINISHED,
         )
 
     def cancel(self, task_id: str, *, tenant: str, now: float) -> Task | None:
@@ -348,13 +512,22 @@ class TaskStore:
         another tenant's."""
         if self.get(task_id, tenant=tenant) is None:
             return None
-        self._transition(
+        self._finish(
             task_id,
             "state = ?, finished_at = ?, updated_at = ?, reason = ?",
             (TaskState.CANCELLED.value, now, now, "cancelled by client"),
-            from_states=_UNFINISHED,
         )
         return self.get(task_id, tenant=tenant)
+
+    def delete(self, task_id: str) -> bool:
+        """Remove a task and its files, whatever its state (a task that was never announced to
+        its client: admission refused it, or the client left while it was stored)."""
+        with self._lock, self._guard(f"cannot delete task {task_id}"):
+            with self._transaction():
+                gone = self._db.execute("DELETE FROM tasks WHERE id = ?", (task_id,)).rowcount
+            _unlink_quietly(self._body_path(task_id))
+            _unlink_quietly(self._wav_path(task_id))
+        return bool(gone)
 
     def set_callback_state(self, task_id: str, state: str) -> None:
         if state not in CALLBACK_STATES:
@@ -382,11 +555,14 @@ class TaskStore:
             for task_id in ids:
                 _unlink_quietly(self._body_path(task_id))
                 _unlink_quietly(self._wav_path(task_id))
-            known = {str(row[0]) for row in self._db.execute("SELECT id FROM tasks")} | self._pending
-            for folder in (self._requests, self._results):
+            # A body is kept only while its task may still run; a WAV while its row exists.
+            rows = {str(task_id): str(state) for task_id, state in self._db.execute("SELECT id, state FROM tasks")}
+            running = {task_id for task_id, state in rows.items() if state in _UNFINISHED} | self._pending
+            known = set(rows) | self._pending
+            for folder, keep in ((self._requests, running), (self._results, known)):
                 for entry in folder.iterdir():
                     match = _FILE_NAME.match(entry.name)
-                    if match is not None and match.group(1) not in known:
+                    if match is not None and match.group(1) not in keep:
                         _unlink_quietly(entry)
         return len(ids)
 
@@ -405,10 +581,6 @@ class TaskStore:
     def _get_any(self, task_id: str) -> Task | None:
         tasks = self._select("WHERE id = ?", (task_id,))
         return tasks[0] if tasks else None
-
-    def _by_key(self, tenant: str, key: str) -> Task | None:
-        with self._lock:
-            return self._by_key_locked(tenant, key)
 
     def _by_key_locked(self, tenant: str, key: str) -> Task | None:
         with self._guard("cannot read tasks"):
@@ -432,6 +604,14 @@ class TaskStore:
             ).rowcount
         return self._get_any(task_id) if changed else None
 
+    def _finish(self, task_id: str, assignments: str, params: tuple[Any, ...]) -> Task | None:
+        """An unfinished task's move to a final state; its body is no longer needed and goes
+        (row first: a crash in between leaves a body the sweep removes)."""
+        task = self._transition(task_id, f"{assignments}, body_bytes = 0", params, from_states=_UNFINISHED)
+        if task is not None:
+            _unlink_quietly(self._body_path(task_id))
+        return task
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")
@@ -453,7 +633,8 @@ class TaskStore:
 
 def _task(row: tuple[Any, ...]) -> Task:
     (task_id, tenant, state, created_at, updated_at, started_at, finished_at, deadline_at, key, callback_url,
-     content_type, chars, attempts, reason, result, callback_state) = row
+     content_type, chars, attempts, reason, result, callback_state, request_sha256, band, body_bytes,
+     audio_bytes) = row
     try:
         return Task(
             id=task_id,
@@ -472,6 +653,10 @@ def _task(row: tuple[Any, ...]) -> Task:
             reason=reason,
             result=None if result is None else json.loads(result),
             callback_state=callback_state,
+            request_sha256=request_sha256,
+            band=band,
+            body_bytes=body_bytes,
+            audio_bytes=audio_bytes,
         )
     except ValueError as exc:  # an unknown state or broken JSON: the file is not ours or is damaged
         raise StoreError(f"corrupt task row {task_id!r}: {exc}") from exc

@@ -101,6 +101,31 @@ def test_idempotency_keys_deduplicate(sidecar: Service) -> None:
     again = submit(sidecar, headers={**auth("alpha"), "Idempotency-Key": "order-1"})[2]
     other = submit(sidecar, headers={**auth("beta"), "Idempotency-Key": "order-1"})[2]
     assert first["task_id"] == again["task_id"] != other["task_id"]
+    # The key is bound to its request: the same key with another text is refused, never answered
+    # with the first request's task (and so its audio).
+    status, _, reused = submit(sidecar, SHORT + "另一个", headers={**auth("alpha"), "Idempotency-Key": "order-1"})
+    assert status == 422 and reused["reason"] == "idempotency_key_reused" and "order-1" in reused["detail"]
+    assert first["task_id"] not in json.dumps(reused)
+
+
+def test_per_tenant_caps_and_finished_tasks_keep_no_body(tmp_path: Path) -> None:
+    state = tmp_path / "task-state"
+    extra = TENANTS + f"tasks: {{state_dir: {json.dumps(str(state))}, max_per_tenant: 2, ttl_s: 300.0}}\n"
+    with running_sidecar(tmp_path, backends=1, extra=extra) as service:
+        keyed = {**auth("alpha"), "Idempotency-Key": "order-7"}
+        first = submit(service, headers=keyed)[2]["task_id"]
+        second = submit(service, SHORT + "二", headers=auth("alpha"))[2]["task_id"]
+        status, headers, refused = submit(service, SHORT + "三", headers=auth("alpha"))
+        assert status == 429 and refused["reason"] == "task_quota" and refused["limit"] == "tasks.max_per_tenant"
+        assert 1 <= int(headers["Retry-After"]) <= 300
+        # A retry of a stored task is no new task: answered, not refused by the cap.
+        status, _, again = submit(service, headers=keyed)
+        assert status in (200, 202) and again["task_id"] == first
+        assert submit(service, headers=auth("beta"))[0] == 202  # another tenant has its own cap
+        for task_id in (first, second):
+            assert wait_finished(service, task_id, auth("alpha"))["status"] == "succeeded"
+            assert (state / "results" / f"{task_id}.wav").exists()
+            assert not (state / "requests" / f"{task_id}.body").exists()  # gone once the task finished
 
 
 def test_cancel_while_queued(tmp_path: Path) -> None:
@@ -198,7 +223,8 @@ def test_a_finished_task_is_announced_to_its_allowed_callback(tmp_path: Path) ->
     thread.start()
     hook = f"http://127.0.0.1:{server.server_address[1]}/hooks/"
     extra = TENANTS + (f"tasks: {{state_dir: {json.dumps(str(tmp_path / 'state'))}, "
-                       f"callbacks: {{allow: [{json.dumps(hook)}], backoff_s: 0.1}}}}\n")
+                       f"callbacks: {{allow: [{json.dumps(hook)}], secret: callback-secret-0123456789abcdef, "
+                       f"backoff_s: 0.1}}}}\n")
     try:
         with running_sidecar(tmp_path, backends=1, extra=extra) as service:
             status, _, body = submit(service, headers={**auth("alpha"), "X-Callback-URL": "http://127.0.0.1:1/x"})

@@ -212,7 +212,7 @@ def test_sweep_by_ttl(store: TaskStore) -> None:
     queued = new(store)  # unfinished tasks are never swept, however old
     assert store.sweep(now=T0 + 100, ttl_s=50) == 1
     assert store.get(old.id, tenant="acme") is None
-    assert files(store) == {f"{recent.id}.body", f"{queued.id}.body"}
+    assert files(store) == {f"{queued.id}.body"}  # a finished task's body went when it finished
     assert store.sweep(now=T0 + 100, ttl_s=50) == 0
     assert store.sweep(now=T0 + 1000, ttl_s=50) == 1
     assert files(store) == {f"{queued.id}.body"}
@@ -384,3 +384,246 @@ def test_closed_store_raises_store_error(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreError):
         store.counts()
+
+
+# --- finished tasks keep no body; quotas --------------------------------------------------------------
+
+
+def _finish(store: TaskStore, task: Task, state: TaskState) -> Task | None:
+    if state is TaskState.SUCCEEDED:
+        return store.succeed(task.id, wav=WAV, result=RESULT, now=T0 + 1)
+    if state is TaskState.CANCELLED:
+        return store.cancel(task.id, tenant=task.tenant, now=T0 + 1)
+    return store.fail(task.id, state=state, reason="x", result=None, now=T0 + 1)
+
+
+@pytest.mark.parametrize("state", sorted(FINISHED, key=lambda s: s.value))
+@pytest.mark.parametrize("running", [False, True])
+def test_a_finished_task_keeps_no_body(store: TaskStore, state: TaskState, running: bool) -> None:
+    task = new(store, body=b"text=" + b"x" * 1000)
+    assert task.body_bytes == 1005 and store.usage("acme") == (1, 1005)
+    if running:
+        store.mark_running(task.id, T0)
+    finished = _finish(store, task, state)
+    assert finished is not None and finished.state is state and finished.body_bytes == 0
+    audio = len(WAV) if state is TaskState.SUCCEEDED else 0
+    assert finished.audio_bytes == audio and store.usage("acme") == (1, audio)
+    assert files(store) == ({f"{task.id}.wav"} if audio else set())
+    with pytest.raises(StoreError):
+        store.body(task.id)
+
+
+def test_the_sweep_removes_the_body_a_crash_left_beside_a_finished_task(store: TaskStore) -> None:
+    task = new(store)
+    kept = new(store)
+    body = store.directory / "requests" / f"{task.id}.body"
+    saved = body.read_bytes()
+    store.fail(task.id, state=TaskState.FAILED, reason="x", result=None, now=T0)
+    body.write_bytes(saved)  # as if the process died between the row's update and the unlink
+    assert store.sweep(now=T0, ttl_s=100) == 0
+    assert files(store) == {f"{kept.id}.body"}
+
+
+def test_the_request_hash_and_band_are_stored(store: TaskStore) -> None:
+    task = new(store, body=b"text=hello", band="batch", idempotency_key="k")
+    assert task.request_sha256 == taskstore.request_digest("application/x-www-form-urlencoded", b"text=hello")
+    assert task.request_sha256 != taskstore.request_digest("application/x-www-form-urlencoded; charset=utf-8",
+                                                           b"text=hello")
+    assert task.band == "batch"
+    assert store.find("acme", "k") == task and store.find("globex", "k") is None
+
+
+def small_quota() -> taskstore.Quota:
+    return taskstore.Quota(max_tasks=3, max_bytes=100, min_free_bytes=0)
+
+
+def test_the_quota_caps_tasks_per_tenant(store: TaskStore) -> None:
+    quota = small_quota()
+    first = new(store, quota=quota, idempotency_key="k")
+    new(store, quota=quota)
+    store.fail(first.id, state=TaskState.FAILED, reason="x", result=None, now=T0 + 5)
+    new(store, quota=quota)
+    with pytest.raises(taskstore.QuotaExceeded) as refused:
+        new(store, quota=quota)
+    assert refused.value.limit == "tasks" and refused.value.used == 3 and refused.value.allowed == 3
+    assert refused.value.oldest_finished_at == T0 + 5
+    # A retry with a known key is no new task: answered, whatever the quota.
+    again, created = store.create(tenant="acme", body=b"text=hi", content_type="x", chars=2, deadline_at=T0,
+                                  now=T0, idempotency_key="k", quota=quota)
+    assert again.id == first.id and not created
+    new(store, tenant="globex", quota=quota)  # another tenant has its own
+    assert store.sweep(now=T0 + 100, ttl_s=10) == 1
+    new(store, quota=quota)  # room again once the finished task was swept
+    assert store.counts()["queued"] == 4 and len(files(store)) == 4
+
+
+def test_the_quota_caps_bytes_per_tenant(store: TaskStore) -> None:
+    quota = small_quota()
+    task = new(store, body=b"x" * 60, quota=quota)
+    with pytest.raises(taskstore.QuotaExceeded) as refused:
+        new(store, body=b"y" * 41, quota=quota)
+    assert refused.value.limit == "bytes" and refused.value.used == 60 and refused.value.adding == 41
+    new(store, body=b"y" * 40, quota=quota)  # exactly up to the limit
+    assert store.usage("acme") == (2, 100)
+    store.mark_running(task.id, T0)
+    store.succeed(task.id, wav=b"w" * 30, result=RESULT, now=T0 + 1)  # body (60) gone, audio (30) kept
+    assert store.usage("acme") == (2, 70)
+    new(store, body=b"z" * 30, quota=quota)
+    assert len(files(store)) == 3  # nothing of the refused tasks was written
+
+
+def test_low_disk_refuses_before_writing(store: TaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    quota = taskstore.Quota(max_tasks=10, max_bytes=1 << 20, min_free_bytes=1000)
+    monkeypatch.setattr(store, "free_bytes", lambda: 1100)
+    new(store, body=b"x" * 100, quota=quota)
+    with pytest.raises(taskstore.DiskLow) as refused:
+        new(store, body=b"x" * 101, quota=quota)
+    assert refused.value.free == 1100 and refused.value.needed == 1101
+    assert sum(store.counts().values()) == 1 and len(files(store)) == 1
+
+
+def test_a_failure_of_any_kind_while_creating_leaves_nothing(store: TaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(**kw: Any) -> None:
+        raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(store, "_insert_row", refuse)
+    with pytest.raises(UnicodeEncodeError):
+        new(store)
+    assert sum(store.counts().values()) == 0 and files(store) == set()
+
+
+def test_delete_removes_a_task_and_its_files(store: TaskStore) -> None:
+    task = new(store, idempotency_key="k")
+    done = new(store)
+    store.mark_running(done.id, T0)
+    store.succeed(done.id, wav=WAV, result=RESULT, now=T0)
+    assert store.delete(task.id) and store.delete(done.id)
+    assert not store.delete(task.id)
+    assert sum(store.counts().values()) == 0 and files(store) == set()
+    assert new(store, idempotency_key="k").id != task.id  # its key is free again
+
+
+def test_callbacks_due_are_the_finished_ones_not_yet_announced(store: TaskStore) -> None:
+    def task(url: str | None, finish: TaskState | None, callback: str | None) -> str:
+        created = new(store, callback_url=url)
+        if finish is not None:
+            _finish(store, created, finish)
+        if callback is not None:
+            store.set_callback_state(created.id, callback)
+        return created.id
+
+    due = [task("http://cb/1", TaskState.SUCCEEDED, "pending"), task("http://cb/2", TaskState.CANCELLED, None)]
+    task("http://cb/3", TaskState.FAILED, "delivered")
+    task("http://cb/4", TaskState.EXPIRED, "failed")
+    task("http://cb/5", None, None)  # not finished yet: announced when it finishes
+    task(None, TaskState.SUCCEEDED, None)
+    assert sorted(t.id for t in store.callbacks_due()) == sorted(due)
+
+
+# --- schema version 1 → 2 ---------------------------------------------------------------------------
+
+SCHEMA_V1 = """
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'expired', 'cancelled')),
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    deadline_at REAL NOT NULL,
+    idempotency_key TEXT,
+    callback_url TEXT,
+    content_type TEXT NOT NULL,
+    chars INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    result TEXT,
+    callback_state TEXT
+);
+CREATE UNIQUE INDEX tasks_idempotency ON tasks (tenant, idempotency_key);
+CREATE INDEX tasks_state ON tasks (state, created_at);
+CREATE INDEX tasks_finished_at ON tasks (finished_at);
+"""
+FORM_TYPE = "application/x-www-form-urlencoded"
+V1_IDS = {"queued": "a" * 32, "running": "b" * 32, "succeeded": "c" * 32, "failed": "d" * 32}
+
+
+def write_v1_store(directory: Path) -> dict[str, bytes]:
+    """A task directory exactly as schema version 1 left it: rows, bodies, a WAV. Returns the bodies."""
+    for sub in ("requests", "results"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(directory / "tasks.sqlite3")
+    db.executescript(SCHEMA_V1)
+    bodies = {}
+    for n, (state, task_id) in enumerate(V1_IDS.items()):
+        bodies[task_id] = f"input_text=hello+{state}&index=exampleA".encode()
+        (directory / "requests" / f"{task_id}.body").write_bytes(bodies[task_id])  # v1 kept every body
+        finished = T0 + 10 if state in ("succeeded", "failed") else None
+        db.execute(
+            "INSERT INTO tasks (id, tenant, state, created_at, updated_at, started_at, finished_at, deadline_at, "
+            "idempotency_key, callback_url, content_type, chars, attempts, reason, result, callback_state) "
+            "VALUES (?, 'acme', ?, ?, ?, ?, ?, ?, ?, ?, ?, 11, ?, ?, ?, ?)",
+            (task_id, state, T0 + n, T0 + n, T0 + 1 if state != "queued" else None, finished, 4e9,
+             f"key-{state}", "http://cb/x" if state == "failed" else None, FORM_TYPE,
+             0 if state == "queued" else 1, "oom" if state == "failed" else None,
+             '{"success":true}' if state == "succeeded" else None, "pending" if state == "failed" else None),
+        )
+    (directory / "results" / f"{V1_IDS['succeeded']}.wav").write_bytes(WAV)
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    return bodies
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    bodies = write_v1_store(tmp_path)
+    store = TaskStore(tmp_path)
+    try:
+        db = sqlite3.connect(tmp_path / "tasks.sqlite3")
+        assert db.execute("PRAGMA user_version").fetchone()[0] == taskstore.SCHEMA_VERSION == 2
+        db.close()
+        assert [t.id for t in store.unfinished()] == [V1_IDS["queued"], V1_IDS["running"]]
+        for state, task_id in V1_IDS.items():
+            task = store.get(task_id, tenant="acme")
+            assert task is not None and task.state.value == state and task.band is None
+            assert (tmp_path / "requests" / f"{task_id}.body").read_bytes() == bodies[task_id]  # files kept
+            assert task.body_bytes == (len(bodies[task_id]) if not task.finished else 0)  # only needed ones count
+            assert task.request_sha256 == taskstore.request_digest(FORM_TYPE, bodies[task_id])
+            assert store.find("acme", f"key-{state}") == task
+        assert store.get(V1_IDS["succeeded"], tenant="acme").audio_bytes == len(WAV)  # type: ignore[union-attr]
+        assert store.body(V1_IDS["running"]) == bodies[V1_IDS["running"]]
+        path = store.audio_path(V1_IDS["succeeded"])
+        assert path is not None and path.read_bytes() == WAV
+        assert [t.id for t in store.callbacks_due()] == [V1_IDS["failed"]]
+        # The sweep drops the bodies v1 kept for finished tasks; unfinished ones keep theirs.
+        assert store.sweep(now=T0 + 20, ttl_s=100) == 0
+        assert files(store) == {f"{V1_IDS['queued']}.body", f"{V1_IDS['running']}.body", f"{V1_IDS['succeeded']}.wav"}
+        assert store.usage("acme") == (4, len(bodies[V1_IDS["queued"]]) + len(bodies[V1_IDS["running"]]) + len(WAV))
+        new(store, now=T0 + 30)  # and it takes new tasks
+    finally:
+        store.close()
+    TaskStore(tmp_path).close()  # opened again: already version 2, nothing to do
+
+
+def test_a_failed_migration_leaves_version_1_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_v1_store(tmp_path)
+
+    def unreadable(content_type: str, body: bytes) -> str:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(taskstore, "request_digest", unreadable)
+    with pytest.raises(StoreError, match="Input/output"):
+        TaskStore(tmp_path)
+    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert "band" not in {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+    assert db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 4
+    db.close()
+    monkeypatch.undo()
+    store = TaskStore(tmp_path)
+    try:
+        assert len(store.unfinished()) == 2
+    finally:
+        store.close()
