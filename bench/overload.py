@@ -276,17 +276,19 @@ async def warm_up_direct(urls: Sequence[str], setup: Setup) -> None:
         await asyncio.gather(*(one(u) for u in urls))
 
 
-async def _get_json(url: str) -> Any:
+async def _get_json(url: str, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
-            session.get(url) as resp:
+            session.get(url, headers=headers) as resp:
         return await resp.json(content_type=None) if resp.status == 200 else None
 
 
-def orphaned_backend_seconds(url: str) -> float | None:
+def orphaned_backend_seconds(url: str, token: str | None) -> float | None:
     """`orphaned_backend_seconds` from a sidecar's GET /api/v1/queue (top level or one section
-    down); None when the endpoint or the field does not exist."""
+    down), read with its admin token (the counters are details); None when the endpoint or the
+    field does not exist."""
     try:
-        payload = asyncio.run(_get_json(url + "/api/v1/queue"))
+        payload = asyncio.run(_get_json(url + "/api/v1/queue", token))
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         return None
     candidates = [payload] + (list(payload.values()) if isinstance(payload, dict) else [])
@@ -372,7 +374,7 @@ def run_sidecar(arm: str, setup: Setup, trace: Sequence[Arrival], label: str, wo
         records = _replay(service.url, trace, setup, label, progress)
         slots = backend_slots(service.url)
         _settle(setup)
-        orphaned = orphaned_backend_seconds(service.url)
+        orphaned = orphaned_backend_seconds(service.url, service.admin_token)
     finally:
         service.stop()
         procs.reap(pids)

@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# A benchmark sidecar's admin token (unless its config sets one): /api/v1/health and /api/v1/queue
+# show their details (backends, pids, counters) only to it. Never send it with TTS requests, where
+# an Authorization header names a tenant.
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 
 
 def free_port() -> int:
@@ -48,8 +52,10 @@ def free_ports(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports")
 
 
-def get_json(url: str, timeout: float = 10.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def get_json(url: str, timeout: float = 10.0, *, token: str | None = None) -> Any:
+    """GET ``url``; ``token``: sent as ``Authorization: Bearer`` (a sidecar's admin token)."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
@@ -83,6 +89,7 @@ class Proc:
     url: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    admin_token: str | None = None  # a sidecar's
 
     @property
     def pid(self) -> int:
@@ -164,12 +171,18 @@ def start_emulators(count: int, args: Sequence[str], *, gpus: Sequence[str], env
 
 def start_sidecar(config_text: str, port: int, work_dir: Path, *, env: dict[str, str] | None = None,
                   timeout: float = 120.0) -> Proc:
-    """`python -m scheduler --config FILE` with `config_text`; returns once every backend is ready."""
+    """`python -m scheduler --config FILE` with `config_text`; returns once every backend is ready.
+    A config without an ``admin:`` section gets ``ADMIN_TOKEN``."""
     config = work_dir / f"sidecar-{port}.yaml"
     if "\ntasks:" not in config_text:
         config_text += f"\ntasks: {{state_dir: {json.dumps(str(work_dir / f'tasks-{port}'))}}}\n"
+    token = None
+    if not config_text.startswith("admin:") and "\nadmin:" not in config_text:
+        config_text += f"\nadmin: {{token: {ADMIN_TOKEN}}}\n"
+        token = ADMIN_TOKEN
     config.write_text(config_text)
     proc = spawn([sys.executable, "-m", "scheduler", "--config", str(config)], f"http://127.0.0.1:{port}", env=env)
+    proc.admin_token = token
     try:
         proc.wait_http("/readyz", timeout)
         wait_for(lambda: all(b["state"] == "ready" for b in backend_states(proc)), timeout,
@@ -181,7 +194,7 @@ def start_sidecar(config_text: str, port: int, work_dir: Path, *, env: dict[str,
 
 
 def backend_states(sidecar: Proc) -> list[dict[str, Any]]:
-    backends: list[dict[str, Any]] = get_json(sidecar.url + "/api/v1/health")["backends"]
+    backends: list[dict[str, Any]] = get_json(sidecar.url + "/api/v1/health", token=sidecar.admin_token)["backends"]
     return backends
 
 

@@ -2,7 +2,12 @@
 
 A prompt write or clear_cache changes per-process state, so it is sent to every backend that is
 running, and the clients get one combined answer: the backends' common answer when they agree,
-else 502 with each backend's answer.
+else 502 with each backend's answer. With ``prompts.allowed_dirs`` set, a prompt write naming a
+file outside those directories is refused before any backend sees it.
+
+What anonymous callers see of the sidecar is upstream's: /api/v1/health in upstream's shape, and
+of /api/v1/queue the depth and the estimates a client can act on. The details (backends, tenants,
+the cost model, slots) need the admin token, or the metrics listener (the operator's port).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -18,9 +24,11 @@ from backend.client import Answer, BackendTimeout, BackendUnavailable
 from backend.pool import Backend
 from backend.state import BackendState
 from glmtts.contract import LONG_TEXT_THRESHOLD, upstream_length_class
+from glmtts.errors import HTTPDetailError
 from glmtts.responses import json_response
 from scheduler.control import Control
 from scheduler.errors import NoBackend
+from scheduler.prompts import written_audio_path
 from scheduler.proxy import REQUEST_ID, Proxy, error_response
 
 log = logging.getLogger("glmtts_sidecar.admin")
@@ -28,6 +36,8 @@ log = logging.getLogger("glmtts_sidecar.admin")
 ADMIN_TIMEOUT_S = 30.0
 # Backends that are up, or may be: a write must reach every process that will serve traffic.
 WRITABLE = (BackendState.WARMING, BackendState.READY, BackendState.UNHEALTHY, BackendState.DRAINING)
+# What anyone may read of the queue's state: how busy it is, by priority band and length class.
+PUBLIC_QUEUE = ("depth", "max_size", "oldest_wait_s", "by_band", "by_class", "in_service", "in_service_by_class")
 
 
 class Admin:
@@ -45,19 +55,56 @@ class Admin:
         try:
             answer = await self._exchange(backend, request.method, request.path_qs, None, request)
         except (BackendUnavailable, BackendTimeout) as exc:
-            self.proxy.pool.report_failure(backend, str(exc))
-            return error_response(NoBackend(f"Backend {backend.id} did not answer: {exc}", retry_after=1.0))
+            self.proxy.pool.report_failure(backend, str(exc))  # the why (with its URL) is the operator's
+            return error_response(NoBackend(f"Backend {backend.id} did not answer", retry_after=1.0))
         return self._relay(answer, backend.id)
 
     # --- writes: every backend ----------------------------------------------------------------
 
-    def authorized(self, request: web.Request) -> bool:
-        return self.proxy.config.admin.allows(request.headers.get("Authorization"))
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """The answer that turns a request for an admin action away, or None when it may proceed."""
+        authorization = request.headers.get("Authorization")
+        if authorization is not None and not authorization.isascii():
+            return json_response({"detail": "The Authorization header must be ASCII: 'Bearer <token>'",
+                                  "reason": "bad_authorization"}, 400)
+        if not self.proxy.config.admin.allows(authorization):
+            return unauthorized()
+        return None
+
+    def privileged(self, request: web.Request) -> bool:
+        """Whether the request presents the admin token (none configured: nobody does)."""
+        return self.proxy.config.admin.authenticates(request.headers.get("Authorization"))
 
     async def fan_out(self, request: web.Request) -> web.Response:
-        if not self.authorized(request):
-            return unauthorized()
+        if (refused := self.refusal(request)) is not None:
+            return refused
+        return await self._fan_out(request, await request.read())
+
+    async def write_prompt(self, request: web.Request) -> web.Response:
+        """POST /api/v1/prompts, PUT /api/v1/prompts/{index}: fanned out once the file it names
+        passes ``prompts.allowed_dirs``."""
+        if (refused := self.refusal(request)) is not None:
+            return refused
         body = await request.read()
+        prompts = self.proxy.config.prompts
+        if prompts.allowed_dirs:
+            cwd = self.proxy.config.backends.cwd or Path.cwd()  # where a managed backend runs
+            content_type = request.headers.get("Content-Type")
+
+            def permitted() -> bool:  # parsing a large form and resolving a path: off the loop
+                return prompts.permits(written_audio_path(request.method, content_type, body), cwd)
+
+            try:
+                allowed = await asyncio.to_thread(permitted)
+            except HTTPDetailError as exc:
+                return error_response(exc)  # upstream's answer to an invalid form
+            if not allowed:
+                # The same answer whether or not the file exists: no probing of the server's files.
+                return json_response({"detail": "prompt_audio_path is outside the directories prompts.allowed_dirs "
+                                                "permits", "reason": "prompt_path_not_allowed"}, 403)
+        return await self._fan_out(request, body)
+
+    async def _fan_out(self, request: web.Request, body: bytes) -> web.Response:
         targets = [b for b in self.proxy.pool.backends if b.state in WRITABLE]
         if not targets:
             return error_response(NoBackend("No backend is running to apply this change", retry_after=1.0))
@@ -108,18 +155,27 @@ class Admin:
     # --- computed by the sidecar --------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
-        """Upstream's shape, aggregated over the pool: healthy while any backend is ready."""
+        """Upstream's shape, aggregated over the pool: healthy while any backend is ready; with the
+        admin token, plus each backend's state."""
+        return self._health(details=self.privileged(request))
+
+    async def health_details(self, request: web.Request) -> web.Response:
+        """/api/v1/health with each backend's state (the metrics listener's)."""
+        return self._health(details=True)
+
+    def _health(self, *, details: bool) -> web.Response:
         ready = self.proxy.ready_backends()
         loaded = next((b for b in ready if b.model_key is not None), None)
         indexes = self.proxy.prompts.indexes
-        payload = {
+        payload: dict[str, Any] = {
             "status": "healthy" if ready else "unhealthy",
             "model_loaded": loaded is not None,
             "model_sample_rate": loaded.model_key[0] if loaded and loaded.model_key else None,
             "model_use_phoneme": loaded.model_key[1] if loaded and loaded.model_key else None,
             "prompt_cache_count": len(indexes) if indexes is not None else 0,
-            "backends": [b.as_json() for b in self.proxy.pool.backends],
         }
+        if details:
+            payload["backends"] = [b.as_json() for b in self.proxy.pool.backends]
         return json_response(payload, 200 if ready else 503)
 
     async def concurrency(self, request: web.Request) -> web.Response:
@@ -149,16 +205,29 @@ class Admin:
                 "queue": {"max_size": scheduler.queue.max_size, "worker_count": backends, "enabled": True},
                 "workers": backends,
             },
-            "queue": scheduler.status(proxy.dispatcher.clock()),
+            "queue": self._queue_state(details=self.privileged(request)),
         })
 
     async def queue_status(self, request: web.Request) -> web.Response:
-        """Queue depth by band, tenant and class; predicted waits for a new request; backends."""
+        """Queue depth by band and class, and predicted waits for a new request; with the admin
+        token, plus tenants, counters, the cost model, slots and backends."""
+        return self._queue(details=self.privileged(request))
+
+    async def queue_details(self, request: web.Request) -> web.Response:
+        """/api/v1/queue with every detail (the metrics listener's)."""
+        return self._queue(details=True)
+
+    def _queue_state(self, *, details: bool) -> dict[str, Any]:
+        proxy = self.proxy
+        status = proxy.scheduler.status(proxy.dispatcher.clock())
+        status["by_band"] = {proxy.tenants.band_names[b]: n for b, n in status["by_band"].items()}
+        return status if details else {key: status[key] for key in PUBLIC_QUEUE}
+
+    def _queue(self, *, details: bool) -> web.Response:
         proxy = self.proxy
         scheduler = proxy.scheduler
         now = proxy.dispatcher.clock()
-        status = scheduler.status(now)
-        status["by_band"] = {proxy.tenants.band_names[b]: n for b, n in status["by_band"].items()}
+        status = self._queue_state(details=details)
         views = proxy.dispatcher.views()
         estimates = {}
         for name, chars, units in (("short", 20, 20.0), ("long", 500, 500.0)):
@@ -167,6 +236,9 @@ class Admin:
             outlook = scheduler.outlook(job, now, views)
             estimates[name] = {"chars": chars, "wait_s": round(outlook.wait_s, 3),
                                "service_s": round(outlook.service_s, 3), "deadline_s": round(outlook.budget_s, 3)}
+        if not details:
+            return json_response({**status, "policy": {"bands": list(proxy.tenants.band_names)},
+                                  "estimates": estimates})
         return json_response({
             **status,
             "policy": {"order": proxy.config.queue.order, "deadlines": proxy.config.deadlines.policy,
@@ -181,8 +253,8 @@ class Admin:
     # --- /admin ---------------------------------------------------------------------------------
 
     async def reload(self, request: web.Request) -> web.Response:
-        if not self.authorized(request):
-            return unauthorized()
+        if (refused := self.refusal(request)) is not None:
+            return refused
         result = await self.control.reload("POST /admin/reload")
         if not result.ok:
             return json_response({"detail": "The configuration file is invalid; the running one is kept",
@@ -190,16 +262,16 @@ class Admin:
         return json_response({"reloaded": True, "changed": result.changed, "needs_restart": result.ignored})
 
     async def drain(self, request: web.Request) -> web.Response:
-        if not self.authorized(request):
-            return unauthorized()
+        if (refused := self.refusal(request)) is not None:
+            return refused
         self.control.drain("POST /admin/drain")
         scheduler = self.proxy.scheduler
         return json_response({"draining": True, "queued": len(scheduler.queue), "running": len(scheduler.running),
                               "drain_timeout_s": self.proxy.config.shutdown.drain_timeout_s}, 202)
 
     async def restart_backend(self, request: web.Request) -> web.Response:
-        if not self.authorized(request):
-            return unauthorized()
+        if (refused := self.refusal(request)) is not None:
+            return refused
         backend_id = request.match_info["backend_id"]
         try:
             self.control.restart_backend(backend_id)

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from backend.client import BackendClient
 from backend.pool import BackendPool
@@ -36,12 +36,23 @@ PROXY = web.AppKey("proxy", Proxy)
 SYSTEMD = web.AppKey("systemd", ServiceStatus)
 METRICS = web.AppKey("metrics", Metrics)
 ORPHAN_WAIT_S = 5.0  # at exit, how long to wait for backend work whose client already left
+SERVER = "uvicorn"  # the Server header upstream sends: ours must not name Python, aiohttp or versions
+
+
+def announce_as_upstream() -> None:
+    """Every answer of this process's HTTP servers says ``Server: uvicorn``.
+
+    aiohttp fills in a missing Server header from this module global, on every answer it writes:
+    the handlers' and the ones it makes itself (400 for bad framing, 500), which no middleware or
+    ``on_response_prepare`` signal sees. Setting it is the one place that covers them all."""
+    web_response.SERVER_SOFTWARE = SERVER  # type: ignore[attr-defined]  # imported there from aiohttp.http
 
 
 def build_app(config: SidecarConfig, *, python: str = sys.executable, config_path: str | None = None,
               install_signals: bool = False, systemd: ServiceStatus | None = None) -> web.Application:
     """``config_path``: the file reloads re-read (None: the default). ``install_signals``: take
     SIGTERM/SIGINT (drain, then stop) and SIGHUP (reload) -- what the CLI does."""
+    announce_as_upstream()
     client = BackendClient()
     systemd = systemd or ServiceStatus()  # no-op unless the CLI found $NOTIFY_SOCKET
     refreshes: set[asyncio.Task[None]] = set()
@@ -81,8 +92,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
     routes.add_post("/api/v1/tts", proxy.tts)
     routes.add_get("/api/v1/prompts", admin.forward_read, allow_head=False)
     routes.add_get("/api/v1/prompts/{index}", admin.forward_read, allow_head=False)
-    routes.add_post("/api/v1/prompts", admin.fan_out)
-    routes.add_put("/api/v1/prompts/{index}", admin.fan_out)
+    routes.add_post("/api/v1/prompts", admin.write_prompt)
+    routes.add_put("/api/v1/prompts/{index}", admin.write_prompt)
     routes.add_delete("/api/v1/prompts/{index}", admin.fan_out)
     routes.add_post("/api/v1/clear_cache", admin.fan_out)
     routes.add_get("/api/v1/health", admin.health, allow_head=False)
@@ -99,8 +110,10 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
         routes.add_delete("/api/v1/tasks/{task_id}", tasks.cancel)
     if config.metrics.listen is None:
         routes.add_get("/metrics", metrics.handler())
-    else:  # on its own address only; started before the backends, so a taken port fails early
-        app.cleanup_ctx.append(metrics.separate_site(config.metrics.listen.host, config.metrics.listen.port))
+    else:  # on its own address only, with the details; started before the backends, so a taken port fails early
+        app.cleanup_ctx.append(metrics.separate_site(
+            config.metrics.listen.host, config.metrics.listen.port,
+            {"/api/v1/health": admin.health_details, "/api/v1/queue": admin.queue_details}))
     routes.add_post("/admin/reload", admin.reload)
     routes.add_post("/admin/drain", admin.drain)
     routes.add_post("/admin/backends/{backend_id}/restart", admin.restart_backend)

@@ -34,13 +34,17 @@ def build_tenants(config: SidecarConfig) -> TenantDirectory:
     bands = config.priorities.bands
     t = config.tenants
 
-    def tenant(name: str, policy: TenantPolicy) -> Tenant:
-        allowed = tuple(sorted(bands.index(b) for b in policy.bands)) if policy.bands else ()
+    def tenant(name: str, policy: TenantPolicy, unlisted: tuple[int, ...]) -> Tenant:
+        """``unlisted``: the bands of a policy that lists none."""
+        allowed = tuple(sorted(bands.index(b) for b in policy.bands)) if policy.bands else unlisted
         return Tenant(name=name, weight=policy.weight, bands=allowed,
                       max_queued=config.queue.tenant_bound(policy))
 
+    # Anonymous requests may not ask for more than the default band: the bands above it are for
+    # tenants that identify themselves (or for a default tenant whose bands say so).
+    below_default = tuple(range(bands.index(config.priorities.default), len(bands)))
     return TenantDirectory(
-        tenants=[tenant(item.name, item) for item in t.list],
+        tenants=[tenant(item.name, item, ()) for item in t.list],
         keys={key: item.name for key, item in t.by_key().items()},
-        default=tenant(DEFAULT_TENANT, t.default), band_names=bands, default_band=config.priorities.default,
-        require_key=t.require_key, trust_header=t.trust_header)
+        default=tenant(DEFAULT_TENANT, t.default, below_default), band_names=bands,
+        default_band=config.priorities.default, require_key=t.require_key, trust_header=t.trust_header)

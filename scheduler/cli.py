@@ -77,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     setup_logging(config.logging)
     log = logging.getLogger("glmtts_sidecar")
+    if config.admin.allow_anonymous and not config.listen.loopback:
+        log.warning("admin endpoints (prompt writes, clear_cache, /admin/*) are open to anyone who can reach "
+                    "%s:%d: admin.allow_anonymous is true and no admin.token is set", config.listen.host,
+                    config.listen.port)
     parser = http_parser_in_use()
     if parser != "C":
         why = ("AIOHTTP_NO_EXTENSIONS is set" if os.environ.get("AIOHTTP_NO_EXTENSIONS")

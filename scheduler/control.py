@@ -109,6 +109,8 @@ class Control:
         changed = [name for name in type(new).model_fields if getattr(new, name) != getattr(old, name)]
         ignored: list[str] = [name for name in ("listen", "logging", "metrics") if name in changed]
         effective = new.model_copy(update={name: getattr(old, name) for name in ignored})
+        if problems := effective.exposure_problems():  # e.g. the token removed, the public listener kept
+            return ReloadResult(ok=False, problems=problems)
         self._apply(old, effective, changed)
         return ReloadResult(ok=True, changed=changed, ignored=ignored)
 

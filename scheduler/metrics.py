@@ -167,11 +167,15 @@ class Metrics:
         """The ``GET /metrics`` handler (Prometheus text format; OpenMetrics when asked for)."""
         return make_aiohttp_handler(self.registry)
 
-    def separate_site(self, host: str, port: int) -> Callable[[web.Application], AsyncIterator[None]]:
-        """A cleanup context serving /metrics (only) on its own address, in this process."""
+    def separate_site(self, host: str, port: int, pages: Mapping[str, Handler] | None = None,
+                      ) -> Callable[[web.Application], AsyncIterator[None]]:
+        """A cleanup context serving /metrics and ``pages`` (more GET paths: the operator's views)
+        on its own address, in this process."""
         async def site(_: web.Application) -> AsyncIterator[None]:
             app = web.Application()
             app.router.add_get("/metrics", self.handler())
+            for path, handler in (pages or {}).items():
+                app.router.add_get(path, handler, allow_head=False)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             try:

@@ -1,4 +1,5 @@
-"""Which prompt indexes the backends know, so an unknown index is rejected at the edge.
+"""Which prompt indexes the backends know, so an unknown index is rejected at the edge; and what a
+prompt write asks the backends to read.
 
 Each backend has its own prompt cache (upstream's design); writes go to every backend, so they
 agree as long as everyone writes through the sidecar. The catalogue is the index list of one
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+
+from glmtts.contract import parse_prompt_add, parse_prompt_update
 
 REFRESH_INTERVAL_S = 1.0
 
@@ -42,3 +45,11 @@ class PromptCatalogue:
         if self._clock() - self._fetched_at >= REFRESH_INTERVAL_S:
             await self.refresh()
         return self._indexes is None or index in self._indexes
+
+
+def written_audio_path(method: str, content_type: str | None, body: bytes) -> str:
+    """The ``prompt_audio_path`` a prompt write (POST /api/v1/prompts, PUT /api/v1/prompts/{index})
+    sets, read from its form as upstream reads it; HTTPDetailError (upstream's own answer) when the
+    form is invalid. CPU-bound on a large body: call it off the event loop."""
+    form = parse_prompt_add(content_type, body) if method == "POST" else parse_prompt_update(content_type, body)
+    return form.prompt_audio_path

@@ -1,9 +1,13 @@
 """Who is asking, and at which priority. Pure.
 
 ``Authorization: Bearer <key>`` names a tenant (keys compared in constant time); without a key,
-a trusted ``X-Tenant`` header may name one, else the request belongs to the default tenant --
-unless keys are required, then it is refused (401). ``X-Priority`` asks for a band; a tenant
-gets the highest band it is allowed that is not above the one asked for.
+a trusted ``X-Tenant`` header may name a tenant that has no keys (one that has keys needs one of
+them: 401), else the request belongs to the default tenant -- unless keys are required, then it
+is refused (401). ``X-Priority`` asks for a band; a tenant gets the highest band it is allowed
+that is not above the one asked for.
+
+Header values arrive as aiohttp decodes them (UTF-8, undecodable bytes as lone surrogates): any
+string is handled, and one that is no key is an unknown key.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class TenantDirectory:
                  trust_header: bool = False) -> None:
         self._by_name = {t.name: t for t in tenants}
         self._keys = [(key.encode(), name) for key, name in keys.items()]
+        self._keyed = frozenset(keys.values())  # tenants only a key may claim
         self.default = default
         self.band_names = tuple(band_names)
         self.default_band = self.band_names.index(default_band)
@@ -59,7 +64,7 @@ class TenantDirectory:
         return self.default if name == self.default.name else self._by_name[name]
 
     def _by_key(self, key: str) -> Tenant | None:
-        given = key.encode()
+        given = key.encode("utf-8", "surrogatepass")  # a lone surrogate compares unequal, never raises
         found: str | None = None
         for candidate, name in self._keys:  # every key is compared: the time does not leak which
             if hmac.compare_digest(candidate, given):
@@ -88,6 +93,10 @@ class TenantDirectory:
                 return self.default
             if name not in self._by_name:
                 raise TenantError(400, "unknown_tenant", f"X-Tenant names no configured tenant: {name!r}")
+            if name in self._keyed:
+                raise TenantError(401, "unauthorized",
+                                  f"Tenant {name!r} has API keys: send one (Authorization: Bearer <key>), "
+                                  "X-Tenant cannot claim it")
             return self._by_name[name]
         return self.default
 

@@ -17,12 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 # Free ports and process checks are the benchmarks' too: one copy, in bench.procs.
 from bench.procs import free_port as free_port
 from bench.procs import free_ports as free_ports
 from bench.procs import pid_gone as pid_gone
 
 ROOT = Path(__file__).resolve().parent.parent
+# The admin token `sidecar_config` writes unless told otherwise: /api/v1/health and /api/v1/queue
+# show their details (backends, pids, tenants, slots) only to it. Send it to those and to admin
+# endpoints only: on /api/v1/tts an Authorization header is a tenant key, and this one is nobody's.
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
 
 def http(method: str, url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
@@ -54,6 +60,7 @@ class Service:
     proc: subprocess.Popen[bytes]
     log_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    admin_token: str | None = None  # a sidecar's, from its config
 
     @property
     def pid(self) -> int:
@@ -138,12 +145,14 @@ def emulator(*args: str, **kwargs: Any) -> Iterator[Service]:
 def sidecar_config(*, backends: int = 2, slots: int | str = 1, time_scale: float = 0.01,
                    emulator_args: Sequence[str] = (), extra: str = "", warmup: bool = False,
                    command: Sequence[str] | None = None, backend_extra: str = "",
-                   restart: str = "{backoff_initial_s: 0.2, backoff_max_s: 2.0}") -> tuple[str, int]:
+                   restart: str = "{backoff_initial_s: 0.2, backoff_max_s: 2.0}",
+                   admin_token: str | None = ADMIN_TOKEN) -> tuple[str, int]:
     """A sidecar YAML config on free loopback ports; returns (yaml, listen port).
 
     The cost priors are the seed's, scaled like the emulators' timing. Warm-up is off unless asked
     for, so tests can count every request a backend receives. ``backend_extra``: more YAML lines
-    for the ``backends`` section (e.g. ``watchdog: {...}``); ``extra``: more top-level sections."""
+    for the ``backends`` section (e.g. ``watchdog: {...}``); ``extra``: more top-level sections.
+    ``admin_token``: ``admin.token`` unless ``extra`` has an ``admin`` section (None: no token)."""
     port = free_port()
     base = free_ports(backends)
     if command is None:
@@ -164,29 +173,73 @@ backends:
 {more}cost: {{base_s: {0.3125 * time_scale!r}, per_unit_s: {0.159375 * time_scale!r}, reload_s: {20.0 * time_scale!r}}}
 {extra}
 """
+    if admin_token is not None and "admin" not in _sections(extra):
+        text += f"admin: {{token: {admin_token}}}\n"
     return text, port
 
 
 def start_sidecar(config_text: str, port: int, tmp_dir: Path, *, wait_ready: bool = True) -> Service:
+    """The returned service knows the admin token its config sets."""
     config = tmp_dir / f"sidecar-{port}.yaml"
     if "\ntasks:" not in config_text:  # task state goes to the test's own directory
         config_text += f"\ntasks: {{state_dir: {json.dumps(str(tmp_dir / f'tasks-{port}'))}}}\n"
     config.write_text(config_text)
     service = start_process([sys.executable, "-m", "scheduler", "--config", str(config)],
                             f"http://127.0.0.1:{port}")
+    service.admin_token = configured_admin_token(config_text)
     if wait_ready:
         try:
             wait_http(service, "/readyz", timeout=60)
-            backends = get_json(service.url + "/api/v1/health")["backends"]
+            backends = backend_details(service)
             deadline = time.monotonic() + 60
             while any(b["state"] != "ready" for b in backends) and time.monotonic() < deadline:
                 time.sleep(0.05)
-                backends = get_json(service.url + "/api/v1/health")["backends"]
+                backends = backend_details(service)
             assert all(b["state"] == "ready" for b in backends), backends
         except BaseException:
             service.stop()
             raise
     return service
+
+
+def _sections(config_text: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(config_text)
+    except yaml.YAMLError:  # a test of a broken file: the sidecar says what is wrong
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def configured_admin_token(config_text: str) -> str | None:
+    """The admin token a sidecar config sets (``env:NAME`` read from this environment), or None."""
+    admin = _sections(config_text).get("admin")
+    token = admin.get("token") if isinstance(admin, dict) else None
+    if isinstance(token, str) and token.startswith("env:"):
+        return os.environ.get(token[len("env:"):])
+    return token if isinstance(token, str) else None
+
+
+def admin_headers(service: Service) -> dict[str, str]:
+    """The sidecar's admin token as a header: for /api/v1/health, /api/v1/queue and admin endpoints
+    only (on /api/v1/tts it would be an unknown API key)."""
+    assert service.admin_token is not None, "this sidecar has no admin token: nobody sees its details"
+    return {"Authorization": f"Bearer {service.admin_token}"}
+
+
+def details(service: Service, path: str, *, timeout: float = 10.0, statuses: Sequence[int] = (200,)) -> Any:
+    """GET ``path`` (/api/v1/health or /api/v1/queue) of a sidecar with its admin token: the page
+    with its details. ``statuses``: those accepted (health answers 503, same body, while no backend
+    is ready)."""
+    status, _, body = http("GET", service.url + path, headers=admin_headers(service), timeout=timeout)
+    assert status in statuses, (path, status, body[:300])
+    return json.loads(body)
+
+
+def backend_details(service: Service, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Each backend's state, pid and counters, from /api/v1/health (answered also while none is ready)."""
+    backends: list[dict[str, Any]] = details(service, "/api/v1/health", timeout=timeout,
+                                             statuses=(200, 503))["backends"]
+    return backends
 
 
 @contextlib.contextmanager
@@ -201,7 +254,7 @@ def running_sidecar(tmp_path: Path, **kwargs: Any) -> Iterator[Service]:
 
 
 def backend_pids(service: Service) -> list[int]:
-    return [b["pid"] for b in get_json(service.url + "/api/v1/health")["backends"]]
+    return [b["pid"] for b in backend_details(service)]
 
 
 def wait_until(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:

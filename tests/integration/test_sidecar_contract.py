@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.contract_cases import CASES, Case, run_step
-from tests.support import Service, get_json, http, sidecar_config, start_sidecar
+from tests.support import Service, admin_headers, backend_details, get_json, http, sidecar_config, start_sidecar
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +23,25 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         service.stop()
 
 
+def as_operator(sidecar: Service) -> Any:
+    """``http`` that presents the admin token on writes other than TTS (prompts, clear_cache), as an
+    operator does; everything else goes as any client sends it."""
+    def send(method: str, url: str, *, headers: dict[str, str], **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
+        if method != "GET" and urllib.parse.urlsplit(url).path != "/api/v1/tts":
+            headers = {**headers, **admin_headers(sidecar)}
+        return http(method, url, headers=headers, **kwargs)
+
+    return send
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_contract(sidecar: Service, case: Case) -> None:
     for step in case.steps:
-        run_step(sidecar.url, step, http)
+        run_step(sidecar.url, step, as_operator(sidecar))
 
 
 def backend_requests(sidecar: Service) -> int:
-    backends = get_json(sidecar.url + "/api/v1/health")["backends"]
+    backends = backend_details(sidecar)
     return sum(get_json(b["url"] + "/emulator/stats")["tts_received"] for b in backends)
 
 

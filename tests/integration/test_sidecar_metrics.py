@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.contract_cases import multipart
-from tests.support import Service, free_port, http, running_sidecar, sidecar_config, start_sidecar
+from tests.support import Service, free_port, get_json, http, running_sidecar, sidecar_config, start_sidecar
 
 SHORT = "今天天气很好，我们去公园散步。"
 
@@ -77,6 +77,8 @@ def test_metrics_on_their_own_address_only(tmp_path: Path) -> None:
     try:
         assert http("GET", sidecar.url + "/metrics")[0] == 404
         assert sample(scrape(f"http://127.0.0.1:{port}"), "glmtts_sidecar_backends_ready") == 1
-        assert http("GET", f"http://127.0.0.1:{port}/api/v1/health")[0] == 404
+        # The operator's port: health and queue with their details, without a token.
+        assert [b["id"] for b in get_json(f"http://127.0.0.1:{port}/api/v1/health")["backends"]] == ["gpu0-0"]
+        assert http("GET", f"http://127.0.0.1:{port}/api/v1/tts")[0] == 404
     finally:
         sidecar.stop()

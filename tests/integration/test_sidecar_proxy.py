@@ -18,6 +18,8 @@ from glmtts.emulator.prompts import DEFAULT_PROMPTS
 from tests.contract_cases import multipart
 from tests.support import (
     Service,
+    admin_headers,
+    backend_details,
     backend_pids,
     get_json,
     http,
@@ -40,8 +42,7 @@ def tts(service: Service, text: str = SHORT, *, timeout: float = 60.0, headers: 
 
 
 def backends(service: Service) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = get_json(service.url + "/api/v1/health")["backends"]
-    return result
+    return backend_details(service)
 
 
 @pytest.fixture()
@@ -83,13 +84,13 @@ def test_prompt_writes_reach_every_backend(sidecar: Service) -> None:
     audio = DEFAULT_PROMPTS["exampleB"].prompt_audio_path
     content_type, body = multipart(("index", "everywhere"), ("prompt_audio_path", audio), ("prompt_text", "到处"))
     status, _headers, raw = http("POST", sidecar.url + "/api/v1/prompts", body=body,
-                                headers={"Content-Type": content_type})
+                                headers={"Content-Type": content_type, **admin_headers(sidecar)})
     assert status == 200, raw
     assert json.loads(raw)["message"] == "Prompt 'everywhere' added successfully"
     for backend in backends(sidecar):
         assert get_json(backend["url"] + "/api/v1/prompts/everywhere")["config"]["prompt_text"] == "到处"
     assert tts(sidecar, index="everywhere")[0] == 200
-    assert http("DELETE", sidecar.url + "/api/v1/prompts/everywhere")[0] == 200
+    assert http("DELETE", sidecar.url + "/api/v1/prompts/everywhere", headers=admin_headers(sidecar))[0] == 200
     for backend in backends(sidecar):
         assert http("GET", backend["url"] + "/api/v1/prompts/everywhere")[0] == 404
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.contract_cases import multipart
-from tests.support import Service, get_json, http, running_sidecar, wait_until
+from tests.support import Service, backend_details, details, get_json, http, running_sidecar, wait_until
 
 SHORT = "今天天气很好，我们去公园散步。"
 LONG = ("从前有一座山，山上有一座庙，庙里有一个老和尚在给小和尚讲故事。" * 16)[:500]
@@ -32,7 +32,7 @@ def tts(service: Service, text: str = SHORT, *, headers: dict[str, str] | None =
 
 
 def queue(service: Service) -> dict[str, Any]:
-    result: dict[str, Any] = get_json(service.url + "/api/v1/queue")
+    result: dict[str, Any] = details(service, "/api/v1/queue")
     return result
 
 
@@ -126,7 +126,7 @@ def test_affinity_means_fewer_model_reloads_with_mixed_sample_rates(tmp_path: Pa
     with running_sidecar(tmp_path, backends=2, time_scale=0.02, emulator_args=emulator) as service, \
             ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda r: tts(service, SHORT, sample_rate=r)[0], rates))
-        backends = get_json(service.url + "/api/v1/health")["backends"]
+        backends = backend_details(service)
         loads = sum(get_json(b["url"] + "/emulator/stats")["model_loads"] for b in backends)
         # The same mix sent straight to the backends by a key-blind round robin.
         blind = ["24000", "24000", "32000", "32000"] * 4

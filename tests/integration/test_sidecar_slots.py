@@ -17,7 +17,16 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.contract_cases import multipart
-from tests.support import Service, get_json, http, running_sidecar, sidecar_config, start_sidecar, wait_until
+from tests.support import (
+    Service,
+    details,
+    get_json,
+    http,
+    running_sidecar,
+    sidecar_config,
+    start_sidecar,
+    wait_until,
+)
 
 SHORT = "今天天气很好，出去走走。"[:10]  # 10 units: ~1.9 s on a GPU
 LONG = ("从前有一座山，山上有一座庙，庙里有一个老和尚在给小和尚讲故事。" * 8)[:200]  # 200 units: ~32 s
@@ -50,7 +59,7 @@ def closed_loop(service: Service, clients: int, stop: threading.Event) -> list[i
 
 
 def backends(service: Service) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = get_json(service.url + "/api/v1/queue")["backends"]
+    found: list[dict[str, Any]] = details(service, "/api/v1/queue")["backends"]
     return found
 
 
@@ -88,7 +97,7 @@ def test_auto_slots_settle_at_the_knee_of_the_throughput_curve(tmp_path: Path) -
         try:
             # Learned: 1, 2 and 3 each beat the level below by over 10 %; 4 was tried and dropped.
             def judged() -> bool:
-                state = get_json(service.url + "/api/v1/queue")["slots"]["gpu0-0"]
+                state = details(service, "/api/v1/queue")["slots"]["gpu0-0"]
                 return not state["probing"] and "4" in state["levels"] and state["slots"] < 4
 
             wait_until(judged, timeout=35, what="the probe of 4 slots to be judged")
@@ -96,7 +105,7 @@ def test_auto_slots_settle_at_the_knee_of_the_throughput_curve(tmp_path: Path) -
             stop.set()
         learned_s = time.monotonic() - started
         assert set(statuses.result()) == {200}
-        state = get_json(service.url + "/api/v1/queue")["slots"]["gpu0-0"]
+        state = details(service, "/api/v1/queue")["slots"]["gpu0-0"]
         throughput = {int(k): v["throughput"] for k, v in state["levels"].items()}
         print(f"learned in {learned_s:.1f} s: {json.dumps(state)}")
         assert (state["mode"], state["slots"], state["max_slots"]) == ("auto", 3, 4), state
@@ -119,7 +128,7 @@ def test_a_reload_switches_between_fixed_and_auto(tmp_path: Path) -> None:
         os.kill(service.pid, signal.SIGHUP)
         wait_until(lambda: backends(service)[0]["slot_mode"] == "auto", what="slots: auto")
         assert backends(service)[0]["slots"] == 1 and slot_gauges(service) == {"gpu0-0": 1.0}
-        assert get_json(service.url + "/api/v1/queue")["slots"]["gpu0-0"]["max_slots"] == 3
+        assert details(service, "/api/v1/queue")["slots"]["gpu0-0"]["max_slots"] == 3
         assert tts(service, SHORT) == 200
         config.write_text(text)
         os.kill(service.pid, signal.SIGHUP)

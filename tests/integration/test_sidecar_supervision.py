@@ -15,7 +15,9 @@ from typing import Any
 from tests.contract_cases import multipart
 from tests.support import (
     Service,
+    backend_details,
     backend_pids,
+    details,
     get_json,
     http,
     pid_gone,
@@ -44,10 +46,7 @@ def ok(result: tuple[int, dict[str, Any]]) -> bool:
 
 def backends(service: Service) -> list[dict[str, Any]]:
     """Backend detail from /api/v1/health (503 while no backend is ready, same body)."""
-    status, _, raw = http("GET", service.url + "/api/v1/health", timeout=10)
-    assert status in (200, 503), (status, raw[:300])
-    result: list[dict[str, Any]] = json.loads(raw)["backends"]
-    return result
+    return backend_details(service)
 
 
 def states(service: Service) -> list[str]:
@@ -207,7 +206,7 @@ def test_sigterm_under_load_drains_and_leaves_nothing(tmp_path: Path) -> None:
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(tts, service, SHORT * 4 + str(i)) for i in range(12)]
             # SIGTERM only once all 12 are admitted: every admitted request must be answered.
-            wait_until(lambda: get_json(service.url + "/api/v1/queue")["admitted"] == 12,
+            wait_until(lambda: details(service, "/api/v1/queue")["admitted"] == 12,
                        what="all 12 requests to be admitted")
             assert get_json(service.url + "/api/v1/queue")["depth"] >= 4
             os.kill(service.pid, signal.SIGTERM)

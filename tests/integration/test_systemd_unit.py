@@ -24,7 +24,15 @@ import pytest
 import yaml
 
 import scheduler.app
-from tests.support import ROOT, get_json, http, sidecar_config, start_process, wait_until
+from tests.support import (
+    ROOT,
+    backend_details,
+    configured_admin_token,
+    http,
+    sidecar_config,
+    start_process,
+    wait_until,
+)
 
 UNIT = ROOT / "systemd" / "glmtts-sidecar.service"
 PRODUCTION = ROOT / "config" / "glmtts-production.yaml"
@@ -137,6 +145,7 @@ def test_the_sidecar_reports_ready_reload_and_stop(tmp_path: Path) -> None:
     with fake_systemd(url) as systemd:
         service = start_process([sys.executable, "-m", "scheduler", "--config", str(config)], url,
                                 env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1000000"})
+        service.admin_token = configured_admin_token(text)
         try:
             wait_until(lambda: "1" in systemd.fields("READY") or not service.alive(), timeout=60, what="READY=1")
             assert service.alive(), service.output()
@@ -146,7 +155,7 @@ def test_the_sidecar_reports_ready_reload_and_stop(tmp_path: Path) -> None:
             wait_until(lambda: len(systemd.fields("WATCHDOG")) >= 2, timeout=5, what="watchdog pings")
 
             # The backends must not talk to systemd as the sidecar.
-            for backend in get_json(url + "/api/v1/health")["backends"]:
+            for backend in backend_details(service):
                 environ = Path(f"/proc/{backend['pid']}/environ").read_bytes().split(b"\0")
                 assert not any(entry.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_")) for entry in environ)
 

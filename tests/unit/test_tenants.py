@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from scheduler.build import build_tenants
+from scheduler.config import parse_config
 from scheduler.tenants import DEFAULT_TENANT, Tenant, TenantDirectory, TenantError
 
 BANDS = ("interactive", "standard", "batch")
@@ -11,12 +13,13 @@ ACME = Tenant(name="acme", weight=3.0, bands=(0, 1, 2), max_queued=20)
 BULK = Tenant(name="bulk", weight=1.0, bands=(1, 2))
 NIGHT = Tenant(name="night", bands=(2,))
 VIP = Tenant(name="vip", bands=(0,))
+GUEST = Tenant(name="guest", bands=(1, 2))  # no keys: only X-Tenant (when trusted) reaches it
 DEFAULT = Tenant(name=DEFAULT_TENANT)
 KEYS = {"k-acme": "acme", "k-bulk": "bulk", "k-night": "night", "k-vip": "vip"}
 
 
 def directory(*, require_key: bool = False, trust_header: bool = False) -> TenantDirectory:
-    return TenantDirectory(tenants=[ACME, BULK, NIGHT, VIP], keys=KEYS, default=DEFAULT, band_names=BANDS,
+    return TenantDirectory(tenants=[ACME, BULK, NIGHT, VIP, GUEST], keys=KEYS, default=DEFAULT, band_names=BANDS,
                            default_band="standard", require_key=require_key, trust_header=trust_header)
 
 
@@ -56,13 +59,49 @@ def test_without_a_key_the_default_tenant_unless_a_key_is_required() -> None:
 
 def test_x_tenant_counts_only_when_trusted() -> None:
     trusted = directory(trust_header=True)
-    assert attribute(trusted, tenant="acme") == ("acme", 1)
-    assert attribute(trusted, tenant=" bulk ") == ("bulk", 1)
+    assert attribute(trusted, tenant="guest") == ("guest", 1)
+    assert attribute(trusted, tenant=" guest ", priority="interactive") == ("guest", 1)
     assert attribute(trusted, tenant=DEFAULT_TENANT) == (DEFAULT_TENANT, 1)
     assert refused(trusted, tenant="mallory") == (400, "unknown_tenant")
-    assert attribute(directory(), tenant="acme") == (DEFAULT_TENANT, 1)  # untrusted: ignored
+    assert attribute(directory(), tenant="guest") == (DEFAULT_TENANT, 1)  # untrusted: ignored
     assert attribute(directory(), tenant="mallory") == (DEFAULT_TENANT, 1)
-    assert attribute(trusted, "Bearer k-bulk", tenant="acme") == ("bulk", 1)  # the key wins
+    assert attribute(trusted, "Bearer k-bulk", tenant="guest") == ("bulk", 1)  # the key wins
+
+
+@pytest.mark.parametrize("name", ["acme", " bulk ", "vip"])
+def test_x_tenant_cannot_claim_a_tenant_that_has_keys(name: str) -> None:
+    trusted = directory(trust_header=True)
+    assert refused(trusted, tenant=name) == (401, "unauthorized")
+    assert refused(trusted, tenant=name, priority="interactive") == (401, "unauthorized")
+    assert attribute(trusted, f"Bearer k-{name.strip()}", tenant=name)[0] == name.strip()  # with its key: fine
+    assert attribute(directory(), tenant=name) == (DEFAULT_TENANT, 1)  # untrusted: ignored, as before
+
+
+# What aiohttp hands over for header bytes that are not UTF-8 (surrogateescape), and other lone surrogates.
+NOT_ASCII = ["Bearer \udcff", "Bearer k-acme\udcff", "Bearer \udcffk-acme", "\udcffBearer k-acme",
+             "Bearer \ud800", "Bearer k-\u00e4cme", "Bearer \udcc3\udca4"]
+
+
+@pytest.mark.parametrize("header", NOT_ASCII)
+@pytest.mark.parametrize("require_key", [False, True])
+def test_a_key_that_is_not_ascii_is_an_unknown_key(header: str, require_key: bool) -> None:
+    assert refused(directory(require_key=require_key), header) == (401, "unauthorized")
+    assert refused(directory(trust_header=True), header, tenant="guest") == (401, "unauthorized")
+
+
+def test_a_surrogate_never_matches_a_key_by_substitution() -> None:
+    # A lossy encoding ("replace": "?") would let "k-q\udcff..." match the key "k-q?...".
+    d = TenantDirectory(tenants=[ACME], keys={"k-q?0123456789abcdef": "acme"}, default=DEFAULT, band_names=BANDS,
+                        default_band="standard")
+    assert attribute(d, "Bearer k-q?0123456789abcdef")[0] == "acme"
+    assert refused(d, "Bearer k-q\udcff0123456789abcdef") == (401, "unauthorized")
+    assert refused(d, "Bearer k-q\ud8000123456789abcdef") == (401, "unauthorized")
+
+
+def test_other_headers_that_are_not_ascii_are_400() -> None:
+    trusted = directory(trust_header=True)
+    assert refused(trusted, tenant="gu\udcffest") == (400, "unknown_tenant")
+    assert refused(trusted, priority="inter\udcffactive") == (400, "unknown_priority")
 
 
 @pytest.mark.parametrize(("tenant_key", "priority", "band"), [
@@ -98,10 +137,32 @@ def test_a_tenant_never_gets_a_band_it_may_not_use() -> None:
 
 def test_lookup_by_name() -> None:
     d = directory()
-    assert d.names == [DEFAULT_TENANT, "acme", "bulk", "night", "vip"]
+    assert d.names == [DEFAULT_TENANT, "acme", "bulk", "night", "vip", "guest"]
     assert d.tenant("acme") is ACME
     assert d.tenant(DEFAULT_TENANT) is DEFAULT
     with pytest.raises(KeyError):
         d.tenant("mallory")
     attributed = d.attribute(authorization="Bearer k-acme", tenant_header=None, priority_header=None)
     assert (attributed.tenant.weight, attributed.tenant.max_queued) == (3.0, 20)
+
+
+def built(text: str) -> TenantDirectory:
+    return build_tenants(parse_config(text))
+
+
+def test_the_default_tenant_gets_the_default_band_and_below_unless_its_bands_say_otherwise() -> None:
+    d = built("{}")  # bands interactive, standard, batch; default standard
+    assert d.default.bands == (1, 2)
+    assert [attribute(d, priority=p)[1] for p in ("interactive", "standard", "batch", None)] == [1, 1, 2, 1]
+    lowest = built("priorities: {bands: [a, b, c, d], default: c}")
+    assert lowest.default.bands == (2, 3)
+    assert attribute(lowest, priority="a") == (DEFAULT_TENANT, 2)
+    explicit = built("tenants: {default: {bands: [interactive, batch]}}")
+    assert attribute(explicit, priority="interactive") == (DEFAULT_TENANT, 0)  # an explicit list wins
+
+
+def test_named_tenants_without_bands_keep_every_band() -> None:
+    d = built("tenants: {trust_header: true, list: [{name: acme, keys: [acme-key-0123456789]}, {name: guest}]}")
+    assert attribute(d, "Bearer acme-key-0123456789", priority="interactive") == ("acme", 0)
+    assert attribute(d, tenant="guest", priority="interactive") == ("guest", 0)
+    assert refused(d, tenant="acme") == (401, "unauthorized")
