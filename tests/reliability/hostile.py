@@ -2,9 +2,11 @@
 
 - ``Recorder``: a tiny HTTP/1.1 backend on loopback, wired into the sidecar as an external
   backend, that writes down the request line of everything the sidecar sends it. A smuggled or
-  extra request shows up there, whatever the sidecar itself believes it forwarded.
+  extra request shows up there, whatever the sidecar itself believes it forwarded. Given
+  ``idle_close_s``, it also loses the keep-alive race every time it can (see ``Recorder``).
 - ``raw``: send exact bytes on a fresh connection and read what comes back until the sidecar
-  closes or a timeout passes; ``responses`` splits that into (status, headers, body).
+  closes or a timeout passes; ``responses`` splits that into (status, headers, body), and
+  ``tally_of`` counts them as the case's outcomes.
 - ``Costs``: the sidecar's peak RSS growth (VmHWM, reset through clear_refs) and CPU seconds
   (utime + stime) over one case, from /proc.
 """
@@ -23,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.reliability.support import assert_loop_lag_ok, loop_lag_max_s, record
+from tests.reliability.support import (
+    Admissions,
+    Outcome,
+    Tally,
+    assert_lag_within_bound,
+    case_loop_lag_s,
+    mark_loop_lag,
+    record,
+)
 from tests.support import Service, sidecar_config, start_sidecar
 
 MIB = 1024 * 1024
@@ -35,10 +45,18 @@ ROUTINE = {("GET", "/api/v1/health"), ("GET", "/api/v1/prompts")}
 
 
 class Recorder:
-    """A raw HTTP/1.1 backend in a thread of the test process; records every request it reads."""
+    """A raw HTTP/1.1 backend in a thread of the test process; records every request it reads.
 
-    def __init__(self) -> None:
+    ``idle_close_s``: a server closes a keep-alive connection idle that long (uvicorn: 5 s). When a
+    request arrives on a connection at that moment, it is lost with the connection: the keep-alive
+    race. This one loses it every time: a request that finds its connection idle ``idle_close_s``
+    or longer is closed on, unanswered (counted in ``raced``), as if the idle timer had fired just
+    as it arrived."""
+
+    def __init__(self, *, idle_close_s: float | None = None) -> None:
         self.requests: list[tuple[str, str]] = []
+        self.raced: list[tuple[str, str]] = []
+        self.idle_close_s = idle_close_s
         self.port = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -80,6 +98,8 @@ class Recorder:
             await self._stop.wait()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        answered_at: float | None = None  # when the last answer on this connection went out
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                                  ValueError):
             while True:
@@ -87,6 +107,11 @@ class Recorder:
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+                if (self.idle_close_s is not None and answered_at is not None
+                        and loop.time() - answered_at >= self.idle_close_s):
+                    with self._lock:
+                        self.raced.append((method, path))
+                    break  # closed as the request arrived: no answer
                 with self._lock:
                     self.requests.append((method, path))
                 if headers.get("transfer-encoding", "").lower() == "chunked":
@@ -96,10 +121,11 @@ class Recorder:
                 else:
                     await reader.readexactly(int(headers.get("content-length", "0")))
                 status, payload = self._answer(method, path)
-                body = json.dumps(payload).encode()
+                body = json.dumps(payload, separators=(",", ":")).encode()  # as FastAPI writes it
                 writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
                              f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
                 await writer.drain()
+                answered_at = loop.time()
         writer.close()
 
     @staticmethod
@@ -115,13 +141,15 @@ class Recorder:
 
 @contextlib.contextmanager
 def recorded_sidecar(tmp_path: Path, *, extra: str = "", managed: int = 0) -> Iterator[tuple[Service, Recorder]]:
-    """A sidecar whose pool holds the recorder (as an external backend) and ``managed`` emulators."""
+    """A sidecar whose pool holds the recorder (as an external backend) and ``managed`` emulators;
+    its first case's loop lag is measured from here."""
     recorder = Recorder().start()
     try:
         text, port = sidecar_config(backends=managed, backend_extra=f"external: [{json.dumps(recorder.url)}]",
                                     extra=extra)
         service = start_sidecar(text, port, tmp_path)
         try:
+            mark_loop_lag(service.url)
             yield service, recorder
         finally:
             service.stop()
@@ -144,6 +172,11 @@ class Raw:
 
     def responses(self) -> list[tuple[int, dict[str, str], bytes]]:
         return responses(self.data)
+
+    @property
+    def cut(self) -> bool:
+        """The sidecar closed the connection in the middle of an answer."""
+        return self.closed and _split(self.data)[1] < len(self.data)
 
     @property
     def status(self) -> int | None:
@@ -212,28 +245,46 @@ def _readable(sock: socket.socket) -> bool:
 
 def responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     """Split HTTP/1.1 responses (framed by Content-Length or chunked) out of a byte stream."""
+    return _split(data)[0]
+
+
+def tally_of(got: Raw) -> Tally:
+    """The outcomes a raw exchange shows: each complete answer, and an answer cut short. Requests
+    that got nothing back are for the sidecar's counters to place (``Tally.lost_given``)."""
+    tally = Tally()
+    for status, headers, body in got.responses():
+        tally.answer(status, headers, body)
+    if got.cut:
+        tally.fail(Outcome.CUT)
+    return tally
+
+
+def _split(data: bytes) -> tuple[list[tuple[int, dict[str, str], bytes]], int]:
+    """The complete responses at the start of ``data``, and where the rest (an incomplete one) begins."""
     out: list[tuple[int, dict[str, str], bytes]] = []
-    pos = 0
+    start = 0
     while True:
-        end = data.find(b"\r\n\r\n", pos)
+        end = data.find(b"\r\n\r\n", start)
         if end < 0:
-            return out
-        lines = data[pos:end].decode("latin-1").split("\r\n")
+            return out, start
+        lines = data[start:end].decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ")[1])
         headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
         pos = end + 4
         if "content-length" in headers:
             length = int(headers["content-length"])
             if len(data) < pos + length:
-                return out
+                return out, start
             body, pos = data[pos : pos + length], pos + length
         elif headers.get("transfer-encoding", "").lower() == "chunked":
             body_parts = []
             while True:
                 line_end = data.find(b"\r\n", pos)
                 if line_end < 0:
-                    return out
+                    return out, start
                 size = int(data[pos:line_end].split(b";")[0], 16)
+                if len(data) < line_end + 2 + size + 2:
+                    return out, start
                 body_parts.append(data[line_end + 2 : line_end + 2 + size])
                 pos = line_end + 2 + size + 2
                 if size == 0:
@@ -242,6 +293,7 @@ def responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
         else:
             body, pos = data[pos:], len(data)
         out.append((status, headers, body))
+        start = pos
 
 
 # --- the sidecar's costs --------------------------------------------------------------------------
@@ -312,17 +364,23 @@ def run_case(target: Target, name: str, data: bytes | Iterable[bytes], *, status
     backend saw; record the figures as ``name``. ``status``: of the first answer (None: no answer
     at all); ``detail``: a phrase the answer's body must hold; ``closed``: the sidecar must have
     closed the connection (True) or kept it (False); ``forwarded``: requests the backend must
-    have seen; ``answers``: how many answers came back (None: any)."""
+    have seen; ``answers``: how many answers came back (None: any). Lost requests are the TTS
+    requests the sidecar admitted (its counters) less the complete answers that came back to them."""
+    url = target.service.url
     before = len(target.recorder.seen())
+    mark_loop_lag(url)
+    admissions = Admissions.read(url)
     costs = Costs(target.service.pid)
     got = raw(target.port, data, **raw_args)
     costs.done()
     time.sleep(0.05)  # anything the sidecar might still forward would be on its way by now
     new = target.recorder.seen()[before:]
-    lag = loop_lag_max_s(target.service.url)
+    admitted = admissions.admitted_since(url)
+    tally = tally_of(got)
+    lag = case_loop_lag_s(url)
     record(name, status=got.status, backend_saw=len(new), rss_growth_mib=round(costs.rss_growth_mib, 1),
-           cpu_s=round(costs.cpu_s, 3), sent_bytes=got.sent, closed=got.closed, lost=0,
-           loop_lag_ms=round(lag * 1000, 1))
+           cpu_s=round(costs.cpu_s, 3), sent_bytes=got.sent, closed=got.closed, admitted=admitted,
+           lost=tally.lost_given(admitted), loop_lag_ms=round(lag * 1000, 1))
     answered = got.responses()
     assert got.status == status, (got.status, got.data[:400])
     if answers is not None:
@@ -335,9 +393,10 @@ def run_case(target: Target, name: str, data: bytes | Iterable[bytes], *, status
         assert got.closed is closed, f"connection closed: {got.closed}, after {got.seconds:.1f} s"
     assert len(new) == forwarded, new
     assert all("smuggled" not in path for _, path in target.recorder.requests), target.recorder.requests
+    assert not tally.lost_given(admitted), (admitted, tally.figures())
     limit = max_rss_mib if max_rss_mib is not None else 2 * target.max_body_bytes / MIB
     assert costs.rss_growth_mib < limit, f"peak RSS grew {costs.rss_growth_mib:.1f} MiB (bound {limit:.1f})"
     assert costs.cpu_s < max_cpu_s, f"{costs.cpu_s:.2f} CPU seconds (bound {max_cpu_s})"
     assert target.service.alive()
-    assert_loop_lag_ok(target.service.url)
+    assert_lag_within_bound(lag)
     return got

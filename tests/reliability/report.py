@@ -3,7 +3,9 @@
     python -m tests.reliability.report FIGURES.jsonl [--doc RELIABILITY.md] [--command CMD]
 
 Replaces what lies between the ``<!-- figures:start -->`` and ``<!-- figures:end -->`` markers
-with one table row per recorded case (the last record of a case wins), in the order recorded.
+with one table row per recorded case (the last record of a case wins), in the order recorded. A
+figure of None (``lost`` of a case that admits nothing, a status where no answer came) shows as
+"–"; a record without ``lost`` shows "not counted".
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
+NONE = "–"
 
 
 def _cell(value: Any) -> str:
-    if isinstance(value, float):
+    if value is None:
+        text = NONE
+    elif isinstance(value, float):
         text = f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     elif isinstance(value, int) and not isinstance(value, bool):
         text = f"{value:,}" if abs(value) >= 10000 else str(value)
@@ -44,7 +49,7 @@ def render(records: Sequence[dict[str, Any]], command: str) -> str:
              "| case | lost | figures |", "|---|---|---|"]
     for case, rec in latest.items():
         figures = dict(rec["figures"])
-        lost = figures.pop("lost", "–")
+        lost = figures.pop("lost", "not counted")
         body = "; ".join(f"{k.replace('_', ' ')} {_cell(v)}" for k, v in figures.items())
         lines.append(f"| {_cell(case)} | {_cell(lost)} | {body} |")
     lines += ["", END]

@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 
 from tests.contract_cases import multipart
-from tests.reliability.support import assert_loop_lag_ok, record
+from tests.reliability.hostile import Recorder
+from tests.reliability.support import Outcome, Tally, assert_loop_lag_ok, reason_of, record
 from tests.support import (
     Service,
+    backend_details,
     emulator,
     get_json,
     http,
@@ -38,17 +40,31 @@ JSON = {"Content-Type": "application/json"}
 
 @dataclass
 class Result:
-    """What one client saw: a status and a body, or no answer at all (``status`` None: lost)."""
+    """What one client saw: a status and a body, or no answer at all (``status`` None)."""
 
     status: int | None
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     cut: bool = False  # the answer began but its body stopped short
     error: str | None = None
+    hung: bool = False  # no status within the client's timeout
 
     @property
     def ok(self) -> bool:
         return self.status == 200 and not self.cut and json.loads(self.body).get("success") is True
+
+
+def tally_of(results: Iterable[Result]) -> Tally:
+    """The outcomes of whole TTS requests: a request without a whole answer was lost."""
+    tally = Tally()
+    for r in results:
+        if r.status is None:
+            tally.fail(Outcome.HUNG if r.hung else Outcome.NO_ANSWER)
+        elif r.cut:
+            tally.fail(Outcome.CUT)
+        else:
+            tally.answer(r.status, r.headers, r.body)
+    return tally
 
 
 def tts(url: str, text: str = SHORT, *, conn: httpclient.HTTPConnection | None = None,
@@ -62,7 +78,7 @@ def tts(url: str, text: str = SHORT, *, conn: httpclient.HTTPConnection | None =
         conn.request("POST", "/api/v1/tts", body=body, headers={"Content-Type": content_type})
         resp = conn.getresponse()
     except (OSError, httpclient.HTTPException) as exc:
-        return Result(None, error=f"{type(exc).__name__}: {exc}")
+        return Result(None, error=f"{type(exc).__name__}: {exc}", hung=isinstance(exc, TimeoutError))
     headers = dict(resp.getheaders())
     try:
         return Result(resp.status, headers, resp.read())
@@ -76,10 +92,7 @@ def tts(url: str, text: str = SHORT, *, conn: httpclient.HTTPConnection | None =
 
 
 def backends(service: Service) -> list[dict[str, Any]]:
-    status, _, raw = http("GET", service.url + "/api/v1/health", timeout=10)
-    assert status in (200, 503), (status, raw[:300])
-    result: list[dict[str, Any]] = json.loads(raw)["backends"]
-    return result
+    return backend_details(service)
 
 
 def received(url: str) -> int:
@@ -135,16 +148,18 @@ def test_500_storm_ejects_the_backend_and_retries_without_a_storm(tmp_path: Path
         counts = [received(url) - warm for url, warm in zip(urls, warmups, strict=True)]
         lag = assert_loop_lag_ok(service.url)
     statuses = sorted({r.status for r in results}, key=str)
-    lost = sum(r.status is None for r in results)
-    assert lost == 0 and all(r.ok for r in results), statuses
+    tally = tally_of(results)
+    errors = sum(not r.ok for r in results)
+    assert tally.lost == 0 and errors == 0, (tally.figures(), statuses)
     assert all(r.headers.get("X-Backend") != ejected["id"] for r in results), "a 500 reached a client"
     sent = len(results)
     # Every 500 was retried once, on a healthy backend, and nothing else was: no retry storm.
     assert sum(counts) == sent + counts[0], (sent, counts)
     assert counts[0] == bad_at_ejection, "the ejected backend still got traffic"
     assert counts[0] <= 3 * 3, counts  # it is taken out after each 500; ejected after 3 in a row
-    record("backend faults: 500 storm", sent=sent, lost=lost, client_errors=0, bad_backend_received=counts[0],
-           retries=sum(counts) - sent, requests_until_ejected=to_eject, loop_lag_ms=round(lag * 1000, 1))
+    record("backend faults: 500 storm", sent=sent, lost=tally.lost, client_errors=errors,
+           bad_backend_received=counts[0], retries=sum(counts) - sent, requests_until_ejected=to_eject,
+           loop_lag_ms=round(lag * 1000, 1))
 
 
 # --- an answer cut short is never retried -----------------------------------------------------------
@@ -243,17 +258,19 @@ def test_an_answer_cut_mid_body_reaches_the_client_cut_and_is_never_retried(tmp_
             lag = assert_loop_lag_ok(service.url)
         finally:
             service.stop()
-    lost = sum(r.status is None for r in results)
+    tally = tally_of(results)
     cut = [r for r in results if r.headers.get("X-Backend") == "ext-0"]
-    assert lost == 0 and raw.attempts >= 2, (lost, raw.attempts, [r.error for r in results])
+    # Lost: exactly the answers the backend itself cut, passed on as cut; nothing else.
+    assert tally.lost == len(cut) and raw.attempts >= 2, (tally.figures(), raw.attempts, [r.error for r in results])
     # The client sees the cut (no spliced second answer), and the backend saw exactly one attempt.
     assert len(cut) == raw.attempts
     assert all(r.cut and r.status == 200 for r in cut), [(r.status, r.error) for r in cut]
     assert sorted(r.body for r in cut) == sorted(raw.sent), [len(r.body) for r in cut]
     whole = [r for r in results if r not in cut]
     assert all(r.ok for r in whole) and served == len(whole), (served, len(whole))
-    record("backend faults: answer cut mid-body", sent=len(results), lost=lost, cut_seen_by_client=len(cut),
-           backend_attempts_of_cut=raw.attempts, retried_after_bytes=0, loop_lag_ms=round(lag * 1000, 1))
+    record("backend faults: answer cut mid-body", sent=len(results), lost=tally.lost, cut_seen_by_client=len(cut),
+           backend_attempts_of_cut=raw.attempts, retried_after_bytes=raw.attempts - len(cut),
+           loop_lag_ms=round(lag * 1000, 1))
 
 
 # --- success: false passes through ----------------------------------------------------------------
@@ -269,74 +286,114 @@ def test_success_false_passes_through_byte_for_byte_and_is_not_retried(tmp_path:
         results = [tts(service.url, SHORT) for _ in range(6)]
         after = sum(received(url) for url in urls)
         lag = assert_loop_lag_ok(service.url)
-    lost = sum(r.status is None for r in results)
+    tally = tally_of(results)
+    identical = sum(r.status == 200 and r.body == direct.body for r in results)
     assert direct.status == 200 and json.loads(direct.body)["success"] is False
-    assert lost == 0 and all(r.status == 200 and r.body == direct.body for r in results), \
-        [(r.status, r.body[:120]) for r in results]
+    assert tally.lost == 0 and identical == len(results), [(r.status, r.body[:120]) for r in results]
     assert after - before == len(results), "a success: false answer was retried"
-    record("backend faults: success false passthrough", sent=len(results), lost=lost,
-           identical_bodies=len(results), backend_attempts=after - before, loop_lag_ms=round(lag * 1000, 1))
+    record("backend faults: success false passthrough", sent=len(results), lost=tally.lost,
+           identical_bodies=identical, backend_attempts=after - before, loop_lag_ms=round(lag * 1000, 1))
 
 
 # --- keep-alive race ------------------------------------------------------------------------------
+#
+# A server closes a keep-alive connection left idle for its timeout (uvicorn, GLM-TTS's server: 5 s).
+# A request the sidecar sends on a pooled connection at that very moment goes down with it: the
+# keep-alive race. Two things keep it from clients: the sidecar's pool drops connections idle for
+# CLIENT_KEEPALIVE_S (3 s), before the backend would; and a request that still meets a connection
+# closed under it failed before any answer began, so it is retried on another backend. The backends
+# here are recorders that lose the race every time they can (hostile.Recorder, ``idle_close_s``).
 
-GAPS_S = (4.9, 4.95, 5.0, 5.05, 5.1)
+UVICORN_KEEPALIVE_S = 5.0
+UVICORN_GAPS_S = (4.9, 5.0, 5.1)  # idle gaps around uvicorn's timeout, one after the other
+EARLY_CLOSE_S = 1.0  # a backend that closes idle connections before the pool drops them
+EARLY_GAPS_S = (1.5,) * 6  # past EARLY_CLOSE_S, short of CLIENT_KEEPALIVE_S: the pooled connection is reused
 
 
-def idle_close_after(url: str, limit: float = 12.0) -> float | None:
-    """Seconds until the server closes a kept-alive connection left idle after one answer."""
-    host, _, port = url.removeprefix("http://").partition(":")
-    with socket.create_connection((host, int(port)), timeout=limit) as sock:
-        sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(65536)
-        answered = time.monotonic()
+@dataclass
+class RaceRun:
+    results: list[Result]
+    raced: int  # TTS requests a backend closed on, unanswered
+    lag_s: float
+
+
+def keepalive_race(tmp_path: Path, *, idle_close_s: tuple[float | None, ...], gaps_s: tuple[float, ...],
+                   retries: str = "") -> RaceRun:
+    """Recorders closing connections idle ``idle_close_s`` (None: never) as the sidecar's backends,
+    in that order (the first wins ties, so it gets the requests while it is ready); one client
+    sends a TTS request, then one more after each gap in turn, on one kept-alive connection."""
+    recorders = [Recorder(idle_close_s=idle).start() for idle in idle_close_s]
+    try:
+        text, port = sidecar_config(backends=0, extra=retries,
+                                    backend_extra=f"external: {json.dumps([r.url for r in recorders])}")
+        service = start_sidecar(text, port, tmp_path)
         try:
-            while sock.recv(65536):
-                pass
-        except TimeoutError:
-            return None
-        return time.monotonic() - answered
-
-
-def test_idle_gaps_around_the_backends_keep_alive_never_surface_a_disconnect(tmp_path: Path) -> None:
-    """uvicorn (GLM-TTS's server) closes a connection idle for 5 s, and so does the emulator. A pooled
-    connection the sidecar reuses at that very moment would carry a request into a closing socket.
-    Two things keep that from any client: the sidecar's backend client drops idle connections after
-    CLIENT_KEEPALIVE_S (3 s), well before the backend does, so a request after a ~5 s gap goes out on
-    a fresh connection; and a request that still meets a connection closed under it (a backend that
-    closes earlier) fails before any answer began, so it is retried on another backend."""
-    from backend.client import CLIENT_KEEPALIVE_S
-
-    assert CLIENT_KEEPALIVE_S < 5.0
-    with emulator() as direct, ThreadPoolExecutor(1) as probe, \
-            running_sidecar(tmp_path, backends=len(GAPS_S), time_scale=0.01) as service:
-        closed_after = probe.submit(idle_close_after, direct.url)
-
-        def with_gap(gap: float) -> list[Result]:
-            host, _, port = service.url.removeprefix("http://").partition(":")
-            conn = httpclient.HTTPConnection(host, int(port), timeout=30)
+            host, _, listen = service.url.removeprefix("http://").partition(":")
+            conn = httpclient.HTTPConnection(host, int(listen), timeout=30)
             try:
-                out = [tts(service.url, conn=conn)]
-                for _ in range(2):
+                results = [tts(service.url, conn=conn)]
+                for gap in gaps_s:
                     time.sleep(gap)
-                    out.append(tts(service.url, conn=conn))
-                return out
+                    results.append(tts(service.url, conn=conn))
             finally:
                 conn.close()
+            lag = assert_loop_lag_ok(service.url)
+        finally:
+            service.stop()
+    finally:
+        for recorder in recorders:
+            recorder.stop()
+    raced = sum(1 for r in recorders for request in r.raced if request == ("POST", "/api/v1/tts"))
+    return RaceRun(results, raced, lag)
 
-        with ThreadPoolExecutor(len(GAPS_S)) as pool:
-            runs = list(pool.map(with_gap, GAPS_S))
-        idle_s = closed_after.result()
-        lag = assert_loop_lag_ok(service.url)
-    assert idle_s is not None and 4.5 <= idle_s <= 6.5, idle_s
-    results = [r for run in runs for r in run]
-    lost = sum(r.status is None for r in results)
-    assert lost == 0 and all(r.ok for r in results), [(r.status, r.error) for r in results]
-    record("backend faults: keep-alive race", sent=len(results), lost=lost, gaps_s=list(GAPS_S),
-           emulator_idle_close_s=round(idle_s, 2), client_keepalive_s=CLIENT_KEEPALIVE_S,
-           loop_lag_ms=round(lag * 1000, 1))
+
+def record_race(case: str, run: RaceRun, **figures: Any) -> Tally:
+    from backend.client import CLIENT_KEEPALIVE_S
+
+    tally = tally_of(run.results)
+    record(f"backend faults: {case}", sent=len(run.results), lost=tally.lost,
+           client_errors=sum(not r.ok for r in run.results), raced=run.raced, pool_keepalive_s=CLIENT_KEEPALIVE_S,
+           **figures, loop_lag_ms=round(run.lag_s * 1000, 1))
+    return tally
+
+
+def test_idle_gaps_around_uvicorns_keep_alive_never_meet_the_race(tmp_path: Path) -> None:
+    """Backends that close idle connections at 5 s, as uvicorn does, and gaps of 4.9, 5.0 and 5.1 s:
+    the pool has dropped each idle connection at 3 s, so every request after a gap goes out on a new
+    one and none meets the race, even with retries off (nothing hidden by a retry). A pool keeping
+    connections longer than 5 s would send the last two on connections the backend closes."""
+    from backend.client import CLIENT_KEEPALIVE_S
+
+    assert CLIENT_KEEPALIVE_S < UVICORN_KEEPALIVE_S
+    run = keepalive_race(tmp_path, idle_close_s=(UVICORN_KEEPALIVE_S, UVICORN_KEEPALIVE_S), gaps_s=UVICORN_GAPS_S,
+                         retries="retries: {max_attempts: 1}")
+    tally = record_race("keep-alive race, gaps around uvicorn's 5 s (retries off)", run,
+                        backend_idle_close_s=UVICORN_KEEPALIVE_S, gaps_s=list(UVICORN_GAPS_S))
+    assert tally.lost == 0 and all(r.ok for r in run.results), [(r.status, r.error) for r in run.results]
+    assert run.raced == 0, f"{run.raced} request(s) went out on a connection idle {UVICORN_KEEPALIVE_S} s"
+
+
+def test_a_backend_closing_idle_connections_early_races_and_retries_hide_it(tmp_path: Path) -> None:
+    """A backend that closes idle connections after 1 s, before the pool drops them (3 s): a request
+    after a 1.5 s gap goes out on a pooled connection the backend closes as it arrives. With retries
+    off, each such race reaches the client as an error (502, the backend went away before
+    answering): the case really meets the race. With the default retries, each is retried on the
+    other backend and no client sees it."""
+    idle = (EARLY_CLOSE_S, None)  # the racing backend first, and one that never closes to retry on
+    off = keepalive_race(tmp_path, idle_close_s=idle, gaps_s=EARLY_GAPS_S, retries="retries: {max_attempts: 1}")
+    on = keepalive_race(tmp_path, idle_close_s=idle, gaps_s=EARLY_GAPS_S)
+    off_tally = record_race("keep-alive race, backend closes idle at 1 s, retries off", off,
+                            backend_idle_close_s=EARLY_CLOSE_S, gaps_s=list(EARLY_GAPS_S))
+    on_tally = record_race("keep-alive race, backend closes idle at 1 s, default retries", on,
+                           backend_idle_close_s=EARLY_CLOSE_S, gaps_s=list(EARLY_GAPS_S))
+    errors = [r for r in off.results if not r.ok]
+    assert off.raced > 0, "no request met a connection closed under it: the race was not exercised"
+    assert len(errors) == off.raced, ([(r.status, r.body[:100]) for r in errors], off.raced)
+    assert all(r.status == 502 and reason_of(r.body) == "backend_failed" for r in errors), \
+        [(r.status, r.body[:200]) for r in errors]
+    assert off_tally.lost == 0  # a 502 is a final answer
+    assert on.raced > 0, "no request met a connection closed under it: the race was not exercised"
+    assert on_tally.lost == 0 and all(r.ok for r in on.results), [(r.status, r.error) for r in on.results]
 
 
 # --- crash storm ----------------------------------------------------------------------------------
@@ -389,14 +446,14 @@ def crash_storm(tmp_path: Path, crashes: int) -> None:
             lag = assert_loop_lag_ok(service.url)
         finally:
             service.stop()
-    lost = sum(r.status is None for r in results)
+    tally = tally_of(results)
     assert restarts >= crashes, restarts
     assert not settled_zombies, settled_zombies
-    assert lost == 0 and all(r.ok for r in results), sorted({(r.status, r.error) for r in results}, key=str)
+    assert tally.lost == 0 and all(r.ok for r in results), sorted({(r.status, r.error) for r in results}, key=str)
     assert fds_after <= fds_before + 8, (fds_before, fds_after)
-    record(f"backend faults: {crashes} backend crashes", sent=len(results), lost=lost, crashes=restarts,
-           zombies_after_settle=0, zombies_transient_max=transient, fds_before=fds_before, fds_after=fds_after,
-           loop_lag_ms=round(lag * 1000, 1))
+    record(f"backend faults: {crashes} backend crashes", sent=len(results), lost=tally.lost, crashes=restarts,
+           zombies_after_settle=len(settled_zombies), zombies_transient_max=transient, fds_before=fds_before,
+           fds_after=fds_after, loop_lag_ms=round(lag * 1000, 1))
 
 
 def test_20_backend_crashes_leave_no_zombie_no_fd_and_no_lost_request(tmp_path: Path) -> None:

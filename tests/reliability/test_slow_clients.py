@@ -20,9 +20,18 @@ from typing import Any
 import pytest
 
 from tests.contract_cases import multipart
-from tests.reliability.support import assert_loop_lag_ok, record
-from tests.reliability.test_backend_faults import SHORT, Result, backends, open_fds, received, tts
-from tests.support import Service, get_json, running_sidecar, sidecar_config, start_process, wait_http, wait_until
+from tests.reliability.support import Admissions, assert_loop_lag_ok, record
+from tests.reliability.test_backend_faults import SHORT, Result, backends, open_fds, received, tally_of, tts
+from tests.support import (
+    Service,
+    configured_admin_token,
+    details,
+    running_sidecar,
+    sidecar_config,
+    start_process,
+    wait_http,
+    wait_until,
+)
 
 LONG = "今天天气很好，我们去公园散步。" * 24  # 360 characters: a ~5 MB answer
 
@@ -61,7 +70,7 @@ def ms(seconds: float) -> float:
 
 
 def queue(service: Service) -> dict[str, Any]:
-    result: dict[str, Any] = get_json(service.url + "/api/v1/queue")
+    result: dict[str, Any] = details(service, "/api/v1/queue")
     return result
 
 
@@ -133,6 +142,7 @@ def sidecar_with_low_fd_limit(tmp_path: Path, extra: str = "") -> Iterator[Servi
               f"sys.argv = ['scheduler', '--config', {str(config)!r}]; "
               "runpy.run_module('scheduler', run_name='__main__')")
     service = start_process([sys.executable, "-c", launch], f"http://127.0.0.1:{port}")
+    service.admin_token = configured_admin_token(text)
     try:
         wait_http(service, "/readyz", timeout=60)
         wait_until(lambda: all(b["state"] == "ready" for b in backends(service)), timeout=60, what="backends ready")
@@ -153,11 +163,13 @@ def fd_limits(pid: int) -> tuple[int, int]:
 def attacked(tmp_path: Path, case: str, args: list[str], *, held_at_least: int, extra: str = "") -> dict[str, Any]:
     """Normal traffic before and during a slowhttptest attack: all answered, latency kept. The
     sidecar starts with a low soft descriptor limit, as from a shell: it raises it to the hard one.
-    Returns slowhttptest's figures."""
+    Returns slowhttptest's figures. Lost: of the TTS requests the sidecar admitted (its counters:
+    the attack sends none), those without a whole answer."""
     with sidecar_with_low_fd_limit(tmp_path, extra) as service:
         soft, hard = fd_limits(service.pid)
         assert soft == hard or soft >= 65536, (soft, hard)
-        tts(service.url)  # first-request costs out of the baseline
+        admissions = Admissions.read(service.url)
+        first = tts(service.url)  # first-request costs out of the baseline
         base_results, baseline = traffic(service.url, 2.0)
         fds_before = open_fds(service.pid)
         stats = tmp_path / "slowhttptest"
@@ -169,10 +181,11 @@ def attacked(tmp_path: Path, case: str, args: list[str], *, held_at_least: int, 
             fds_attack = max(fds_attack, open_fds(service.pid))
             proc.wait(15)  # its statistics are written when it ends by itself
         wait_until(lambda: open_fds(service.pid) <= fds_before + 10, timeout=10, what="descriptors back")
+        admitted = admissions.admitted_since(service.url)
         lag = assert_loop_lag_ok(service.url)
     figures = attack_figures(stats)
-    results += base_results
-    lost = sum(r.status is None for r in results)
+    results += [first, *base_results]
+    lost = tally_of(results).lost_given(admitted)
     assert lost == 0 and all(r.ok for r in results), sorted({(r.status, r.error) for r in results}, key=str)
     assert fds_attack >= fds_before + held_at_least, (fds_before, fds_attack)
     assert within_tolerance(baseline, during), (percentile(baseline, 0.99), percentile(during, 0.99))
@@ -203,7 +216,7 @@ def test_slow_readers_of_big_answers_hold_no_backend_slot(tmp_path: Path) -> Non
     """A client that reads a 5 MB answer at a trickle must not keep a GPU slot for the time it takes:
     the backend finished its work when its answer began."""
     with running_sidecar(tmp_path, backends=2, time_scale=0.01) as service:
-        tts(service.url)
+        first = tts(service.url)
         base_results, baseline = traffic(service.url, 1.5)
         readers = []
         try:
@@ -223,8 +236,9 @@ def test_slow_readers_of_big_answers_hold_no_backend_slot(tmp_path: Path) -> Non
                 sock.close()
         wait_until(lambda: settled(service), timeout=10, what="slots free")
         lag = assert_loop_lag_ok(service.url)
-    results += base_results
-    lost = sum(r.status is None for r in results)
+    results += [first, *base_results]
+    # The slow readers are ours, hung up on purpose: lost counts the normal traffic.
+    lost = tally_of(results).lost
     assert lost == 0 and all(r.ok for r in results), sorted({(r.status, r.error) for r in results}, key=str)
     assert held == 0, f"{held} slot(s) held by slow readers"
     assert within_tolerance(baseline, during), (percentile(baseline, 0.99), percentile(during, 0.99))
@@ -239,9 +253,11 @@ def test_disconnects_mid_upload_while_queued_and_mid_answer_free_everything(tmp_
     # Slow enough that a long text holds its backend for ~4 s while another request waits behind it.
     with running_sidecar(tmp_path, backends=1, time_scale=0.05) as service:
         backend_url = backends(service)[0]["url"]
-        tts(service.url)
+        admissions = Admissions.read(service.url)
+        whole = [tts(service.url)]  # requests whose client waits for the answer
         began = time.monotonic()
-        assert tts(service.url).ok
+        whole.append(tts(service.url))
+        assert whole[-1].ok
         idle_took = time.monotonic() - began
         wait_until(lambda: settled(service), timeout=10, what="an idle sidecar")
         fds_before = open_fds(service.pid)
@@ -264,9 +280,10 @@ def test_disconnects_mid_upload_while_queued_and_mid_answer_free_everything(tmp_
                 sock.sendall(tts_request(SHORT + "排队"))
                 wait_until(lambda: queue(service)["depth"] == 1, timeout=10, what="a queued request")
             wait_until(lambda: queue(service)["depth"] == 0, timeout=10, what="the queue to forget it")
-            long_result = running.result()
-        assert long_result.ok
-        assert received(backend_url) == forwarded_before + 1, "a request whose client left while queued was sent"
+            whole.append(running.result())
+        assert whole[-1].ok
+        forwarded_of_queued = received(backend_url) - forwarded_before - 1  # the long text was
+        assert forwarded_of_queued == 0, "a request whose client left while queued was sent"
 
         # (c) running: the client leaves while the backend works on its request; the slot stays
         # busy until the backend answers (no cancellation upstream), then is freed, counted as orphaned.
@@ -294,11 +311,18 @@ def test_disconnects_mid_upload_while_queued_and_mid_answer_free_everything(tmp_
         began = time.monotonic()
         after = tts(service.url)
         took = time.monotonic() - began
+        whole.append(after)
         fds_after = open_fds(service.pid)
+        admitted = admissions.admitted_since(service.url)
         lag = assert_loop_lag_ok(service.url)
+    # Lost counts the requests whose client waited; those it left (queued, running, mid-answer) are
+    # not the sidecar's to answer, and show as what the sidecar admitted beyond them.
+    tally = tally_of(whole)
     assert after.ok and took < 3 * idle_took + 0.5, (idle_took, took)
     assert float(after.headers["X-Queue-Wait"]) < 0.1, after.headers
     assert orphaned > 0, "a request whose client left while it ran was not counted as orphaned work"
-    record("slow clients: disconnects (upload, queued, running, answer)", lost=0, forwarded_of_queued=0,
+    assert tally.lost == 0, tally.figures()
+    record("slow clients: disconnects (upload, queued, running, answer)", lost=tally.lost,
+           left_by_client=admitted - tally.admitted, forwarded_of_queued=forwarded_of_queued,
            orphaned_backend_s=round(orphaned, 2), fds=[fds_before, fds_after],
            next_request_ms=[ms(idle_took), ms(took)], loop_lag_ms=ms(lag))
