@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hmac
 import importlib.resources
+import ipaddress
 import os
 import re
 import shlex
@@ -39,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from scheduler import callbacks
 from scheduler.concurrency import DEFAULT_MAX_SLOTS, AdaptiveSettings, SlotPolicy
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "MetricsListenConfig",
     "OutlierConfig",
     "PrioritiesConfig",
+    "PromptsConfig",
     "QueueConfig",
     "RestartConfig",
     "RetriesConfig",
@@ -104,6 +107,9 @@ class ConfigError(Exception):
     def __init__(self, source: str, problems: Iterable[str]) -> None:
         self.source = source
         self.problems = tuple(problems)
+        if len(self.problems) == 1:  # one line: what journald and a terminal show whole
+            super().__init__(f"invalid configuration in {source}: {self.problems[0]}")
+            return
         lines = "\n".join(f"  {p}" for p in self.problems)
         super().__init__(f"invalid configuration in {source}:\n{lines}")
 
@@ -130,6 +136,20 @@ class ConfigSection(BaseModel):
 class ListenConfig(ConfigSection):
     host: StrictStr = Field(default="127.0.0.1", min_length=1)
     port: StrictInt = Field(default=8049, ge=0, le=65535)  # 0: ephemeral, for tests
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can connect: 127.0.0.0/8, ::1 or localhost (a name that
+        could resolve elsewhere, a wildcard or any other address is not)."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            address = ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+        return address.is_loopback
 
 
 class HealthConfig(ConfigSection):
@@ -537,7 +557,8 @@ class TenantPolicy(ConfigSection):
     """What a tenant may do: its fair-queueing weight, the bands it may use, its queue bound."""
 
     weight: StrictFloat = Field(default=1.0, gt=0)
-    bands: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)  # None: every band
+    # None: every band for a named tenant; priorities.default and the bands below it for the default tenant
+    bands: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
     max_queued: StrictInt | None = Field(default=None, ge=1)  # None: queue.max_per_tenant
 
 
@@ -645,10 +666,48 @@ class RetriesConfig(ConfigSection):
     budget_min: StrictInt = Field(default=3, ge=0)
 
 
+class PromptsConfig(ConfigSection):
+    """Which prompt audio files a prompt write (POST/PUT /api/v1/prompts) may name."""
+
+    allowed_dirs: tuple[Path, ...] = ()  # absolute after load (relative: from the config file's directory); (): any
+
+    @field_validator("allowed_dirs", mode="before")
+    @classmethod
+    def _relative_to_file(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, list | tuple):
+            return value
+        base = Path((info.context or {}).get("base_dir") or Path.cwd())
+        problems: list[tuple[Key, str]] = []
+        dirs: list[Path] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item or "\0" in item:
+                problems.append(((i,), "must be a directory path"))
+                continue
+            dirs.append(Path(os.path.normpath(base / Path(item).expanduser())))
+        _raise_if(problems)
+        return tuple(dirs)
+
+    def permits(self, audio_path: str, cwd: Path) -> bool:
+        """Whether ``audio_path``, resolved as a backend working in ``cwd`` would resolve it (symlinks
+        followed, here and in the allowed directories), lies inside one of ``allowed_dirs``; always
+        True when none is configured. Touches the file system: call it off the event loop."""
+        if not self.allowed_dirs:
+            return True
+        if not audio_path:
+            return False
+        try:
+            resolved = Path(os.path.realpath(cwd / audio_path))
+        except ValueError:  # a NUL byte, a lone surrogate: names no file
+            return False
+        return any(resolved.is_relative_to(os.path.realpath(d)) for d in self.allowed_dirs)
+
+
 class AdminConfig(ConfigSection):
-    """Who may use the admin endpoints (prompt writes, clear_cache, /admin/*)."""
+    """Who may use the admin endpoints (prompt writes, clear_cache, /admin/*) and see the details
+    of /api/v1/health and /api/v1/queue."""
 
     token: SecretStr | None = None  # Authorization: Bearer <token>; "env:NAME" reads it at load; None: open
+    allow_anonymous: StrictBool = False  # no token on a listener that is not loopback: only when this says so
 
     @field_validator("token", mode="before")
     @classmethod
@@ -660,20 +719,37 @@ class AdminConfig(ConfigSection):
             raise _Problems([((), problem)])
         return SecretStr(token)
 
+    @model_validator(mode="after")
+    def _anonymous_needs_no_token(self) -> AdminConfig:
+        if self.allow_anonymous and self.token is not None:
+            raise _Problems([(("allow_anonymous",), "has no effect when token is set; set one of them")])
+        return self
+
     def allows(self, authorization: str | None) -> bool:
-        """Whether the request may use admin endpoints (constant-time comparison)."""
+        """Whether the request may use admin endpoints: no token is configured, or it presents it."""
+        return self.token is None or self.authenticates(authorization)
+
+    def authenticates(self, authorization: str | None) -> bool:
+        """Whether ``authorization`` is ``Bearer <the configured token>`` (constant-time; False when
+        no token is configured, and for a header that is not ASCII)."""
         if self.token is None:
-            return True
+            return False
         scheme, _, given = (authorization or "").strip().partition(" ")
         expected = self.token.get_secret_value().encode()
-        return scheme.lower() == "bearer" and hmac.compare_digest(expected, given.strip().encode())
+        # surrogatepass: aiohttp hands over undecodable header bytes as lone surrogates; they must
+        # compare unequal, never raise.
+        presented = given.strip().encode("utf-8", "surrogatepass")
+        return scheme.lower() == "bearer" and hmac.compare_digest(expected, presented)
 
 
 class CallbacksConfig(ConfigSection):
-    """Where finished async tasks may be announced (an allow-list: the sidecar must not become a
-    way to make requests to arbitrary addresses)."""
+    """Where finished async tasks may be announced: an allow-list checked by scheduler.callbacks, so
+    the sidecar never becomes a way to make requests to addresses a client could not reach."""
 
-    allow: tuple[StrictStr, ...] = ()  # URL prefixes (http:// or https://) a callback URL must start with
+    # Allowed receivers: scheme://host[:port][/path]; a callback URL needs the same scheme, host and
+    # port and a path under this one. Host names must resolve to global addresses only.
+    allow: tuple[StrictStr, ...] = ()
+    secret: SecretStr | None = None  # HMAC-SHA256 key signing callback bodies; "env:NAME" reads it at load
     timeout_s: StrictFloat = Field(default=10.0, gt=0)
     attempts: StrictInt = Field(default=5, ge=1, le=50)
     backoff_s: StrictFloat = Field(default=1.0, gt=0)  # doubles after each failed attempt
@@ -682,15 +758,40 @@ class CallbacksConfig(ConfigSection):
     @classmethod
     def _check_allow(cls, allow: tuple[str, ...]) -> tuple[str, ...]:
         problems: list[tuple[Key, str]] = []
-        for i, prefix in enumerate(allow):
-            parts = urllib.parse.urlsplit(prefix)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                problems.append(((i,), f"{prefix!r} is not an http(s)://host/... URL prefix"))
+        for i, entry in enumerate(allow):
+            problem = callbacks.entry_problem(entry)
+            if problem is not None:
+                problems.append(((i,), f"{entry!r} {problem}"))
         _raise_if(problems)
         return allow
 
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _resolve_secret(cls, value: object) -> object:
+        if value is None:
+            return None
+        secret, problem = _resolve_key(value)  # never echoes the secret
+        if problem is not None:
+            raise _Problems([((), problem)])
+        return SecretStr(secret)
+
+    @model_validator(mode="after")
+    def _signed_when_allowed(self) -> CallbacksConfig:
+        if self.allow and self.secret is None:
+            raise _Problems([(("secret",), "must be set when allow lists receivers: without it they cannot "
+                                           "verify that a callback comes from this sidecar")])
+        return self
+
+    def refusal(self, url: str) -> str | None:
+        """Why `url` cannot be a callback URL (a clause following its name), or None when it can."""
+        try:
+            callbacks.allowed_target(self.allow, url)
+        except callbacks.CallbackURLError as exc:
+            return str(exc)
+        return None
+
     def allows(self, url: str) -> bool:
-        return any(url.startswith(prefix) for prefix in self.allow)
+        return self.refusal(url) is None
 
 
 class TasksConfig(ConfigSection):
@@ -701,6 +802,9 @@ class TasksConfig(ConfigSection):
     ttl_s: StrictFloat = Field(default=86400.0, gt=0)  # finished tasks and their audio are kept this long
     deadline_s: StrictFloat = Field(default=3600.0, gt=0)  # a task's own deadline (queueing + service)
     sweep_interval_s: StrictFloat = Field(default=60.0, gt=0)
+    max_per_tenant: StrictInt = Field(default=1000, ge=1)  # stored tasks of one tenant, any state, until swept
+    max_bytes_per_tenant: StrictInt = Field(default=1 << 30, ge=1 << 20)  # its request bodies plus audio on disk
+    min_free_bytes: StrictInt = Field(default=1 << 30, ge=0)  # new tasks refused (503) below this much free disk
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
 
     @field_validator("state_dir", mode="before")
@@ -760,6 +864,7 @@ class SidecarConfig(ConfigSection):
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -777,8 +882,24 @@ class SidecarConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> SidecarConfig:
-        _raise_if(self._address_problems() + self._tenant_problems() + self._class_problems())
+        _raise_if(self._address_problems() + self._tenant_problems() + self._class_problems()
+                  + self._exposure_problems())
         return self
+
+    def exposure_problems(self) -> list[str]:
+        """Why this configuration would open the admin endpoints to other machines (`key.path:
+        problem` lines), or []. Checked at load; a reload checks it again on the configuration it
+        will run, whose `listen` is still the running one (a new `listen` needs a restart)."""
+        return [f"{_key_path(key)}: {message}" for key, message in self._exposure_problems()]
+
+    def _exposure_problems(self) -> list[tuple[Key, str]]:
+        admin = self.admin
+        if self.listen.loopback or admin.token is not None or admin.allow_anonymous:
+            return []
+        return [(("admin", "token"), (
+            f"must be set when listen.host ({self.listen.host}) is not a loopback address, or anyone who "
+            "reaches the port may drain the sidecar, restart backends and write prompts; set admin.token, "
+            "bind listen.host to 127.0.0.1, or set admin.allow_anonymous: true to accept that"))]
 
     def _address_problems(self) -> list[tuple[Key, str]]:
         problems: list[tuple[Key, str]] = []
@@ -835,9 +956,14 @@ class SidecarConfig(ConfigSection):
         been checked against this machine; pass `check_paths=False` to validate a file meant for
         another machine (e.g. the production example on a laptop).
         """
+        problems: list[str] = []
         cwd = self.backends.cwd
         if cwd is not None and not cwd.is_dir():
-            raise ConfigError(source, [f"backends.cwd: not an existing directory: {cwd}"])
+            problems.append(f"backends.cwd: not an existing directory: {cwd}")
+        problems += [f"prompts.allowed_dirs[{i}]: not an existing directory: {d}"
+                     for i, d in enumerate(self.prompts.allowed_dirs) if not d.is_dir()]
+        if problems:
+            raise ConfigError(source, problems)
 
 
 # -- loading ------------------------------------------------------------------------------------

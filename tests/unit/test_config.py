@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydantic
 import pytest
@@ -22,6 +23,7 @@ from scheduler.config import (
     load_config,
     parse_config,
 )
+from scheduler.control import Control
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = [REPO / "config" / "sidecar.yaml", REPO / "config" / "glmtts-production.yaml"]
@@ -121,14 +123,19 @@ def test_production_example_names_its_missing_key_variables(monkeypatch: pytest.
 
 
 @pytest.mark.usefixtures("production_env")
-def test_production_cwd_is_checked_against_this_machine(tmp_path: Path) -> None:
+def test_production_paths_are_checked_against_this_machine(tmp_path: Path) -> None:
     text = (REPO / "config" / "glmtts-production.yaml").read_text(encoding="utf-8")
     missing = tmp_path / "GLM-TTS"
     with pytest.raises(ConfigError) as caught:
         parse_config(text.replace("/opt/GLM-TTS", str(missing)), "prod.yaml")
-    assert caught.value.problems == (f"backends.cwd: not an existing directory: {missing}",)
-    missing.mkdir()
-    assert parse_config(text.replace("/opt/GLM-TTS", str(missing))).backends.cwd == missing
+    assert caught.value.problems == (
+        f"backends.cwd: not an existing directory: {missing}",
+        f"prompts.allowed_dirs[0]: not an existing directory: {missing / 'examples' / 'prompt'}",
+    )
+    (missing / "examples" / "prompt").mkdir(parents=True)
+    production = parse_config(text.replace("/opt/GLM-TTS", str(missing)))
+    assert production.backends.cwd == missing
+    assert production.prompts.allowed_dirs == (missing / "examples" / "prompt",)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -730,3 +737,152 @@ def test_a_class_band_must_name_a_priority_band() -> None:
     with pytest.raises(ConfigError, match=r"classes\[0\]\.band: 'urgent' is not in priorities\.bands"):
         parse_config("classes:\n  - {name: short, max_chars: 50, band: urgent}\n"
                      "  - {name: rest, max_chars: null}\n", check_paths=False)
+
+
+# -- exposure: admin token, prompt paths ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.10.0.1", "::1", "localhost", "LocalHost", "::ffff:127.0.0.1"])
+def test_a_loopback_listener_needs_no_admin_token(host: str) -> None:
+    config = parse_config(f"listen: {{host: '{host}'}}")
+    assert config.listen.loopback and config.admin.token is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "192.168.0.10", "fe80::1", "tts.example.com",
+                                  "::ffff:10.0.0.1", "128.0.0.1", "localhost.example.com"])
+def test_a_listener_that_is_not_loopback_needs_an_admin_token(host: str) -> None:
+    problems = problems_of(f"listen: {{host: '{host}'}}")
+    assert len(problems) == 1
+    assert problems[0].startswith(f"admin.token: must be set when listen.host ({host}) is not a loopback address")
+    for key in ("set admin.token", "listen.host", "admin.allow_anonymous: true"):
+        assert key in problems[0]
+    assert parse_config(f"listen: {{host: '{host}'}}\nadmin: {{token: admin-token-0123456789}}").admin.token
+    assert parse_config(f"listen: {{host: '{host}'}}\nadmin: {{allow_anonymous: true}}").admin.allow_anonymous
+
+
+def test_a_reload_cannot_drop_the_token_of_a_public_listener_that_keeps_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """listen needs a restart, so a reload keeps the running listener: a new file that binds
+    loopback without a token would leave the public one open."""
+    running = parse_config("listen: {host: 0.0.0.0}\nadmin: {token: admin-token-0123456789}")
+    file = tmp_path / "sidecar.yaml"
+    file.write_text("listen: {host: 127.0.0.1}\n")
+    assert load_config(file).exposure_problems() == []  # fine on its own, for a fresh start
+    control = Control(SimpleNamespace(config=running), SimpleNamespace(), config_path=str(file))  # type: ignore[arg-type]
+    applied: list[SidecarConfig] = []
+    monkeypatch.setattr(control, "_apply", lambda old, new, changed: applied.append(new))
+    result = control._reload()
+    assert not result.ok and applied == []
+    assert len(result.problems) == 1 and result.problems[0].startswith(
+        "admin.token: must be set when listen.host (0.0.0.0) is not a loopback address")
+    file.write_text("listen: {host: 127.0.0.1}\nadmin: {token: other-token-0123456789}\n")
+    result = control._reload()
+    assert (result.ok, result.ignored) == (True, ["listen"])
+    assert applied[0].listen.host == "0.0.0.0" and applied[0].admin.token is not None
+
+
+def test_allow_anonymous_with_a_token_is_a_contradiction() -> None:
+    assert problems_of("admin: {token: admin-token-0123456789, allow_anonymous: true}") == (
+        "admin.allow_anonymous: has no effect when token is set; set one of them",)
+    assert parse_config("{}").admin.allow_anonymous is False
+
+
+def test_one_problem_is_one_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("listen: {host: 0.0.0.0}", "my.yaml")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("invalid configuration in my.yaml: admin.token: must be set")
+
+
+def test_admin_token_authenticates_only_when_configured_and_never_raises() -> None:
+    open_admin = parse_config("{}").admin
+    assert open_admin.allows(None) and open_admin.allows("Bearer \udcff")
+    assert not open_admin.authenticates(None) and not open_admin.authenticates("Bearer anything-0123456789")
+    admin = parse_config("admin: {token: admin-token-0123456789}").admin
+    assert admin.authenticates("Bearer admin-token-0123456789")
+    for header in ("Bearer admin-token-0123456789\udcff", "Bearer \udcff", "\udcffBearer admin-token-0123456789",
+                   "Bearer admin-token-012345678\ud800", "Bearer admin-token-012345678\u00e4"):
+        assert not admin.authenticates(header) and not admin.allows(header)
+
+
+def test_prompt_dirs_are_absolute_after_load(tmp_path: Path) -> None:
+    assert parse_config("{}").prompts.allowed_dirs == ()
+    (tmp_path / "voices").mkdir()
+    (tmp_path / "abs").mkdir()
+    config = parse_config(f"prompts: {{allowed_dirs: [voices, '{tmp_path / 'abs'}', './voices/../abs']}}",
+                          base_dir=tmp_path)
+    assert config.prompts.allowed_dirs == (tmp_path / "voices", tmp_path / "abs", tmp_path / "abs")
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text("prompts: {allowed_dirs: [voices]}\n")
+    assert load_config(config_file).prompts.allowed_dirs == (tmp_path / "voices",)
+
+
+def test_prompt_dirs_must_be_paths_and_exist(tmp_path: Path) -> None:
+    assert problems_of("prompts: {allowed_dirs: ['', 3, null]}") == (
+        "prompts.allowed_dirs[0]: must be a directory path", "prompts.allowed_dirs[1]: must be a directory path",
+        "prompts.allowed_dirs[2]: must be a directory path")
+    assert problems_of("prompts: {allowed_dirs: /one/dir}")[0].startswith("prompts.allowed_dirs: ")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"prompts: {{allowed_dirs: ['{tmp_path}', missing, file]}}", base_dir=tmp_path)
+    assert caught.value.problems == (
+        f"prompts.allowed_dirs[1]: not an existing directory: {tmp_path / 'missing'}",
+        f"prompts.allowed_dirs[2]: not an existing directory: {tmp_path / 'file'}")
+    assert parse_config("prompts: {allowed_dirs: [missing]}", base_dir=tmp_path, check_paths=False)
+
+
+@pytest.fixture
+def prompt_tree(tmp_path: Path) -> Path:
+    """tmp/voices/{a.wav, sub/b.wav, escape -> /etc, passwd -> /etc/passwd}, tmp/voices2/c.wav,
+    tmp/cwd (a backend's working directory), tmp/linked -> voices."""
+    voices = tmp_path / "voices"
+    (voices / "sub").mkdir(parents=True)
+    (voices / "a.wav").write_bytes(b"RIFF")
+    (voices / "sub" / "b.wav").write_bytes(b"RIFF")
+    (voices / "escape").symlink_to("/etc")
+    (voices / "passwd").symlink_to("/etc/passwd")
+    (tmp_path / "voices2").mkdir()
+    (tmp_path / "voices2" / "c.wav").write_bytes(b"RIFF")
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "linked").symlink_to(voices)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("path", "permitted"), [
+    ("{root}/voices/a.wav", True),
+    ("{root}/voices/sub/b.wav", True),
+    ("{root}/voices/missing.wav", True),  # inside: the backend decides whether it exists
+    ("{root}/voices/sub/../a.wav", True),
+    ("{root}/linked/a.wav", True),  # a symlink into the allowed directory
+    ("../voices/a.wav", True),  # relative: from the backend's working directory
+    ("/etc/passwd", False),
+    ("/nonexistent/file.wav", False),  # outside: refused whether or not it exists
+    ("{root}/voices/../voices2/c.wav", False),
+    ("{root}/voices/sub/../../voices2/c.wav", False),
+    ("{root}/voices/missing/../../voices2/c.wav", False),
+    ("{root}/voices2/c.wav", False),  # a sibling that shares the prefix
+    ("{root}/voices/escape/passwd", False),  # a symlink out of the allowed directory
+    ("{root}/voices/passwd", False),
+    ("a.wav", False),  # relative to the working directory, not to the allowed one
+    ("../voices2/c.wav", False),
+    ("", False),
+    ("{root}/voices/a.wav\0", False),
+    ("{root}/voices/a\ud800.wav", False),
+    ("{root}/voices", True),  # the directory itself: the backend finds no audio there
+])
+def test_prompt_paths_are_checked_after_following_symlinks(prompt_tree: Path, path: str, permitted: bool) -> None:
+    prompts = parse_config("prompts: {allowed_dirs: [voices]}", base_dir=prompt_tree).prompts
+    assert prompts.permits(path.format(root=prompt_tree), prompt_tree / "cwd") is permitted
+
+
+def test_an_allowed_directory_reached_through_a_symlink_is_resolved_too(prompt_tree: Path) -> None:
+    prompts = parse_config("prompts: {allowed_dirs: [linked]}", base_dir=prompt_tree).prompts
+    assert prompts.permits(str(prompt_tree / "voices" / "a.wav"), prompt_tree)
+    assert prompts.permits("linked/sub/b.wav", prompt_tree)
+    assert not prompts.permits("linked/escape/passwd", prompt_tree)
+    assert not prompts.permits(str(prompt_tree / "voices2" / "c.wav"), prompt_tree)
+
+
+def test_no_prompt_dirs_means_no_check(prompt_tree: Path) -> None:
+    assert parse_config("{}").prompts.permits("/etc/passwd", prompt_tree)
