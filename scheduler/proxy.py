@@ -55,7 +55,6 @@ access_log = logging.getLogger("glmtts_sidecar.access")
 REQUEST_ID = "X-Request-ID"
 STREAM_CHUNK = 64 * 1024
 INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop
-YIELD_EVERY_CHUNKS = 1024  # body chunks read before giving other requests a turn
 # Backend answer headers worth passing on; hop-by-hop and framing headers are ours to set.
 PASSED_HEADERS = ("Content-Type", "Allow", "Retry-After")
 # FastAPI serialises TTSResponse in field order, so a success starts with exactly this.
@@ -244,10 +243,6 @@ class Proxy:
             if size > limit:
                 raise web.HTTPRequestEntityTooLarge(limit, size)
             chunks.append(chunk)
-            if len(chunks) % YIELD_EVERY_CHUNKS == 0:
-                # readany does not suspend while data is buffered: a body sent as a flood of tiny
-                # chunks would otherwise be drained in one go, stalling every other request.
-                await asyncio.sleep(0)
         return b"".join(chunks)
 
     async def tts(self, request: web.Request) -> web.StreamResponse:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.reliability.support import (
+    MAX_LOOP_LAG_S,
     Admissions,
     Outcome,
     Tally,
@@ -359,7 +360,8 @@ MAX_CASE_CPU_S = 10.0  # generous: a case that makes the sidecar work this hard 
 
 def run_case(target: Target, name: str, data: bytes | Iterable[bytes], *, status: int | None,
              detail: str | None = None, closed: bool | None = None, forwarded: int = 0, answers: int | None = 1,
-             max_rss_mib: float | None = None, max_cpu_s: float = MAX_CASE_CPU_S, **raw_args: Any) -> Raw:
+             max_rss_mib: float | None = None, max_cpu_s: float = MAX_CASE_CPU_S,
+             max_lag_s: float = MAX_LOOP_LAG_S, **raw_args: Any) -> Raw:
     """Send one hostile request (or stream) and check the sidecar's answer and costs, and what the
     backend saw; record the figures as ``name``. ``status``: of the first answer (None: no answer
     at all); ``detail``: a phrase the answer's body must hold; ``closed``: the sidecar must have
@@ -398,5 +400,5 @@ def run_case(target: Target, name: str, data: bytes | Iterable[bytes], *, status
     assert costs.rss_growth_mib < limit, f"peak RSS grew {costs.rss_growth_mib:.1f} MiB (bound {limit:.1f})"
     assert costs.cpu_s < max_cpu_s, f"{costs.cpu_s:.2f} CPU seconds (bound {max_cpu_s})"
     assert target.service.alive()
-    assert_lag_within_bound(lag)
+    assert_lag_within_bound(lag, max_lag_s)
     return got

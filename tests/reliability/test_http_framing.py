@@ -94,11 +94,18 @@ def test_optional_whitespace_around_chunked_is_served_once(target: Target, case:
     assert (second, json.loads(body)) == (404, {"detail": "Not Found"})
 
 
+ONE_BYTE_CHUNKS_MAX_LAG_S = 0.25
+
+
 def test_a_million_one_byte_chunks_under_the_limit_are_served(target: Target) -> None:
     padded = b"\r\n" * 500_000 + BODY  # blank lines before the first boundary: a valid form
     data = post("Transfer-Encoding: chunked\r\n", chunked(padded, 1))
+    # The one case allowed more lag than the others: aiohttp's C parser hands each chunk to Python
+    # (a StreamReader.feed_data call, ~2 µs), and one socket read holds up to ~43k of these 6-byte
+    # chunks, so the loop stalls for 100-150 ms per read while such a body arrives. Only a proxy
+    # in front that re-frames bodies (nginx's proxy_request_buffering) takes that cost away.
     got = run_case(target, "http framing: a million one-byte chunks (under the limit)", data, status=200,
-                   forwarded=1, until=1, timeout=30)
+                   forwarded=1, until=1, timeout=30, max_lag_s=ONE_BYTE_CHUNKS_MAX_LAG_S)
     assert got.sent > 6_000_000
 
 
