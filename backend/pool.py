@@ -29,6 +29,7 @@ from backend.process import describe_exit
 from backend.state import BackendState
 from backend.supervisor import Supervisor
 from backend.topology import Start, Step, launch_identity, plan_changes
+from backend.warmup import WarmupRun
 from scheduler.config import BackendsConfig, BackendSpec
 
 __all__ = ["Backend", "BackendPool"]
@@ -56,6 +57,7 @@ class Backend:
     model_key: tuple[int, bool] | None = None  # (model_sample_rate, model_use_phoneme); None: not loaded
     last_error: str | None = None
     outlier: str | None = None  # why outlier detection flags it: ejected, or kept as the last ready backend
+    warmup: WarmupRun | None = None  # its latest successful warm-up; set by the pool
     since: float = field(default_factory=time.monotonic)  # monotonic time of the last state change
 
     @property
@@ -423,8 +425,14 @@ class BackendPool:
             return
         if self._stopping is not None and state not in (BackendState.STOPPING, BackendState.STOPPED):
             return  # a supervisor's last word while it is being cancelled
+        now = time.monotonic()
+        if old is BackendState.WARMING and state is BackendState.READY:
+            # The supervisor enters WARMING right before the warm-up synthesis and READY right
+            # after it succeeded: the time in between is the warm-up's (the cost model learns from it).
+            warmup = self.config.warmup
+            backend.warmup = WarmupRun(seconds=now - backend.since, text=warmup.text, model_key=warmup.model_key)
         backend.state = state
-        backend.since = time.monotonic()
+        backend.since = now
         log.info("backend %s: %s -> %s (%s)", backend.id, old.value, state.value, reason)
         self._changed()
 

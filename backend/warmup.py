@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from scheduler.config import WarmupConfig
 
-__all__ = ["SUCCESS_PREFIX", "TTS_PATH", "warm_up", "warmup_error", "warmup_request"]
+__all__ = ["SUCCESS_PREFIX", "TTS_PATH", "WarmupRun", "warm_up", "warmup_error", "warmup_request"]
 
 TTS_PATH = "/api/v1/tts"
 # FastAPI serialises TTSResponse in field order, so a success starts with exactly this.
 SUCCESS_PREFIX = b'{"success":true'
 _BOUNDARY = "glmtts-sidecar-warmup-7d3f2a"  # never inside the fields: they are short config strings
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class WarmupRun:
+    """A warm-up synthesis that succeeded: what it asked for and how long it took (one object per
+    run, so a reader can tell a new run from one it has seen). It ran cold, maybe after loading
+    the model: an upper bound on what the same text takes a warm backend."""
+
+    seconds: float
+    text: str
+    model_key: tuple[int, bool]
 
 
 def warmup_request(config: WarmupConfig) -> tuple[str, bytes]:

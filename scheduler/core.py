@@ -6,6 +6,9 @@ of: taken back by ``cancel`` (client gone), returned by ``expire`` (deadline pas
 queued), or dispatched by ``schedule`` and later closed by ``finish``. A dispatched job holds its
 backend slot until ``finish``, even when its client was already answered 408, because GLM-TTS
 cannot cancel work: that orphaned time is counted.
+
+``forecast`` predicts when a job would be dispatched by running the same dispatch step as
+``schedule`` forward in simulated time on a copy of the queue (docs/scheduling.md, "Admission").
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +24,7 @@ from scheduler.admission import Outlook, Rejection, admit
 from scheduler.cost import CostModel
 from scheduler.deadlines import DeadlinePolicy
 from scheduler.dispatch import Candidate, choose_backend
-from scheduler.queue import FairQueue, Job, JobQueue, ModelKey, QueueFullError, WithinTenant
+from scheduler.queue import FairQueue, Job, JobQueue, ModelKey, QueueFullError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,17 +41,20 @@ class LengthClasses:
         if not rules or rules[-1].max_chars is not None:
             raise ValueError("the last length class must have no max_chars")
         self.rules = tuple(rules)
+        self._named = {r.name: r for r in self.rules}
 
     def of(self, chars: int) -> ClassRule:
         return next(r for r in self.rules if r.max_chars is None or chars <= r.max_chars)
 
     def extra_slots(self, name: str) -> int:
-        return next((r.extra_slots for r in self.rules if r.name == name), 0)
+        rule = self._named.get(name)
+        return 0 if rule is None else rule.extra_slots
 
     def cap(self, name: str, pool_slots: int) -> int | None:
-        """The class's cap on jobs in service; a capped class never fills a pool of 2+ slots."""
-        rule = next(r for r in self.rules if r.name == name)
-        if rule.max_in_service is None:
+        """The class's cap on jobs in service; a capped class never fills a pool of 2+ slots. A
+        class the rules do not name (a job queued before a reload renamed it) has none."""
+        rule = self._named.get(name)
+        if rule is None or rule.max_in_service is None:
             return None
         cap = rule.max_in_service
         return min(cap, pool_slots - 1) if pool_slots > 1 else min(cap, 1)
@@ -77,7 +83,16 @@ class Running:
     job: Job
     backend_id: str
     started_at: float
+    reload_s: float | None = None  # predicted seconds its backend first spends loading its configuration
     answered_early: bool = False  # the client already got 408; the backend still works on it
+
+    @property
+    def ends_at(self) -> float:
+        """When its backend is predicted to be done with it."""
+        return self.started_at + (self.reload_s or 0.0) + self.job.predicted_s
+
+    def left_s(self, now: float) -> float:
+        return max(0.0, self.ends_at - now)
 
 
 @dataclass
@@ -96,6 +111,54 @@ class Tally:
     orphaned_s: float = 0.0  # backend seconds spent on work whose client was already answered
 
 
+@dataclass(frozen=True, kw_only=True)
+class Forecast:
+    """When a job would be dispatched if nothing else arrived and service times were as predicted."""
+
+    start_s: float  # seconds from now until it is dispatched
+    at_once: bool  # ``schedule(now)`` would dispatch it: a slot it may use is free and nothing goes first
+    reload: bool = False  # its backend loads its model configuration first
+    bound: bool = False  # the forecast stopped early (FORECAST_VISITS): start_s is a lower bound
+
+
+class _Pool:
+    """The ready backends of one dispatch decision."""
+
+    def __init__(self, ready: Sequence[BackendView]) -> None:
+        self.ready = ready
+        self.slots = sum(b.slots for b in ready)  # what class caps are relative to
+
+
+class _Demand:
+    """What is queued: work by model configuration (dispatch leaves a free backend to a
+    configuration that still has some; exactly 0 once the last such job left, whatever the
+    rounding of the sums), and jobs by length class."""
+
+    def __init__(self, jobs: Iterable[Job]) -> None:
+        self.work: dict[ModelKey, float] = {}
+        self._count: Counter[ModelKey] = Counter()
+        self._classes: Counter[str] = Counter()
+        for job in jobs:
+            self.work[job.model_key] = self.work.get(job.model_key, 0.0) + job.predicted_s
+            self._count[job.model_key] += 1
+            self._classes[job.cls] += 1
+
+    def remove(self, job: Job) -> None:
+        key = job.model_key
+        self._count[key] -= 1
+        self.work[key] = self.work[key] - job.predicted_s if self._count[key] else 0.0
+        self._classes[job.cls] -= 1
+        if not self._classes[job.cls]:
+            del self._classes[job.cls]
+
+    def classes(self) -> Iterable[str]:
+        """The length classes with jobs queued."""
+        return self._classes.keys()
+
+
+# How many queued jobs a forecast may look at, over all its simulated dispatch decisions, before it
+# stops: enough for queues of a few hundred jobs; past it, the wait reached so far is a lower bound.
+FORECAST_VISITS = 5_000
 # Seconds over which the rate of admitted work per band is averaged (exponential decay): long
 # enough to smooth Poisson arrivals, short enough to follow a change of load within a minute.
 RATE_WINDOW_S = 30.0
@@ -145,12 +208,14 @@ class Scheduler:
             heapq.heappush(self._deadlines, (job.deadline_at, job.seq, job.id))
             self.tally.admitted += 1
             return None
-        rejection = admit(self.outlook(job, now, backends), reject_unmeetable=self.reject_unmeetable)
+        room = len(self.queue) < self.queue.max_size and self.queue.tenant_depth(job.tenant) < self._tenant_max(job)
+        outlook = self.outlook(job, now, backends, wait=self.reject_unmeetable and room)
+        rejection = admit(outlook, reject_unmeetable=self.reject_unmeetable)
         if rejection is None:
             try:
                 self.queue.push(job, now)
             except QueueFullError:  # the outlook saw room; a bound it does not know of did not
-                rejection = admit(self.outlook(job, now, backends, force_full=True), reject_unmeetable=False)
+                rejection = admit(replace(outlook, queued=self.queue.max_size), reject_unmeetable=False)
         if rejection is not None:
             self.tally.rejected[rejection.reason.value] += 1
             return rejection
@@ -184,6 +249,8 @@ class Scheduler:
             return 0.0
         # The decayed sum of a steady rate r is r * window * (1 - exp(-elapsed / window)).
         horizon = RATE_WINDOW_S * -math.expm1(-elapsed / RATE_WINDOW_S)
+        if horizon <= 0:  # elapsed so small that the window underflows: no rate measured yet
+            return 0.0
         return sum(work for band, work in self._work.items() if band < above_band) / horizon
 
     # --- dispatch ------------------------------------------------------------------------------
@@ -192,37 +259,14 @@ class Scheduler:
         """Give waiting jobs to backends with free slots, best job first, within class caps."""
         assignments: list[Assignment] = []
         ready = [b for b in backends if b.ready]
-        pool_slots = sum(b.slots for b in ready)
+        pool = _Pool(ready)
         # What each backend will have loaded once this pass's assignments run.
         loaded: dict[str, ModelKey | None] = {b.id: b.model_key for b in ready}
-        demand: dict[ModelKey, float] = {}  # queued work by model configuration
-        for queued in self.queue.jobs():
-            demand[queued.model_key] = demand.get(queued.model_key, 0.0) + queued.predicted_s
-        most_extra = max((r.extra_slots for r in self.classes.rules), default=0)
-        while True:
-            candidates = self._candidates(ready, now, loaded)
-            if not any(c.in_flight < c.slots + most_extra for c in candidates):
-                break
-            in_service = Counter(r.job.cls for r in self.running.values())
-            waiting: dict[ModelKey, float] = {}  # work already waiting for a backend of a configuration
-            chosen: Assignment | None = None
-            for job in self.queue.candidates(now):
-                cap = self.classes.cap(job.cls, pool_slots)
-                if cap is not None and in_service[job.cls] >= cap:
-                    continue
-                extra = self.classes.extra_slots(job.cls)
-                seen = [replace(c, slots=c.slots + extra) for c in candidates] if extra else candidates
-                choice = choose_backend(job.model_key, seen, reload_s=self.cost.reload_s,
-                                        waiting_s=waiting.get(job.model_key, 0.0), demand=demand)
-                if choice is not None:
-                    chosen = Assignment(job=job, backend_id=choice.backend_id, reload=choice.reload)
-                    break
-                waiting[job.model_key] = waiting.get(job.model_key, 0.0) + job.predicted_s
-            if chosen is None:
-                break
+        demand = _Demand(self.queue.jobs())
+        while (chosen := self._pick(now, pool, self.running, loaded, self.queue.candidates(now), demand)) is not None:
             self.queue.take(chosen.job, now)
-            demand[chosen.job.model_key] -= chosen.job.predicted_s
-            self.running[chosen.job.id] = Running(job=chosen.job, backend_id=chosen.backend_id, started_at=now)
+            demand.remove(chosen.job)
+            self.running[chosen.job.id] = self._run(chosen, now)
             self.tally.dispatched += 1
             if chosen.reload and loaded[chosen.backend_id] is not None:
                 self.tally.reloads += 1
@@ -230,17 +274,64 @@ class Scheduler:
             assignments.append(chosen)
         return assignments
 
-    def _candidates(self, ready: Sequence[BackendView], now: float,
-                    loaded: dict[str, ModelKey | None] | None = None) -> list[Candidate]:
+    def _run(self, chosen: Assignment, now: float) -> Running:
+        return Running(job=chosen.job, backend_id=chosen.backend_id, started_at=now,
+                       reload_s=self.cost.reload_s if chosen.reload else None)
+
+    def _pick(self, now: float, pool: _Pool, running: Mapping[str, Running], loaded: Mapping[str, ModelKey | None],
+              jobs: Iterable[Job], demand: _Demand) -> Assignment | None:
+        """The next dispatch at ``now``: the first of ``jobs`` (best first, the queue's order) that
+        a backend takes within its class's cap, or None. ``schedule`` and ``forecast`` both decide
+        here. ``demand`` counts the queued jobs by configuration and by class."""
+        in_flight, remaining = self._load(now, running)
+        in_service = Counter(r.job.cls for r in running.values())
+        # For each length class with jobs waiting and below its cap: its extra slots, or None when
+        # no backend has a slot free for it even with them.
+        room: dict[int, bool] = {}
+        extra_of: dict[str, int | None] = {}
+        for cls in demand.classes():
+            if self._capped(cls, in_service, pool):
+                continue
+            extra = self.classes.extra_slots(cls)
+            if extra not in room:
+                room[extra] = any(in_flight[b.id] < b.slots + extra for b in pool.ready)
+            extra_of[cls] = extra if room[extra] else None
+        if all(extra is None for extra in extra_of.values()):
+            return None  # every class with jobs waiting is at its cap or finds no slot
+        seen_by: dict[int, list[Candidate]] = {}  # the backends as a job with this many extra slots sees them
+        waiting: dict[ModelKey, float] = {}  # work already waiting for a backend of a configuration
+        for job in jobs:
+            if job.cls not in extra_of:  # at its cap
+                continue
+            slack = extra_of[job.cls]
+            choice = None  # also when no backend has a slot for it: what choose_backend would say
+            if slack is not None:
+                if slack not in seen_by:
+                    seen_by[slack] = [Candidate(id=b.id, slots=b.slots + slack, in_flight=in_flight[b.id],
+                                                model_key=loaded[b.id], remaining_s=remaining.get(b.id, 0.0))
+                                      for b in pool.ready]
+                choice = choose_backend(job.model_key, seen_by[slack], reload_s=self.cost.reload_s,
+                                        waiting_s=waiting.get(job.model_key, 0.0), demand=demand.work)
+            if choice is not None:
+                return Assignment(job=job, backend_id=choice.backend_id, reload=choice.reload)
+            waiting[job.model_key] = waiting.get(job.model_key, 0.0) + job.predicted_s
+        return None
+
+    def _capped(self, cls: str, in_service: Counter[str], pool: _Pool) -> bool:
+        cap = self.classes.cap(cls, pool.slots)
+        return cap is not None and in_service[cls] >= cap
+
+    def _load(self, now: float, running: Mapping[str, Running]) -> tuple[Counter[str], dict[str, float]]:
+        """Jobs in flight and predicted seconds of service left, per backend. (What dispatch
+        weighs; a reload under way is not counted in it: counting it makes affinity switch more
+        backends, each switch a reload. A forecast's slots do free at ``Running.ends_at``.)"""
         in_flight: Counter[str] = Counter()
         remaining: dict[str, float] = {}
-        for run in self.running.values():
+        for run in running.values():
             in_flight[run.backend_id] += 1
             left = max(0.0, run.job.predicted_s - (now - run.started_at))
             remaining[run.backend_id] = remaining.get(run.backend_id, 0.0) + left
-        keys = loaded if loaded is not None else {b.id: b.model_key for b in ready}
-        return [Candidate(id=b.id, slots=b.slots, in_flight=in_flight[b.id], model_key=keys[b.id],
-                          remaining_s=remaining.get(b.id, 0.0)) for b in ready]
+        return in_flight, remaining
 
     # --- jobs out ------------------------------------------------------------------------------
 
@@ -277,14 +368,15 @@ class Scheduler:
             self.tally.expired_running += 1
 
     def finish(self, job_id: str, now: float, *, ok: bool) -> Running | None:
-        """The backend is done with a dispatched job: free its slot and learn from it."""
+        """The backend is done with a dispatched job: free its slot and learn from it (not from a
+        job that loaded its model configuration first: that time is not the text's)."""
         run = self.running.pop(job_id, None)
         if run is None:
             return None
-        took = now - run.started_at
         if ok:
             self.tally.completed += 1
-            self.cost.observe(run.job.units, run.job.model_key, took, backend_id=run.backend_id)
+            if run.reload_s is None:
+                self.cost.observe(run.job.units, run.job.model_key, now - run.started_at, backend_id=run.backend_id)
         else:
             self.tally.failed += 1
         if run.answered_early:
@@ -315,80 +407,146 @@ class Scheduler:
 
     # --- predictions ---------------------------------------------------------------------------
 
-    def outlook(self, job: Job, now: float, backends: Sequence[BackendView], *, force_full: bool = False) -> Outlook:
+    def outlook(self, job: Job, now: float, backends: Sequence[BackendView], *, wait: bool = True) -> Outlook:
+        """What admission needs to know about ``job`` if it were admitted now. ``wait`` False
+        skips its forecast (``wait_s`` 0, ``starts_now`` False) where admission will not read
+        them: deadlines are not enforced, or a bound of the queue is reached."""
         ready = [b for b in backends if b.ready]
-        slots = max(1, sum(b.slots for b in ready))
-        tenant_bound = job.tenant_bound if job.tenant_bound is not None else self.queue.max_per_tenant
+        tenant_max = self._tenant_max(job)
         tenant_queued = self.queue.tenant_depth(job.tenant)
         next_free = self._next_free_s(ready, now)
+        forecast = self.forecast(job, now, backends) if wait else Forecast(start_s=0.0, at_once=False)
+        tenant_next = next_free
+        if tenant_queued >= tenant_max:  # only a full tenant's answer needs when its head leaves
+            tenant_next = max(next_free, self._tenant_head_wait_s(job.tenant, now, backends))
         return Outlook(
             can_serve=any(b.alive for b in backends),
-            queued=self.queue.max_size if force_full else len(self.queue),
+            queued=len(self.queue),
             max_queued=self.queue.max_size,
             tenant_queued=tenant_queued,
-            tenant_max=tenant_bound if tenant_bound is not None else self.queue.max_size,
-            wait_s=self.predicted_wait_s(job, now, slots),
+            tenant_max=tenant_max,
+            wait_s=self._wait_s(forecast, job, now, ready),
+            starts_now=forecast.at_once,
+            idle=not self.running and not len(self.queue),
+            confirmed=self.cost.confirmed(job.model_key),
             service_s=job.predicted_s,
             budget_s=job.deadline_at - now,
             next_free_s=next_free,
-            tenant_next_s=max(next_free, self._tenant_head_wait_s(job.tenant, now, slots)),
+            tenant_next_s=tenant_next,
         )
+
+    def _tenant_max(self, job: Job) -> int:
+        """How many jobs of the job's tenant may wait: its own bound, else the queue's."""
+        bound = job.tenant_bound if job.tenant_bound is not None else self.queue.max_per_tenant
+        return bound if bound is not None else self.queue.max_size
 
     def _next_free_s(self, ready: Sequence[BackendView], now: float) -> float:
         """Predicted seconds until the queue can move: a slot is free and nothing waits for one,
         else the earliest predicted end of running work (a free slot that queued jobs cannot use,
         because of a class cap or affinity, does not count)."""
-        candidates = self._candidates(ready, now)
-        if any(c.free_slots for c in candidates) and not len(self.queue):
+        in_flight, _ = self._load(now, self.running)
+        if any(in_flight[b.id] < b.slots for b in ready) and not len(self.queue):
             return 0.0
-        left = [max(0.0, r.job.predicted_s - (now - r.started_at)) for r in self.running.values()]
+        left = [r.left_s(now) for r in self.running.values()]
         return min(left) if left else 1.0
 
-    def _in_service_remaining_s(self, now: float) -> float:
-        return sum(max(0.0, r.job.predicted_s - (now - r.started_at)) for r in self.running.values())
+    def predicted_wait_s(self, job: Job, now: float, backends: Sequence[BackendView]) -> float:
+        """Seconds until ``job`` (queued, or about to be offered) is predicted to begin its service:
+        its ``forecast``, stretched by the work that keeps arriving in higher bands meanwhile, plus
+        a model reload when its backend needs one."""
+        ready = [b for b in backends if b.ready]
+        return self._wait_s(self.forecast(job, now, backends), job, now, ready)
 
-    def predicted_wait_s(self, job: Job, now: float, slots: int) -> float:
-        """Work ahead of ``job`` divided among the slots: what is in service, every queued job in
-        a higher band, and -- inside its band -- each other tenant's backlog up to what fair
-        queueing would serve of it while this tenant's own backlog (and the job) goes."""
-        ahead = self._in_service_remaining_s(now)
-        queued = [q for q in self.queue.jobs() if q.id != job.id]
+    def _wait_s(self, forecast: Forecast, job: Job, now: float, ready: Sequence[BackendView]) -> float:
+        reload = self.cost.reload_s if forecast.reload else 0.0
+        return forecast.start_s * self._arrivals_factor(job, now, ready) + reload
+
+    def _arrivals_factor(self, job: Job, now: float, ready: Sequence[BackendView]) -> float:
+        """The forecast knows only the work there is now. Work admitted later into higher bands
+        goes first too: arriving at ``r`` predicted seconds per second into a pool of ``S`` slots,
+        it leaves ``S - r`` for the work ahead of the job, which therefore takes ``S / (S - r)``
+        times as long to drain (``S - r`` never counted below a tenth of ``S``)."""
         if not isinstance(self.queue, FairQueue):
-            return (ahead + sum(q.predicted_s for q in queued)) / slots
+            return 1.0
         band = self.queue.effective_band(job, now)
-        own = job.predicted_s
-        others: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        for q in queued:
-            qband = self.queue.effective_band(q, now)
-            if qband < band:
-                ahead += q.predicted_s
-            elif qband == band:
-                if q.tenant == job.tenant:
-                    own += q.predicted_s if self._goes_before(q, job, now) else 0.0
-                else:
-                    others[q.tenant] = others.get(q.tenant, 0.0) + q.predicted_s
-                    weights[q.tenant] = q.weight
-        for tenant, backlog in others.items():
-            ahead += min(backlog, own * weights[tenant] / job.weight)
-        ahead += own - job.predicted_s
-        # Work arriving in higher bands while the job waits goes first too: with it coming in at
-        # rate r, the backlog drains at (slots - r) seconds of work per second.
-        higher = self.work_rate(now, above_band=band) if band > 0 else 0.0
-        return ahead / max(slots - higher, slots * MIN_BAND_SHARE)
+        if band == 0:
+            return 1.0
+        slots = max(1, sum(b.slots for b in ready))
+        higher = self.work_rate(now, above_band=band)
+        return slots / max(slots - higher, slots * MIN_BAND_SHARE)
 
-    def _goes_before(self, queued: Job, job: Job, now: float) -> bool:
-        """Whether a queued job of the same tenant and band will be served before ``job``."""
-        if isinstance(self.queue, FairQueue) and self.queue.within_tenant is WithinTenant.SHORTEST_FIRST:
-            return self.queue.aged(queued, now) or queued.predicted_s <= job.predicted_s
-        return job.seq == 0 or queued.seq < job.seq
+    def forecast(self, job: Job, now: float, backends: Sequence[BackendView]) -> Forecast:
+        """When ``job`` (queued, or about to be offered) would be dispatched if nothing else arrived
+        and every running job took exactly its predicted time.
 
-    def _tenant_head_wait_s(self, tenant: str, now: float, slots: int) -> float:
+        ``schedule``'s own decisions (``_pick``) run over simulated time on a copy of the queue:
+        each running job frees its slot at its predicted end, each dispatched one holds its slot
+        for its prediction, queued jobs leave at their deadlines; the jobs dispatched before it,
+        in the order and onto the slots the dispatcher would use (bands, fair queueing, class
+        caps and extra slots, model-configuration affinity and reloads), decide when it starts.
+        Completions and deadlines at the same instant all happen before that instant's dispatch.
+        With no ready backend, the ones starting are taken as ready now (their start-up time is
+        not known); with none alive, one slot loaded for the job stands in."""
+        ready = [b for b in backends if b.ready]
+        at_once = bool(ready)  # with stand-ins, nothing starts at once
+        if not ready:
+            ready = [replace(b, ready=True) for b in backends if b.alive]
+        if not ready:
+            ready = [BackendView(id="", ready=True, alive=True, slots=1, model_key=job.model_key)]
+        pool = _Pool(ready)
+        queue = self.queue.copy()
+        target = job
+        if job.id not in {q.id for q in queue.jobs()}:
+            target = replace(job, seq=0)
+            queue.push(target, now, force=True)  # numbered as the real queue will number it
+        running = dict(self.running)
+        loaded: dict[str, ModelKey | None] = {b.id: b.model_key for b in ready}
+        demand = _Demand(queue.jobs())
+        ends = [(r.ends_at, r.job.id) for r in running.values()]
+        heapq.heapify(ends)
+        expiries = [(q.deadline_at, q.seq, q.id) for q in queue.jobs() if q is not target]
+        heapq.heapify(expiries)
+        visits = 0
+
+        def counted(jobs: Iterable[Job]) -> Iterator[Job]:
+            nonlocal visits
+            for queued in jobs:
+                visits += 1
+                yield queued
+
+        t = now
+        while True:
+            while (chosen := self._pick(t, pool, running, loaded, counted(queue.candidates(t)), demand)) is not None:
+                if chosen.job is target:
+                    return Forecast(start_s=t - now, at_once=at_once, reload=chosen.reload)
+                if visits > FORECAST_VISITS:  # a queue of thousands: stop at a lower bound
+                    return Forecast(start_s=t - now, at_once=False, bound=True)
+                queue.take(chosen.job, t)
+                demand.remove(chosen.job)
+                run = running[chosen.job.id] = self._run(chosen, t)
+                heapq.heappush(ends, (run.ends_at, chosen.job.id))
+                loaded[chosen.backend_id] = chosen.job.model_key
+            at_once = False
+            following = min(ends[0][0] if ends else math.inf, expiries[0][0] if expiries else math.inf)
+            if math.isinf(following):
+                # Nothing runs, nothing is dispatched: no backend has a slot (a limit of 0). A finite
+                # answer still: everything queued ahead of it, one job after the other.
+                return Forecast(start_s=t - now + sum(q.predicted_s for q in queue.jobs() if q is not target),
+                                at_once=False)
+            t = max(t, following)
+            while ends and ends[0][0] <= t:
+                running.pop(heapq.heappop(ends)[1], None)
+            while expiries and expiries[0][0] <= t:
+                gone = queue.remove(heapq.heappop(expiries)[2])
+                if gone is not None:
+                    demand.remove(gone)
+
+    def _tenant_head_wait_s(self, tenant: str, now: float, backends: Sequence[BackendView]) -> float:
         heads = [q for q in self.queue.jobs() if q.tenant == tenant]
         if not heads:
             return 0.0
         head = min(heads, key=lambda q: q.seq)
-        return self.predicted_wait_s(head, now, slots)
+        return self.predicted_wait_s(head, now, backends)
 
     def status(self, now: float) -> dict[str, Any]:
         by_band: Counter[int] = Counter()

@@ -7,7 +7,8 @@ arrives or leaves, a slot frees, a backend changes state.
 
 It also keeps each backend's slot limit (scheduler.concurrency): fixed, or learned from what the
 backend completes; it tells the limit every dispatch and release, and resets it when the backend
-restarts.
+restarts. And it hands each backend's warm-up synthesis (timed by the pool) to the cost model,
+before the backend's first dispatch.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import Any
 
 from backend.pool import Backend
 from backend.state import BackendState
+from backend.warmup import WarmupRun
+from glmtts.text import units
 from scheduler.admission import Rejection
 from scheduler.concurrency import SlotLimit, SlotPolicy
 from scheduler.core import BackendView, Scheduler
+from scheduler.cost import CostModel
 from scheduler.queue import Job
 
 # States of a backend whose process is (re)starting: what its slot limit learned no longer holds.
@@ -47,6 +51,8 @@ class Dispatcher:
         self._waiting: dict[str, asyncio.Future[Backend]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._warmups: dict[str, WarmupRun] = {}  # per backend, the warm-up the cost model has seen
+        self._taught: CostModel | None = None  # ... that cost model (a reload may bring a new one)
 
     @property
     def slots(self) -> SlotPolicy:
@@ -83,6 +89,7 @@ class Dispatcher:
         for gone in set(self._limits) - {b.id for b in backends}:
             del self._limits[gone]
             self._identity.pop(gone, None)
+            self._warmups.pop(gone, None)
         return [BackendView(id=b.id, ready=b.state is BackendState.READY, alive=b.state in ALIVE,
                             slots=self.limit(b).limit, model_key=b.model_key) for b in backends]
 
@@ -135,6 +142,7 @@ class Dispatcher:
 
     def pump(self) -> None:
         """Run the scheduler and wake the requests it dispatched; again when a limit rose."""
+        self._learn_warmups()
         while True:
             self._assign()
             if not self._observe_load():
@@ -145,6 +153,17 @@ class Dispatcher:
                 if not waiter.done():
                     waiter.set_result(None)
             self._idle_waiters.clear()
+
+    def _learn_warmups(self) -> None:
+        """Teach the cost model every warm-up a backend finished since the last look (the pool
+        calls for a pump when a backend becomes ready); a new cost model, each backend's latest."""
+        if self._taught is not self.scheduler.cost:
+            self._taught, self._warmups = self.scheduler.cost, {}
+        for backend in self._backends():
+            run = backend.warmup
+            if run is not None and self._warmups.get(backend.id) is not run:
+                self._warmups[backend.id] = run
+                self.scheduler.cost.observe_warmup(units(run.text), run.model_key, run.seconds)
 
     def _assign(self) -> None:
         backends = {b.id: b for b in self._backends()}

@@ -17,8 +17,9 @@ the tenant and advances virtual time) and asks again.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Sequence
+import bisect
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -99,6 +100,10 @@ class JobQueue(Protocol):
         """The job was dispatched: remove it and charge its tenant."""
         ...
 
+    def copy(self) -> JobQueue:
+        """An independent queue in the same state: what the scheduler's forecasts run on."""
+        ...
+
 
 class _Bounded:
     def __init__(self, max_size: int, max_per_tenant: int | None = None) -> None:
@@ -106,7 +111,7 @@ class _Bounded:
         self.max_per_tenant = max_per_tenant
         self._jobs: dict[str, Job] = {}
         self._per_tenant: dict[str, int] = {}
-        self._seq = itertools.count(1)  # 0 marks a job never queued
+        self._next_seq = 1  # the seq of the next new job; 0 marks a job never queued
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -120,9 +125,9 @@ class _Bounded:
     def _admit(self, job: Job, force: bool = False) -> None:
         if force:  # a job coming back (its backend failed) or moved over on a reload: no bound
             if job.seq:  # it keeps its place; later arrivals still come after it
-                self._seq = itertools.count(max(job.seq + 1, next(self._seq)))
+                self._next_seq = max(self._next_seq, job.seq + 1)
             else:
-                job.seq = next(self._seq)
+                job.seq = self._new_seq()
             self._jobs[job.id] = job
             self._per_tenant[job.tenant] = self.tenant_depth(job.tenant) + 1
             return
@@ -132,9 +137,13 @@ class _Bounded:
         depth = self.tenant_depth(job.tenant)
         if bound is not None and depth >= bound:
             raise QueueFullError("tenant", depth, bound)
-        job.seq = next(self._seq)
+        job.seq = self._new_seq()
         self._jobs[job.id] = job
         self._per_tenant[job.tenant] = depth + 1
+
+    def _new_seq(self) -> int:
+        self._next_seq += 1
+        return self._next_seq - 1
 
     def remove(self, job_id: str) -> Job | None:
         job = self._jobs.pop(job_id, None)
@@ -146,16 +155,39 @@ class _Bounded:
                 del self._per_tenant[job.tenant]
         return job
 
+    def _copy_into(self, other: _Bounded) -> None:
+        other._jobs = dict(self._jobs)
+        other._per_tenant = dict(self._per_tenant)
+        other._next_seq = self._next_seq  # the copy numbers new jobs as this queue would
+
 
 class FifoQueue(_Bounded):
+    def __init__(self, max_size: int, max_per_tenant: int | None = None) -> None:
+        super().__init__(max_size, max_per_tenant)
+        self._line: list[Job] = []  # by seq
+
     def push(self, job: Job, now: float, *, force: bool = False) -> None:
         self._admit(job, force)
+        bisect.insort(self._line, job, key=_seq)
+
+    def remove(self, job_id: str) -> Job | None:
+        job = super().remove(job_id)
+        if job is not None:
+            at = bisect.bisect_left(self._line, job.seq, key=_seq)
+            del self._line[at if at < len(self._line) and self._line[at] is job else self._line.index(job)]
+        return job
 
     def candidates(self, now: float) -> Iterator[Job]:
-        return iter(sorted(self._jobs.values(), key=lambda j: j.seq))
+        return iter(self._line)
 
     def take(self, job: Job, now: float) -> None:
         self.remove(job.id)
+
+    def copy(self) -> FifoQueue:
+        other = FifoQueue(self.max_size, self.max_per_tenant)
+        self._copy_into(other)
+        other._line = list(self._line)
+        return other
 
 
 class FairQueue(_Bounded):
@@ -168,9 +200,41 @@ class FairQueue(_Bounded):
         self.band_aging_s = band_aging_s
         self._virtual: dict[int, float] = {}  # band -> virtual time
         self._finish: dict[tuple[int, str], float] = {}  # (band, tenant) -> virtual finish tag
+        # What candidates() walks: effective band -> tenant -> its jobs in their order, kept up to
+        # date by push/remove/take for as long as no job ages into another band or rank
+        # (``_span``); rebuilt after. None: to be built.
+        self._groups: dict[int, dict[str, list[Job]]] | None = None
+        self._band_of: dict[str, int] = {}  # job id -> its band in _groups
+        self._span = (math.inf, -math.inf)  # [from, until): when _groups holds
+        self._oldest: dict[tuple[int, str], list[int]] = {}  # shortest_first tie-breaks, built lazily
 
     def push(self, job: Job, now: float, *, force: bool = False) -> None:
         self._admit(job, force)
+        if self._groups is None:
+            return
+        until = _before(self._next_change([job], now))
+        if not self._span[0] <= now < min(self._span[1], until):
+            self._groups = None
+            return
+        band = self.effective_band(job, now)
+        bisect.insort(self._groups.setdefault(band, {}).setdefault(job.tenant, []), job, key=self._rank(now))
+        self._band_of[job.id] = band
+        self._oldest.pop((band, job.tenant), None)
+        self._span = (now, min(self._span[1], until))  # times before the push are not asked for again
+
+    def remove(self, job_id: str) -> Job | None:
+        job = super().remove(job_id)
+        if job is not None and self._groups is not None:
+            band = self._band_of.pop(job.id)
+            tenants = self._groups[band]
+            jobs = tenants[job.tenant]
+            jobs.remove(job)  # Job compares by identity
+            self._oldest.pop((band, job.tenant), None)
+            if not jobs:
+                del tenants[job.tenant]
+                if not tenants:
+                    del self._groups[band]
+        return job
 
     def effective_band(self, job: Job, now: float) -> int:
         """The job's band after aging: one band higher per ``band_aging_s`` waited."""
@@ -185,37 +249,82 @@ class FairQueue(_Bounded):
         # A tenant returning from idle starts at the band's virtual time: no banked credit.
         return max(self._finish.get((band, tenant), 0.0), self._virtual.get(band, 0.0))
 
-    def _tenant_order(self, jobs: Sequence[Job], now: float) -> list[Job]:
+    def _rank(self, now: float) -> Callable[[Job], tuple[int, float, int]]:
+        """A job's place among its tenant's jobs of one band."""
         if self.within_tenant is WithinTenant.FIFO:
-            return sorted(jobs, key=lambda j: j.seq)
+            return lambda job: (0, 0.0, job.seq)
 
-        def key(job: Job) -> tuple[int, float, int]:
+        def rank(job: Job) -> tuple[int, float, int]:
             if self.aged(job, now):
                 return (0, 0.0, job.seq)  # aged: ahead of every younger job, in arrival order
             return (1, job.predicted_s, job.seq)
 
-        return sorted(jobs, key=key)
+        return rank
+
+    def _next_change(self, jobs: Iterable[Job], now: float) -> float:
+        """The earliest time after ``now`` at which one of ``jobs`` moves up a band or, under
+        shortest_first, ages ahead of shorter jobs; infinity if none will."""
+        soonest = math.inf
+        for job in jobs:
+            if self.effective_band(job, now) > 0:
+                waited = max(0.0, now - job.arrived_at)
+                soonest = min(soonest, job.arrived_at + (waited // self.band_aging_s + 1) * self.band_aging_s)
+            if self.within_tenant is WithinTenant.SHORTEST_FIRST and not self.aged(job, now):
+                soonest = min(soonest, job.arrived_at + self.aging_s)
+        return soonest
+
+    def _build(self, now: float) -> dict[int, dict[str, list[Job]]]:
+        groups: dict[int, dict[str, list[Job]]] = {}
+        self._band_of = {}
+        for job in self._jobs.values():
+            band = self._band_of[job.id] = self.effective_band(job, now)
+            groups.setdefault(band, {}).setdefault(job.tenant, []).append(job)
+        rank = self._rank(now)
+        for tenants in groups.values():
+            for jobs in tenants.values():
+                jobs.sort(key=rank)
+        self._groups, self._oldest = groups, {}
+        self._span = (now, _before(self._next_change(self._jobs.values(), now)))
+        return groups
+
+    def _oldest_from(self, band: int, tenant: str) -> list[int]:
+        """``out[i]``: the smallest seq among the tenant's jobs of the band from its ``i``-th on."""
+        cached = self._oldest.get((band, tenant))
+        if cached is None:
+            assert self._groups is not None
+            cached = self._oldest[(band, tenant)] = _suffix_min_seq(self._groups[band][tenant])
+        return cached
 
     def candidates(self, now: float) -> Iterator[Job]:
-        bands: dict[int, dict[str, list[Job]]] = {}
-        for job in self._jobs.values():
-            bands.setdefault(self.effective_band(job, now), {}).setdefault(job.tenant, []).append(job)
-        for band in sorted(bands):
-            tenants = {t: self._tenant_order(jobs, now) for t, jobs in bands[band].items()}
-            # Visit tenants by virtual tag, simulating charges so later candidates follow the
-            # order dispatching them one by one would give.
-            tags = {t: self._tag(band, t) for t in tenants}
-            positions = dict.fromkeys(tenants, 0)
-            while tags:
-                # Ties go as take() would see them: to the tenant whose oldest remaining job is oldest.
-                tenant = min(tags, key=lambda t: (tags[t], min(j.seq for j in tenants[t][positions[t]:])))
-                job = tenants[tenant][positions[tenant]]
-                yield job
-                positions[tenant] += 1
-                if positions[tenant] == len(tenants[tenant]):
-                    del tags[tenant]
-                else:
-                    tags[tenant] += job.predicted_s / job.weight
+        groups = self._groups
+        if groups is None or not self._span[0] <= now < self._span[1]:
+            groups = self._build(now)
+        for band in sorted(groups):
+            yield from self._band_order(band, groups[band])
+
+    def _band_order(self, band: int, tenants: dict[str, list[Job]]) -> Iterator[Job]:
+        # Visit tenants by virtual tag, simulating charges so later candidates follow the order
+        # dispatching them one by one would give.
+        tags = {t: self._tag(band, t) for t in tenants}
+        positions = dict.fromkeys(tenants, 0)
+
+        def first(tenant: str) -> tuple[float, int]:
+            """Ties go as take() would see them: to the tenant whose oldest remaining job is oldest
+            (under FIFO its next one)."""
+            if self.within_tenant is WithinTenant.FIFO:
+                return tags[tenant], tenants[tenant][positions[tenant]].seq
+            return tags[tenant], self._oldest_from(band, tenant)[positions[tenant]]
+
+        while tags:
+            tenant = next(iter(tags)) if len(tags) == 1 else min(tags, key=first)
+            jobs = tenants[tenant]
+            job = jobs[positions[tenant]]
+            yield job
+            positions[tenant] += 1
+            if positions[tenant] == len(jobs):
+                del tags[tenant]
+            else:
+                tags[tenant] += job.predicted_s / job.weight
 
     def take(self, job: Job, now: float) -> None:
         band = self.effective_band(job, now)
@@ -223,6 +332,36 @@ class FairQueue(_Bounded):
         self._virtual[band] = max(self._virtual.get(band, 0.0), start)
         self._finish[(band, job.tenant)] = start + job.predicted_s / job.weight
         self.remove(job.id)
+
+    def copy(self) -> FairQueue:
+        other = FairQueue(self.max_size, self.max_per_tenant, within_tenant=self.within_tenant,
+                          aging_s=self.aging_s, band_aging_s=self.band_aging_s)
+        self._copy_into(other)
+        other._virtual = dict(self._virtual)
+        other._finish = dict(self._finish)
+        if self._groups is not None:
+            other._groups = {band: {t: list(jobs) for t, jobs in tenants.items()}
+                             for band, tenants in self._groups.items()}
+            other._band_of = dict(self._band_of)
+            other._span = self._span
+        return other
+
+
+def _seq(job: Job) -> int:
+    return job.seq
+
+
+def _suffix_min_seq(jobs: Sequence[Job]) -> list[int]:
+    """``out[i]`` is the smallest ``seq`` among ``jobs[i:]``."""
+    out = [job.seq for job in jobs]
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1])
+    return out
+
+
+def _before(at: float) -> float:
+    """A little before ``at``: a span must end before floating-point rounding could let a job age early."""
+    return at if math.isinf(at) else at - 1e-9 * max(1.0, abs(at))
 
 
 def make_queue(order: str, *, max_size: int, max_per_tenant: int | None = None, within_tenant: str = "fifo",

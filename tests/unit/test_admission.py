@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.admission import STATUS, Outlook, Reason, admit
+from scheduler.admission import LEARN_FACTOR, STATUS, Outlook, Reason, admit
 from scheduler.core import BackendView, ClassRule, LengthClasses, Scheduler
 from scheduler.cost import CostModel
 from scheduler.deadlines import Tier, TiersPolicy
@@ -17,8 +17,8 @@ from scheduler.queue import ModelKey, make_queue
 
 K24: ModelKey = (24000, False)
 
-OPEN = Outlook(can_serve=True, queued=3, max_queued=10, tenant_queued=1, tenant_max=5, wait_s=10.0, service_s=3.5,
-               budget_s=60.0, next_free_s=2.0, tenant_next_s=7.0)
+OPEN = Outlook(can_serve=True, queued=3, max_queued=10, tenant_queued=1, tenant_max=5, wait_s=10.0, starts_now=False,
+               idle=False, confirmed=True, service_s=3.5, budget_s=60.0, next_free_s=2.0, tenant_next_s=7.0)
 
 
 def outlook(**changes: Any) -> Outlook:
@@ -71,19 +71,43 @@ def test_exactly_meeting_the_deadline_is_admitted() -> None:
     assert admit(outlook(wait_s=56.5), reject_unmeetable=True) is None  # 56.5 + 3.5 == 60
 
 
+def test_a_job_that_starts_now_is_not_refused_for_its_wait() -> None:
+    assert admit(outlook(wait_s=1e6, starts_now=True), reject_unmeetable=True) is None
+
+
+def test_with_nothing_running_or_queued_an_unconfirmed_prediction_does_not_refuse_a_job() -> None:
+    """Predicted service over the deadline, but no completion backs the prediction: with nothing
+    running or waiting the job is admitted, since its completion is how the model learns. Once
+    completions confirm the prediction, or while other work runs or waits, it is refused."""
+    too_long = outlook(service_s=90.0, budget_s=60.0, wait_s=0.0, confirmed=False)
+    assert admit(dataclasses.replace(too_long, starts_now=True, idle=True), reject_unmeetable=True) is None
+    hopeless = dataclasses.replace(too_long, budget_s=90.0 / LEARN_FACTOR * 0.99)  # 20x too slow would not do
+    for starts_now, idle, confirmed in ((True, True, True), (True, False, False), (False, True, False)):
+        changed = dataclasses.replace(too_long, starts_now=starts_now, idle=idle, confirmed=confirmed)
+        for refused in (changed, dataclasses.replace(hopeless, starts_now=True, idle=True)):
+            rejection = admit(refused, reject_unmeetable=True)
+            assert rejection is not None and rejection.reason is Reason.DEADLINE_UNMEETABLE
+            assert rejection.retry_after_s is None
+
+
 @settings(max_examples=300, deadline=None, database=None)
 @given(can_serve=st.booleans(), queued=st.integers(0, 20), tenant_queued=st.integers(0, 20),
        wait_s=st.floats(0.0, 1e4), service_s=st.floats(0.0, 1e3), budget_s=st.floats(0.001, 1e4),
-       next_free_s=st.floats(0.0, 1e3), tenant_next_s=st.floats(0.0, 1e3), reject_unmeetable=st.booleans())
+       next_free_s=st.floats(0.0, 1e3), tenant_next_s=st.floats(0.0, 1e3), reject_unmeetable=st.booleans(),
+       starts_now=st.booleans(), idle=st.booleans(), confirmed=st.booleans())
 def test_admission_is_exactly_the_four_rules(can_serve: bool, queued: int, tenant_queued: int, wait_s: float,
                                              service_s: float, budget_s: float, next_free_s: float,
-                                             tenant_next_s: float, reject_unmeetable: bool) -> None:
-    """Admitted iff every rule passes; a deadline rejection's Retry-After is > 0 (the excess)."""
+                                             tenant_next_s: float, reject_unmeetable: bool, starts_now: bool,
+                                             idle: bool, confirmed: bool) -> None:
+    """Admitted iff every rule passes; a deadline rejection's Retry-After is > 0 (the excess). A job
+    that starts now has no wait; one that starts now with nothing else running or queued is
+    admitted whatever its prediction until completions confirm that."""
     o = Outlook(can_serve=can_serve, queued=queued, max_queued=10, tenant_queued=tenant_queued, tenant_max=5,
-                wait_s=wait_s, service_s=service_s, budget_s=budget_s, next_free_s=next_free_s,
-                tenant_next_s=tenant_next_s)
+                wait_s=wait_s, starts_now=starts_now, idle=idle, confirmed=confirmed, service_s=service_s,
+                budget_s=budget_s, next_free_s=next_free_s, tenant_next_s=tenant_next_s)
     rejection = admit(o, reject_unmeetable=reject_unmeetable)
-    fits = not reject_unmeetable or wait_s + service_s <= budget_s
+    learns = starts_now and idle and not confirmed and service_s <= budget_s * LEARN_FACTOR
+    fits = not reject_unmeetable or learns or (0.0 if starts_now else wait_s) + service_s <= budget_s
     assert (rejection is None) == (can_serve and queued < 10 and tenant_queued < 5 and fits)
     if rejection is not None:
         if rejection.reason is Reason.DEADLINE_UNMEETABLE and service_s > budget_s:
@@ -200,3 +224,47 @@ def test_a_full_queue_blocked_by_a_class_cap_does_not_say_retry_now() -> None:
     rejection = scheduler.offer(scheduler.make_job(id="x", chars=10, units=10.0, model_key=K24, now=1.0), 1.0, views)
     assert rejection is not None and rejection.reason is Reason.QUEUE_FULL
     assert rejection.retry_after_s >= service - 1.0  # today: 0.0
+
+
+def test_a_prior_twenty_times_too_slow_does_not_lock_admission() -> None:
+    """GPU-scale priors (3.5 s for a short text) in front of two backends 20x faster, deadlines of
+    2 s: every request looked unmeetable and nothing was ever learned. The first is admitted
+    (nothing runs or waits), its completion teaches the cost model, and requests arriving while
+    others run are admitted as soon as the model has learned."""
+    s = Scheduler(queue=make_queue("fifo", max_size=100), cost=CostModel(),
+                  classes=LengthClasses([ClassRule(name="all", max_chars=None)]),
+                  deadlines=TiersPolicy([Tier(max_chars=None, timeout_s=2.0)]), reject_unmeetable=True)
+    views = [BackendView(id=b, ready=True, alive=True, slots=1, model_key=K24) for b in ("a", "b")]
+    truth = CostModel().predict(20.0, K24).mean_s / 20  # 0.175 s
+    ends: dict[str, float] = {}
+    admitted: list[int] = []
+    for i in range(30):  # one every 0.1 s: most arrive while another runs
+        now = i * 0.1
+        for job_id, end in sorted(ends.items(), key=lambda item: item[1]):
+            if end <= now:
+                s.finish(job_id, end, ok=True)
+                del ends[job_id]
+        job = s.make_job(id=f"j{i}", chars=20, units=20.0, model_key=K24, now=now)
+        if s.offer(job, now, views) is None:
+            admitted.append(i)
+        for a in s.schedule(now, views):
+            ends[a.job.id] = now + truth
+    assert admitted[0] == 0
+    assert admitted[-20:] == list(range(10, 30))
+    assert s.cost.predict(20.0, K24).mean_s == pytest.approx(truth, rel=0.1)
+    assert s.cost.confirmed(K24)
+
+
+def test_a_confirmed_prediction_refuses_a_hopeless_deadline_even_when_idle() -> None:
+    s = make_scheduler(reject_unmeetable=True)
+    service = start_one(s, 20.0)
+    s.finish("run20.0", service, ok=True)  # as predicted
+    assert s.cost.confirmed(K24)
+    job = s.make_job(id="x", chars=20, units=20.0, model_key=K24, now=service, client_budget_s=0.001)
+    rejection = s.offer(job, service, ONE)
+    assert rejection is not None and rejection.reason is Reason.DEADLINE_UNMEETABLE
+    fresh = make_scheduler(reject_unmeetable=True)  # nothing measured yet: a plausible one is let through
+    assert fresh.offer(fresh.make_job(id="x", chars=20, units=20.0, model_key=K24, now=0.0, client_budget_s=1.0),
+                       0.0, ONE) is None
+    hopeless = fresh.make_job(id="y", chars=20, units=20.0, model_key=K24, now=0.0, client_budget_s=0.001)
+    assert make_scheduler(reject_unmeetable=True).offer(hopeless, 0.0, ONE) is not None

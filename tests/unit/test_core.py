@@ -496,6 +496,14 @@ def test_finish_learns_only_from_successes_and_counts_orphaned_time() -> None:
     assert (scheduler.tally.completed, scheduler.tally.failed, scheduler.tally.expired_running) == (1, 1, 1)
 
 
+def test_a_job_whose_class_a_reload_renamed_is_still_dispatched() -> None:
+    old = make_scheduler(rules=[ClassRule(name="huge", max_chars=None, max_in_service=1)])
+    assert old.offer(old.make_job(id="j", chars=500, units=500.0, model_key=K24, now=0.0), 0.0, STARTING) is None
+    new = make_scheduler(rules=CAPPED)
+    new.adopt(old)
+    assert [a.job.id for a in new.schedule(1.0, [view("b")])] == ["j"]
+
+
 def test_nothing_is_dispatched_to_a_backend_that_is_not_ready() -> None:
     scheduler = make_scheduler()
     assert scheduler.offer(scheduler.make_job(id="j", chars=10, units=10.0, model_key=K24, now=0.0), 0.0,
@@ -548,6 +556,15 @@ def test_work_rate_measures_admitted_work_per_second_in_higher_bands() -> None:
     assert s.work_rate(now, above_band=0) == 0.0  # nothing is above the highest band
 
 
+def test_work_rate_right_after_the_first_admission_is_zero_not_a_division_by_zero() -> None:
+    s = make_scheduler(order="fair")
+    backends = [view("b0")]
+    assert s.offer(s.make_job(id="h", chars=20, units=20, model_key=K24, now=0.0, band=0), 0.0, backends) is None
+    assert s.work_rate(5e-324, above_band=1) == 0.0  # the window underflows: nothing measured yet
+    late = s.make_job(id="l", chars=20, units=20, model_key=K24, now=5e-324, band=1)
+    assert s.offer(late, 5e-324, backends) is None
+
+
 def test_the_wait_of_a_lower_band_job_grows_with_the_work_arriving_above_it() -> None:
     backends = [view("b0", slots=2)]
 
@@ -563,7 +580,7 @@ def test_the_wait_of_a_lower_band_job_grows_with_the_work_arriving_above_it() ->
             queued = s.make_job(id=f"q{i}", chars=300, units=300, model_key=K24, now=60.0, band=1)
             assert s.offer(queued, 60.0, backends) is None
         probe = s.make_job(id="p", chars=300, units=300, model_key=K24, now=60.0, band=1)
-        return s.predicted_wait_s(probe, 60.0, slots=2)
+        return s.predicted_wait_s(probe, 60.0, backends)
 
     alone, busy = wait_with(0.0), wait_with(1.0)
     # One slot's worth of work arrives above it each second: half the pool is left, so twice the wait.

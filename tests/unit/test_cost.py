@@ -82,12 +82,98 @@ def test_a_cold_first_request_and_a_stuck_one_do_not_skew_the_line() -> None:
     assert relative_error(model, 0.3125, 0.159375, 500) < 0.05
 
 
-def test_few_samples_stay_near_the_prior() -> None:
+def test_one_disagreeing_completion_moves_the_prediction_a_little_and_a_few_move_it_all_the_way() -> None:
     model = CostModel()
-    for _ in range(REFIT_EVERY):
-        model.observe(100, KEY, 2 * model.predict(100, KEY).mean_s)  # twice the prior, no noise
-    ratio = model.predict(100, KEY).mean_s / CostModel().predict(100, KEY).mean_s
-    assert 1.1 < ratio < 1.9
+    prior = model.predict(100, KEY).mean_s
+    model.observe(100, KEY, 3 * prior)  # a cold first request, or a prior 3x too low: one cannot tell yet
+    assert 1.0 < model.predict(100, KEY).mean_s / prior < 1.1
+    for _ in range(4):
+        model.observe(100, KEY, 3 * prior)
+    assert model.predict(100, KEY).mean_s / prior == pytest.approx(3.0, rel=0.1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("truth", [20.0, 1 / 20.0])
+def test_a_prior_twenty_times_off_is_learned_within_forty_completions(truth: float, seed: int) -> None:
+    """The backends are 20x slower or 20x faster than the prior line, with 25 % noise: after at
+    most 40 completions every length is predicted within 30 %."""
+    model = CostModel()
+    a, b = model.priors.base_s * truth, model.priors.per_unit_s * truth
+    feed(model, a=a, b=b, n=40, sigma=0.25, seed=seed)
+    for units in (10, 20, 100, 300, 500):
+        assert relative_error(model, a, b, units) < 0.30
+
+
+@pytest.mark.parametrize("truth", [20.0, 1 / 20.0])
+def test_a_prior_twenty_times_off_is_mostly_outvoted_by_the_third_completion(truth: float) -> None:
+    model = CostModel()
+    a, b = model.priors.base_s * truth, model.priors.per_unit_s * truth
+    feed(model, a=a, b=b, n=3, sigma=0.0)
+    assert relative_error(model, a, b, 100) < 0.10
+
+
+def test_a_single_stuck_first_request_does_not_swing_a_right_prior() -> None:
+    model = CostModel()
+    prior = model.predict(20, KEY).mean_s
+    model.observe(20, KEY, 20 * prior)
+    assert model.predict(20, KEY).mean_s / prior < 1.1
+    feed(model, a=model.priors.base_s, b=model.priors.per_unit_s, n=6, sigma=0.1)
+    assert relative_error(model, model.priors.base_s, model.priors.per_unit_s, 20) < 0.10
+
+
+def test_a_prediction_is_confirmed_once_its_latest_completions_agree_with_it() -> None:
+    model = CostModel()
+    assert not model.confirmed(KEY)
+    model.observe(100, KEY, 1.2 * model.predict(100, KEY).mean_s)
+    assert model.confirmed(KEY) and not model.confirmed(OTHER)
+    off = CostModel()
+    prior = off.predict(100, KEY).mean_s
+    model_says = []
+    for _ in range(3):
+        off.observe(100, KEY, prior / 20)
+        model_says.append(off.confirmed(KEY))
+    assert model_says == [False, False, True]  # the third completion outvotes the prior: now it agrees
+
+
+# --- warm-ups: an upper bound on a warm request ------------------------------------------------------
+
+
+def test_a_warm_up_faster_than_the_prior_lowers_it() -> None:
+    model = CostModel()
+    prior = model.predict(15, KEY).mean_s
+    model.observe_warmup(15, KEY, 0.1 * prior)  # backends far faster than the prior, even cold
+    assert model.predict(15, KEY).mean_s == pytest.approx(0.1 * prior)
+    assert model.predict(500, KEY).mean_s == pytest.approx(0.1 * CostModel().predict(500, KEY).mean_s)
+    assert model.samples(KEY) == 0  # completions only
+    assert model.predict(15, OTHER) == CostModel().predict(15, OTHER)  # its own configuration only
+
+
+def test_a_warm_up_slower_than_the_prior_teaches_nothing() -> None:
+    model = CostModel()
+    before = model.predict(15, KEY)
+    model.observe_warmup(15, KEY, 9 * before.mean_s)  # a model load plus a cold start
+    assert model.predict(15, KEY) == before
+    for bad in (math.nan, math.inf, -1.0):
+        model.observe_warmup(15, KEY, bad)
+        model.observe_warmup(bad, KEY, 1.0)
+    assert model.predict(15, KEY) == before
+
+
+def test_the_median_of_recent_warm_ups_sets_the_bound() -> None:
+    model = CostModel()
+    prior = model.predict(15, KEY).mean_s
+    for factor in (0.2, 0.3, 5.0):  # one backend loaded its model first: the median ignores it
+        model.observe_warmup(15, KEY, factor * prior)
+    assert model.predict(15, KEY).mean_s == pytest.approx(0.3 * prior)
+
+
+def test_warm_ups_do_not_hold_back_what_completions_teach() -> None:
+    model = CostModel()
+    prior_a, prior_b = model.priors.base_s, model.priors.per_unit_s
+    for _ in range(4):
+        model.observe_warmup(15, KEY, 0.3 * model.priors.base_s + 0.3 * prior_b * 15)  # cold: 3x the truth
+    feed(model, a=prior_a * 0.1, b=prior_b * 0.1, n=5, sigma=0.1)
+    assert relative_error(model, prior_a * 0.1, prior_b * 0.1, 100) < 0.15
 
 
 @pytest.mark.parametrize(("sigma", "low", "high"), [(0.05, 1.0, 1.2), (0.2, 1.25, 1.55), (0.35, 1.55, 2.0)])
@@ -111,14 +197,14 @@ def test_model_keys_learn_independently() -> None:
     assert set(model.describe()) == {"24000:false", "32000:true"}
 
 
-def test_a_key_uses_the_priors_until_its_first_refit() -> None:
+def test_a_key_learns_from_its_first_completion() -> None:
     model = CostModel()
-    prior = model.predict(100, KEY)
-    for _ in range(REFIT_EVERY - 1):
-        model.observe(100, KEY, 100.0)
-    assert model.predict(100, KEY) == prior
+    prior = model.predict(100, KEY).mean_s
+    model.observe(100, KEY, 100.0)  # 6x the prior line
+    assert prior < model.predict(100, KEY).mean_s < 1.1 * prior
     model.observe(100, KEY, 100.0)
-    assert model.predict(100, KEY).mean_s > prior.mean_s
+    model.observe(100, KEY, 100.0)
+    assert model.predict(100, KEY).mean_s == pytest.approx(100.0, rel=0.1)
 
 
 def test_refits_are_cached_between_batches_of_new_samples() -> None:
@@ -127,10 +213,11 @@ def test_refits_are_cached_between_batches_of_new_samples() -> None:
         model.observe(20 + i, KEY, 5.0 + i / 10)
         for _ in range(20):
             model.predict(20 + i, KEY)
-    assert model.fit_count == 10
+    # One refit per completion up to REFIT_EVERY, then one per REFIT_EVERY completions.
+    assert model.fit_count == REFIT_EVERY + 9
     for _ in range(1000):
         model.predict(100, KEY)
-    assert model.fit_count == 10
+    assert model.fit_count == REFIT_EVERY + 9
 
 
 @pytest.mark.parametrize("actual", [math.nan, math.inf, -1.0])

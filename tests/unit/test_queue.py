@@ -321,6 +321,35 @@ def test_candidates_list_the_order_of_one_by_one_dispatch(spec: list[tuple[str, 
     assert listed == one_by_one
 
 
+operation = st.tuples(st.sampled_from(["push", "push", "take", "remove"]), st.floats(0.0, 40.0),
+                      st.sampled_from("abc"), st.integers(0, 2), st.integers(1, 20), st.integers(0, 10**6))
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(ops=st.lists(operation, max_size=40), shortest_first=st.booleans(), forced=st.booleans())
+def test_candidates_kept_up_to_date_equal_candidates_worked_out_afresh(ops: list[tuple[str, float, str, int, int, int]],
+                                                                      shortest_first: bool, forced: bool) -> None:
+    """The fair queue keeps what candidates() walks up to date through pushes, removals and takes
+    while no job ages; whatever the history (aging included), its order is that of a copy made to
+    work it out afresh, and so is a copy's."""
+    within = WithinTenant.SHORTEST_FIRST if shortest_first else WithinTenant.FIFO
+    queue = FairQueue(100, within_tenant=within, aging_s=15.0, band_aging_s=25.0)
+    now = 0.0
+    for kind, dt, tenant, band, units, pick in ops:
+        now += dt
+        waiting = sorted(queue.jobs(), key=lambda j: j.seq)
+        if kind == "push" or not waiting:
+            queue.push(job(tenant=tenant, band=band, cost=float(units), arrived=now - dt * (pick % 3) / 2), now,
+                       force=forced)
+        elif kind == "take":
+            queue.take(next(queue.candidates(now)), now)
+        else:
+            queue.remove(waiting[pick % len(waiting)].id)
+        afresh = queue.copy()
+        afresh._groups = None
+        assert ids(queue.candidates(now)) == ids(afresh.candidates(now)) == ids(queue.copy().candidates(now))
+
+
 def test_candidates_order_matches_one_by_one_dispatch_on_ties() -> None:
     queue = FairQueue(10)
     a1, b2, b3, a4 = job(tenant="a"), job(tenant="b"), job(tenant="b"), job(tenant="a")
