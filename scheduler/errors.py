@@ -8,7 +8,11 @@
     ├── Rejected          429/503  admission said no (scheduler.admission names the reason)
     ├── DeadlineExpired   408    upstream's wording
     ├── BackendFailed     502    the backend went away before answering, retries exhausted
-    └── Unauthorized      401    admin token missing or wrong
+    ├── Unauthorized      401    admin token missing or wrong
+    ├── StoreUnavailable  503    the async task store cannot read or write
+    ├── TaskQuotaExceeded 429    a tenant's stored tasks or bytes are at tasks.max_*_per_tenant
+    ├── DiskSpaceLow      503    the task store's disk is below tasks.min_free_bytes
+    └── IdempotencyKeyReused 422 an Idempotency-Key already names a task with another request
 
 Errors upstream itself would give (validation) are glmtts.errors.HTTPDetailError, answered with
 upstream's exact bytes instead.
@@ -86,3 +90,23 @@ class Rejected(SidecarError):
 class Unauthorized(SidecarError):
     status = 401
     reason = "unauthorized"
+
+
+class StoreUnavailable(SidecarError):
+    status = 503
+    reason = "store_unavailable"
+
+
+class TaskQuotaExceeded(SidecarError):
+    status = 429
+    reason = "task_quota"
+
+
+class DiskSpaceLow(SidecarError):
+    status = 503
+    reason = "disk_low"
+
+
+class IdempotencyKeyReused(SidecarError):
+    status = 422
+    reason = "idempotency_key_reused"

@@ -37,7 +37,14 @@ from glmtts.text import units
 from glmtts.wav import WavError, read_wav
 from scheduler.callbacks import deliver
 from scheduler.config import TasksConfig
-from scheduler.errors import DeadlineExpired, SidecarError
+from scheduler.errors import (
+    DeadlineExpired,
+    DiskSpaceLow,
+    IdempotencyKeyReused,
+    SidecarError,
+    StoreUnavailable,
+    TaskQuotaExceeded,
+)
 from scheduler.proxy import REQUEST_ID, Intake, Outcome, Proxy, error_response
 from scheduler.queue import Job
 from scheduler.taskstore import (
@@ -62,26 +69,6 @@ ASCII_HEADERS = ("Content-Type", CALLBACK_URL, "Authorization")
 STORE_RETRY_AFTER_S = 30.0
 
 T = TypeVar("T")
-
-
-class StoreUnavailable(SidecarError):
-    status = 503
-    reason = "store_unavailable"
-
-
-class TaskQuotaExceeded(SidecarError):
-    status = 429
-    reason = "task_quota"
-
-
-class DiskSpaceLow(SidecarError):
-    status = 503
-    reason = "disk_low"
-
-
-class IdempotencyKeyReused(SidecarError):
-    status = 422
-    reason = "idempotency_key_reused"
 
 
 @dataclass(frozen=True, kw_only=True)
