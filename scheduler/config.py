@@ -790,9 +790,6 @@ class CallbacksConfig(ConfigSection):
             return str(exc)
         return None
 
-    def allows(self, url: str) -> bool:
-        return self.refusal(url) is None
-
 
 class TasksConfig(ConfigSection):
     """The async task mode: POST /api/v1/tasks, persisted in SQLite under `state_dir`."""

@@ -96,10 +96,6 @@ class Task:
     def finished(self) -> bool:
         return self.state in FINISHED
 
-    @property
-    def stored_bytes(self) -> int:
-        return self.body_bytes + self.audio_bytes
-
 
 @dataclass(frozen=True, kw_only=True)
 class Quota:
