@@ -17,7 +17,8 @@ def build_scheduler(config: SidecarConfig, *, cost: CostModel | None = None) -> 
         cost = CostModel(CostPriors(base_s=c.base_s, per_unit_s=c.per_unit_s, p95_ratio=c.p95_ratio,
                                     prior_weight=c.prior_weight, window=c.window, reload_s=c.reload_s,
                                     slow_ratio=c.slow_ratio, slow_min_samples=c.slow_min_samples))
-    policy = make_policy(d.policy, tiers=[Tier(max_chars=t.max_chars, timeout_s=t.timeout_s) for t in d.tiers],
+    tiers = [Tier(max_chars=t.max_chars, timeout_s=t.timeout_s, per_char_s=t.per_char_s) for t in d.tiers]
+    policy = make_policy(d.policy, tiers=tiers,
                          factor=d.learned.factor, buffer_s=d.learned.buffer_s, min_s=d.learned.min_s,
                          max_s=d.learned.max_s)
     queue = make_queue(q.order, max_size=q.max_size, max_per_tenant=q.max_per_tenant,

@@ -487,6 +487,7 @@ class CostConfig(ConfigSection):
 class TierConfig(ConfigSection):
     max_chars: StrictInt | None = Field(ge=1)
     timeout_s: StrictFloat = Field(gt=0)
+    per_char_s: StrictFloat = Field(default=0.0, ge=0)  # plus this per character: a deadline that grows with the text
 
 
 class LearnedDeadlineConfig(ConfigSection):
@@ -525,7 +526,8 @@ class DeadlinesConfig(ConfigSection):
 
     def tier_for(self, chars: int) -> float:
         """The `tiers` deadline, in seconds, of a text of `chars` characters."""
-        return next(t.timeout_s for t in self.tiers if t.max_chars is None or chars <= t.max_chars)
+        tier = next(t for t in self.tiers if t.max_chars is None or chars <= t.max_chars)
+        return tier.timeout_s + tier.per_char_s * chars
 
 
 class PrioritiesConfig(ConfigSection):

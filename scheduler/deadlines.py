@@ -36,6 +36,10 @@ class DeadlinePolicy(Protocol):
 class Tier:
     max_chars: int | None  # texts up to this many characters; None: any longer text
     timeout_s: float
+    per_char_s: float = 0.0  # plus this many seconds per character of the text
+
+    def budget_s(self, chars: int) -> float:
+        return self.timeout_s + self.per_char_s * chars
 
 
 SEED_TIERS = (
@@ -46,7 +50,8 @@ SEED_TIERS = (
 
 
 class TiersPolicy:
-    """The first tier whose `max_chars` covers the text; the last tier (None) covers the rest."""
+    """The first tier whose `max_chars` covers the text (the last tier, None, covers the rest) gives
+    ``timeout_s + per_char_s x chars``: a fixed timeout, or one that grows with the text."""
 
     def __init__(self, tiers: Sequence[Tier] = SEED_TIERS) -> None:
         if not tiers or tiers[-1].max_chars is not None:
@@ -58,12 +63,14 @@ class TiersPolicy:
             raise ValueError("tiers: max_chars must increase from tier to tier")
         for tier in tiers:
             _check_positive("tiers: timeout_s", tier.timeout_s)
+            if not (math.isfinite(tier.per_char_s) and tier.per_char_s >= 0):
+                raise ValueError(f"tiers: per_char_s must be finite and >= 0, got {tier.per_char_s!r}")
         self.tiers = tuple(tiers)
 
     def budget_s(self, *, chars: int, prediction: Prediction) -> float:
         for tier in self.tiers:
             if tier.max_chars is None or chars <= tier.max_chars:
-                return tier.timeout_s
+                return tier.budget_s(chars)
         raise AssertionError("unreachable: the last tier covers every length")
 
 

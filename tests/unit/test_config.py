@@ -8,12 +8,14 @@ import pydantic
 import pytest
 
 from scheduler import config as config_module
+from scheduler.build import build_scheduler
 from scheduler.concurrency import AdaptiveSettings, SlotPolicy
 from scheduler.config import (
     BackendSpec,
     ClassConfig,
     ConfigError,
     CostConfig,
+    DeadlinesConfig,
     LearnedDeadlineConfig,
     QueueConfig,
     SidecarConfig,
@@ -50,11 +52,45 @@ def production_env(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- shipped files ------------------------------------------------------------------------------
 
 
-def test_default_file_is_exactly_the_defaults_but_for_the_scaled_cost_priors() -> None:
+def test_default_file_is_exactly_the_defaults_but_for_the_scaled_priors_and_deadlines() -> None:
     shipped = load_config(None)
-    assert shipped.model_copy(update={"cost": CostConfig()}) == SidecarConfig()
+    assert shipped.model_copy(update={"cost": CostConfig(), "deadlines": DeadlinesConfig()}) == SidecarConfig()
     assert shipped.cost != CostConfig()
     assert parse_config("{}") == parse_config("") == SidecarConfig()
+
+
+def test_default_files_deadlines_are_the_built_in_ones_times_the_emulators_time_scale() -> None:
+    shipped, built_in = load_config(None).deadlines, DeadlinesConfig()
+    for chars in (1, 50, 51, 200, 201, 10_000):
+        assert shipped.tier_for(chars) == pytest.approx(built_in.tier_for(chars) * EMULATOR_TIME_SCALE)
+    for name in ("buffer_s", "min_s", "max_s"):
+        assert getattr(shipped.learned, name) == pytest.approx(getattr(built_in.learned, name) * EMULATOR_TIME_SCALE)
+    assert shipped.model_dump(exclude={"tiers", "learned"}) == built_in.model_dump(exclude={"tiers", "learned"})
+    assert shipped.learned.factor == built_in.learned.factor
+
+
+def test_default_file_names_the_built_in_value_of_every_scaled_key() -> None:
+    """The file's header says keys marked "built-in:" differ from what a missing key becomes."""
+    text = default_config_text()
+    built_in = SidecarConfig()
+    for value in (built_in.cost.base_s, built_in.cost.per_unit_s, built_in.cost.reload_s,
+                  built_in.deadlines.learned.buffer_s, built_in.deadlines.learned.min_s,
+                  built_in.deadlines.learned.max_s):
+        assert f"built-in: {value!r}" in text
+    assert "built-in: " + ", ".join(repr(t.timeout_s) for t in built_in.deadlines.tiers[:-1]) in text
+
+
+def test_tiers_per_char_s_grows_the_deadline_with_the_text() -> None:
+    config = parse_config("deadlines: {tiers: [{max_chars: 50, timeout_s: 17}, "
+                          "{max_chars: 200, timeout_s: 5.25, per_char_s: 0.57375}, {max_chars: null, timeout_s: 240}]}")
+    assert config.deadlines.tier_for(50) == 17.0
+    assert config.deadlines.tier_for(100) == pytest.approx(5.25 + 57.375)
+    assert config.deadlines.tier_for(201) == 240.0
+    scheduler = build_scheduler(config)
+    assert scheduler.deadlines.budget_s(chars=100, prediction=scheduler.cost.predict(100, (24000, False))) \
+        == pytest.approx(5.25 + 57.375)
+    assert problems_of("deadlines: {tiers: [{max_chars: null, timeout_s: 1, per_char_s: -0.1}]}") == (
+        "deadlines.tiers[0].per_char_s: input should be greater than or equal to 0 (got -0.1)",)
 
 
 def test_default_files_cost_priors_are_the_seeds_times_the_emulators_time_scale() -> None:
