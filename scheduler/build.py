@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler.config import SidecarConfig, TenantPolicy
+from scheduler.config import HIGHEST_BAND, SidecarConfig, TenantPolicy
 from scheduler.core import ClassRule, LengthClasses, Scheduler
 from scheduler.cost import CostModel, CostPriors
 from scheduler.deadlines import Tier, make_policy
@@ -24,9 +24,13 @@ def build_scheduler(config: SidecarConfig, *, cost: CostModel | None = None) -> 
     queue = make_queue(q.order, max_size=q.max_size, max_per_tenant=q.max_per_tenant,
                        within_tenant=q.within_tenant, aging_s=q.aging_s, band_aging_s=q.band_aging_s)
     bands = config.priorities.bands
+
+    def band(name: str | None) -> int | None:
+        return None if name is None else 0 if name == HIGHEST_BAND else bands.index(name)
+
     classes = LengthClasses([ClassRule(name=k.name, max_chars=k.max_chars, max_in_service=k.max_in_service,
-                                       band=None if k.band is None else bands.index(k.band),
-                                       extra_slots=k.extra_slots)
+                                       band=band(k.band),
+                                       extra_slots=k.extra_slots, min_share=k.min_share)
                              for k in config.classes])
     return Scheduler(queue=queue, cost=cost, classes=classes, deadlines=policy, reject_unmeetable=d.reject_unmeetable)
 

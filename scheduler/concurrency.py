@@ -47,7 +47,7 @@ class AdaptiveSettings:
     min_gain: float = 0.1  # a step up must raise throughput by this fraction
     samples: int = 8  # requests per cohort: a level is judged on that many, each followed to its end
     reprobe_s: float = 300.0  # how long a level that lost (or was stepped down from) is left alone
-    latency_headroom: float = 0.5  # predicted service may take at most this share of a deadline budget
+    latency_headroom: float = 1.0  # service at a level may take at most this share of a deadline budget
 
     def __post_init__(self) -> None:
         if self.max_slots < 1 or self.samples < 1 or self.min_gain < 0 or self.reprobe_s < 0 \
@@ -76,6 +76,8 @@ class SlotLimit(Protocol):
 
     def reset(self, now: float) -> None: ...
 
+    def slowdown(self) -> tuple[float, ...] | None: ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -99,6 +101,10 @@ class FixedLimit:
 
     def reset(self, now: float) -> None:
         pass
+
+    def slowdown(self) -> tuple[float, ...] | None:
+        """Nothing learned: the operator chose the number, dispatch fills it."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "slots": self.limit}
@@ -208,6 +214,19 @@ class AdaptiveLimit:
         """How many times its solo time a request takes at ``level`` in flight; None until measured."""
         measure = self.measures.get(level)
         return measure.stretch if measure is not None else None
+
+    def slowdown(self) -> tuple[float, ...]:
+        """How many times its time alone a request takes at 1, 2, ... in flight, up to
+        ``max_slots`` + 1 (a class's extra slot may go one past): measured where both the level
+        and level 1 were measured, else ``k`` (processor sharing without any gain, the most a
+        level can cost before it is measured)."""
+        one = self.stretch(1)
+        curve = []
+        for level in range(1, self.settings.max_slots + 2):
+            at = self.stretch(level)
+            curve.append(max(1.0, at / one) if one and at is not None else float(level))
+        curve[0] = 1.0
+        return tuple(curve)
 
     def fits(self, stretch: float) -> bool:
         """Whether requests slowed down ``stretch`` times still fit their deadline budgets."""

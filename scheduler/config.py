@@ -44,6 +44,7 @@ from scheduler import callbacks
 from scheduler.concurrency import DEFAULT_MAX_SLOTS, AdaptiveSettings, SlotPolicy
 
 __all__ = [
+    "HIGHEST_BAND",
     "MIN_KEY_CHARS",
     "PLACEHOLDERS",
     "AdaptiveConfig",
@@ -245,7 +246,7 @@ class AdaptiveConfig(ConfigSection):
     min_gain: StrictFloat = Field(default=0.1, ge=0, le=10)
     samples: StrictInt = Field(default=8, ge=2, le=1000)
     reprobe_s: StrictFloat = Field(default=300.0, ge=0)
-    latency_headroom: StrictFloat = Field(default=0.5, gt=0, le=1)
+    latency_headroom: StrictFloat = Field(default=1.0, gt=0, le=1)
 
 
 class BackendsConfig(ConfigSection):
@@ -259,7 +260,7 @@ class BackendsConfig(ConfigSection):
     gpus: tuple[StrictStr, ...] = ("0", "1")
     processes_per_gpu: StrictInt = Field(default=1, ge=1)
     base_port: StrictInt = Field(default=18050, ge=1, le=65535)
-    slots: int | Literal["auto"] = 1  # checked by _check_slots
+    slots: int | Literal["auto"] = "auto"  # checked by _check_slots
     max_slots: StrictInt = Field(default=DEFAULT_MAX_SLOTS, ge=1, le=64)  # the bound of auto
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
@@ -454,18 +455,22 @@ class LimitsConfig(ConfigSection):
     idle_timeout_s: StrictFloat = Field(default=75.0, gt=0)  # a connection without a whole request head
 
 
+HIGHEST_BAND = "highest"  # classes[].band: the first of priorities.bands, whatever its name
+
+
 class ClassConfig(ConfigSection):
     """A length class: texts of up to `max_chars` characters not in an earlier class (None: no bound)."""
 
     name: StrictStr = Field(pattern=_LABEL)
     max_chars: StrictInt | None = Field(ge=1)
     max_in_service: StrictInt | None = Field(default=None, ge=1)  # pool-wide; None: no cap
-    band: StrictStr | None = None  # a priorities.bands name: its requests queue at least this high; None: as asked
+    band: StrictStr | None = None  # a priorities.bands name or "highest": its requests queue at least this high
     extra_slots: StrictInt = Field(default=0, ge=0, le=64)  # its requests may exceed a backend's slots by this many
+    min_share: StrictFloat = Field(default=0.2, ge=0, le=1)  # of backend time, kept while its requests wait
 
 
 _DEFAULT_CLASSES = (
-    ClassConfig(name="short", max_chars=50),
+    ClassConfig(name="short", max_chars=50, band=HIGHEST_BAND, extra_slots=1),
     ClassConfig(name="medium", max_chars=200),
     ClassConfig(name="long", max_chars=None, max_in_service=3),
 )
@@ -543,6 +548,9 @@ class PrioritiesConfig(ConfigSection):
         for i, band in enumerate(bands):
             if not re.fullmatch(_LABEL, band):
                 problems.append(((i,), f"band name {band!r} must match {_LABEL}"))
+            elif band == HIGHEST_BAND:
+                problems.append(((i,), f"band name {band!r} is reserved (classes[].band: {HIGHEST_BAND} "
+                                       "names the first band, whatever it is called)"))
             elif band in bands[:i]:
                 problems.append(((i,), f"duplicate band {band!r} (also bands[{bands.index(band)}])"))
         _raise_if(problems)
@@ -876,6 +884,10 @@ class SidecarConfig(ConfigSection):
         for i, name in enumerate(names):
             if name in names[:i]:
                 problems.append(((i, "name"), f"duplicate class name {name!r} (also classes[{names.index(name)}])"))
+        shares = sum(c.min_share for c in classes)
+        if shares > 1 + 1e-9:
+            problems.append(((len(classes) - 1, "min_share"),
+                             f"the classes' min_share add up to {shares:g}; they must add up to at most 1"))
         _raise_if(problems)
         return classes
 
@@ -942,7 +954,7 @@ class SidecarConfig(ConfigSection):
     def _class_problems(self) -> list[tuple[Key, str]]:
         bands = self.priorities.bands
         return [(("classes", i, "band"), f"{c.band!r} is not in priorities.bands ({', '.join(bands)})")
-                for i, c in enumerate(self.classes) if c.band is not None and c.band not in bands]
+                for i, c in enumerate(self.classes) if c.band not in (None, HIGHEST_BAND, *bands)]
 
     def class_of(self, chars: int) -> ClassConfig:
         """The length class of a text of `chars` characters."""

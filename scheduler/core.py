@@ -34,6 +34,7 @@ class ClassRule:
     max_in_service: int | None = None  # pool-wide cap on jobs of this class in service
     band: int | None = None  # its jobs queue in this band or a higher one (0 = highest); None: as asked
     extra_slots: int = 0  # its jobs may run on a backend this many beyond the backend's slots
+    min_share: float = 0.0  # of recent backend time, kept while its jobs wait (they go first below it)
 
 
 class LengthClasses:
@@ -49,6 +50,10 @@ class LengthClasses:
     def extra_slots(self, name: str) -> int:
         rule = self._named.get(name)
         return 0 if rule is None else rule.extra_slots
+
+    def min_share(self, name: str) -> float:
+        rule = self._named.get(name)
+        return 0.0 if rule is None else rule.min_share
 
     def cap(self, name: str, pool_slots: int) -> int | None:
         """The class's cap on jobs in service; a capped class never fills a pool of 2+ slots. A
@@ -69,6 +74,14 @@ class BackendView:
     alive: bool  # ready, or starting/restarting: will serve
     slots: int
     model_key: ModelKey | None
+    # How many times its time alone a request takes with 1, 2, ... in flight (learned by slots:
+    # auto); None: not known, nothing is checked (a fixed number of slots is the operator's).
+    slowdown: tuple[float, ...] | None = None
+
+    def slowdown_at(self, level: int) -> float:
+        """The slowdown with ``level`` in flight: past what is known, processor sharing without gain."""
+        curve = self.slowdown or ()
+        return curve[level - 1] if 1 <= level <= len(curve) else float(max(1, level))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +140,8 @@ class _Pool:
     def __init__(self, ready: Sequence[BackendView]) -> None:
         self.ready = ready
         self.slots = sum(b.slots for b in ready)  # what class caps are relative to
+        self.view = {b.id: b for b in ready}
+        self.learned = any(b.slowdown is not None for b in ready)  # some backend's slowdown is known
 
 
 class _Demand:
@@ -156,6 +171,52 @@ class _Demand:
         return self._classes.keys()
 
 
+class ClassShares:
+    """Backend time each length class is owed: a class with jobs waiting earns ``min_share`` of
+    the pool's backend-seconds as time passes, and pays the predicted seconds of each job of it that
+    is dispatched. A class owed time (credit > 0) is starved: its jobs go first, whatever waits in
+    higher bands, until it has been paid. Credit is bounded either way by RATE_WINDOW_S of its
+    share (or by the job just given): a class is not paid back for more than that, nor held back
+    for having had more."""
+
+    def __init__(self) -> None:
+        self.credit: dict[str, float] = {}
+        self.at: float | None = None
+        self._waiting: frozenset[str] = frozenset()  # the classes that waited since ``at``
+        self._backends = 0
+
+    def copy(self) -> ClassShares:
+        shares = ClassShares()
+        shares.credit, shares.at = dict(self.credit), self.at
+        shares._waiting, shares._backends = self._waiting, self._backends
+        return shares
+
+    def advance(self, now: float, waiting: Iterable[str], classes: LengthClasses, backends: int) -> None:
+        """Credit the classes that waited since the last call; ``waiting`` and ``backends`` (ready
+        backends) hold from now on."""
+        if self.at is not None and now > self.at:
+            elapsed = now - self.at
+            for cls in self._waiting:
+                rate = classes.min_share(cls) * self._backends
+                if rate > 0:
+                    self.credit[cls] = min(self.credit.get(cls, 0.0) + rate * elapsed, rate * RATE_WINDOW_S)
+        if self.at is None or now > self.at:
+            self.at = now
+        self._waiting, self._backends = frozenset(waiting), backends
+        for cls, credit in list(self.credit.items()):
+            if cls not in self._waiting and credit > 0:
+                del self.credit[cls]  # nothing waits: time it was owed is not banked
+
+    def note(self, cls: str, work_s: float, classes: LengthClasses, backends: int) -> None:
+        """A job of ``cls`` predicted to take ``work_s`` was dispatched."""
+        floor = -max(classes.min_share(cls) * max(1, backends) * RATE_WINDOW_S, work_s)  # a long job is paid whole
+        self.credit[cls] = max(self.credit.get(cls, 0.0) - work_s, floor)
+
+    def starved(self, waiting: Iterable[str]) -> set[str]:
+        """The classes in ``waiting`` that are owed backend time."""
+        return {cls for cls in waiting if self.credit.get(cls, 0.0) > 0}
+
+
 # How many queued jobs a forecast may look at, over all its simulated dispatch decisions, before it
 # stops: enough for queues of a few hundred jobs; past it, the wait reached so far is a lower bound.
 FORECAST_VISITS = 5_000
@@ -181,6 +242,7 @@ class Scheduler:
         self._work: dict[int, float] = {}
         self._work_at: float | None = None
         self._work_since: float | None = None
+        self.shares = ClassShares()
 
     # --- jobs in -------------------------------------------------------------------------------
 
@@ -263,7 +325,9 @@ class Scheduler:
         # What each backend will have loaded once this pass's assignments run.
         loaded: dict[str, ModelKey | None] = {b.id: b.model_key for b in ready}
         demand = _Demand(self.queue.jobs())
-        while (chosen := self._pick(now, pool, self.running, loaded, self.queue.candidates(now), demand)) is not None:
+        while (chosen := self._pick(now, pool, self.running, loaded, self.queue.candidates(now), demand,
+                                    self.shares)) is not None:
+            self.shares.note(chosen.job.cls, chosen.job.predicted_s, self.classes, len(ready))
             self.queue.take(chosen.job, now)
             demand.remove(chosen.job)
             self.running[chosen.job.id] = self._run(chosen, now)
@@ -279,10 +343,12 @@ class Scheduler:
                        reload_s=self.cost.reload_s if chosen.reload else None)
 
     def _pick(self, now: float, pool: _Pool, running: Mapping[str, Running], loaded: Mapping[str, ModelKey | None],
-              jobs: Iterable[Job], demand: _Demand) -> Assignment | None:
-        """The next dispatch at ``now``: the first of ``jobs`` (best first, the queue's order) that
-        a backend takes within its class's cap, or None. ``schedule`` and ``forecast`` both decide
-        here. ``demand`` counts the queued jobs by configuration and by class."""
+              jobs: Iterable[Job], demand: _Demand, shares: ClassShares) -> Assignment | None:
+        """The next dispatch at ``now``: the first of ``jobs`` (best first, the queue's order; the
+        jobs of a starved class, ``ClassShares``, before the others) that a backend takes within its
+        class's cap, or None. ``schedule`` and ``forecast`` both decide here. ``demand`` counts the
+        queued jobs by configuration and by class."""
+        shares.advance(now, demand.classes(), self.classes, len(pool.ready))
         in_flight, remaining = self._load(now, running)
         in_service = Counter(r.job.cls for r in running.values())
         # For each length class with jobs waiting and below its cap: its extra slots, or None when
@@ -298,8 +364,13 @@ class Scheduler:
             extra_of[cls] = extra if room[extra] else None
         if all(extra is None for extra in extra_of.values()):
             return None  # every class with jobs waiting is at its cap or finds no slot
+        starved = shares.starved(cls for cls, extra in extra_of.items() if extra is not None)
+        if starved:
+            listed = list(jobs)
+            jobs = [job for job in listed if job.cls in starved] + [job for job in listed if job.cls not in starved]
         seen_by: dict[int, list[Candidate]] = {}  # the backends as a job with this many extra slots sees them
         waiting: dict[ModelKey, float] = {}  # work already waiting for a backend of a configuration
+        on: dict[str, list[Running]] | None = None  # running jobs by backend, when a slowdown is known
         for job in jobs:
             if job.cls not in extra_of:  # at its cap
                 continue
@@ -310,12 +381,37 @@ class Scheduler:
                     seen_by[slack] = [Candidate(id=b.id, slots=b.slots + slack, in_flight=in_flight[b.id],
                                                 model_key=loaded[b.id], remaining_s=remaining.get(b.id, 0.0))
                                       for b in pool.ready]
-                choice = choose_backend(job.model_key, seen_by[slack], reload_s=self.cost.reload_s,
+                seen = seen_by[slack]
+                if pool.learned:  # a backend that slows down with company takes the job only in time
+                    if on is None:
+                        on = {}
+                        for run in running.values():
+                            on.setdefault(run.backend_id, []).append(run)
+                    seen = [c if self._shares_in_time(job, pool.view[c.id], on.get(c.id, ()), now)
+                            else replace(c, slots=c.in_flight) for c in seen]
+                choice = choose_backend(job.model_key, seen, reload_s=self.cost.reload_s,
                                         waiting_s=waiting.get(job.model_key, 0.0), demand=demand.work)
             if choice is not None:
                 return Assignment(job=job, backend_id=choice.backend_id, reload=choice.reload)
             waiting[job.model_key] = waiting.get(job.model_key, 0.0) + job.predicted_s
         return None
+
+    @staticmethod
+    def _shares_in_time(job: Job, backend: BackendView, mine: Sequence[Running], now: float) -> bool:
+        """Whether ``job`` may join ``mine``, the jobs ``backend`` runs: with one more in flight
+        each runs slower (``BackendView.slowdown``), and joining must not make the job itself, or
+        a running job that would have made its deadline, miss it. An idle backend always may."""
+        if not mine or backend.slowdown is None:
+            return True
+        before, after = backend.slowdown_at(len(mine)), backend.slowdown_at(len(mine) + 1)
+        if now + job.predicted_s * after > job.deadline_at:
+            return False
+        for run in mine:
+            # Its work left alone, from the time it ran at ``before`` (a reload under way counts whole).
+            alone = max(0.0, run.ends_at - run.started_at - (now - run.started_at) / before)
+            if now + alone * before <= run.job.deadline_at < now + alone * after:
+                return False
+        return True
 
     def _capped(self, cls: str, in_service: Counter[str], pool: _Pool) -> bool:
         cap = self.classes.cap(cls, pool.slots)
@@ -404,6 +500,7 @@ class Scheduler:
         heapq.heapify(self._deadlines)
         self.tally = old.tally
         self._work, self._work_at, self._work_since = dict(old._work), old._work_at, old._work_since
+        self.shares = old.shares.copy()
 
     # --- predictions ---------------------------------------------------------------------------
 
@@ -502,6 +599,7 @@ class Scheduler:
         running = dict(self.running)
         loaded: dict[str, ModelKey | None] = {b.id: b.model_key for b in ready}
         demand = _Demand(queue.jobs())
+        shares = self.shares.copy()
         ends = [(r.ends_at, r.job.id) for r in running.values()]
         heapq.heapify(ends)
         expiries = [(q.deadline_at, q.seq, q.id) for q in queue.jobs() if q is not target]
@@ -516,13 +614,15 @@ class Scheduler:
 
         t = now
         while True:
-            while (chosen := self._pick(t, pool, running, loaded, counted(queue.candidates(t)), demand)) is not None:
+            while (chosen := self._pick(t, pool, running, loaded, counted(queue.candidates(t)), demand,
+                                        shares)) is not None:
                 if chosen.job is target:
                     return Forecast(start_s=t - now, at_once=at_once, reload=chosen.reload)
                 if visits > FORECAST_VISITS:  # a queue of thousands: stop at a lower bound
                     return Forecast(start_s=t - now, at_once=False, bound=True)
                 queue.take(chosen.job, t)
                 demand.remove(chosen.job)
+                shares.note(chosen.job.cls, chosen.job.predicted_s, self.classes, len(ready))
                 run = running[chosen.job.id] = self._run(chosen, t)
                 heapq.heappush(ends, (run.ends_at, chosen.job.id))
                 loaded[chosen.backend_id] = chosen.job.model_key

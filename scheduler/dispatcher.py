@@ -91,7 +91,8 @@ class Dispatcher:
             self._identity.pop(gone, None)
             self._warmups.pop(gone, None)
         return [BackendView(id=b.id, ready=b.state is BackendState.READY, alive=b.state in ALIVE,
-                            slots=self.limit(b).limit, model_key=b.model_key) for b in backends]
+                            slots=self.limit(b).limit, model_key=b.model_key,
+                            slowdown=self.limit(b).slowdown()) for b in backends]
 
     def offer(self, job: Job, *, force: bool = False) -> Rejection | asyncio.Future[Backend]:
         """Admit a job: a future resolving to the backend whose slot it holds; or why not.

@@ -756,10 +756,11 @@ def test_metrics_listen_is_optional_and_must_not_clash() -> None:
 def test_slots_is_a_number_or_auto_with_its_knobs() -> None:
     fixed = parse_config("backends: {slots: 6}").backends  # a number may pass the default bound of auto
     assert fixed.slot_policy() == SlotPolicy(fixed=6)
-    assert parse_config("{}").backends.slot_policy() == SlotPolicy(fixed=1)
+    assert parse_config("{}").backends.slot_policy() == SlotPolicy(fixed=None)
+    assert parse_config("backends: {slots: 1}").backends.slot_policy() == SlotPolicy(fixed=1)
     auto = parse_config("backends: {slots: auto, max_slots: 3, adaptive: {min_gain: 0.2, samples: 5}}").backends
     assert auto.slot_policy() == SlotPolicy(fixed=None, adaptive=AdaptiveSettings(
-        max_slots=3, min_gain=0.2, samples=5, reprobe_s=300.0, latency_headroom=0.5))
+        max_slots=3, min_gain=0.2, samples=5, reprobe_s=300.0, latency_headroom=1.0))
     assert auto.slot_policy().mode == "auto" and fixed.slot_policy().mode == "fixed"
     assert parse_config("backends: {slots: auto}").backends.slot_policy().adaptive.max_slots == 4
 

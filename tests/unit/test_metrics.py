@@ -14,7 +14,7 @@ from backend.state import BackendState
 from scheduler.admission import Rejection
 from scheduler.build import build_scheduler
 from scheduler.concurrency import AdaptiveLimit, SlotPolicy
-from scheduler.config import SidecarConfig
+from scheduler.config import ClassConfig, SidecarConfig
 from scheduler.core import BackendView, Scheduler
 from scheduler.dispatcher import Dispatcher
 from scheduler.metrics import Metrics, Outcome, Sources, classify
@@ -46,7 +46,7 @@ def metrics(registry: CollectorRegistry) -> Metrics:
 
 @pytest.fixture
 def world(metrics: Metrics) -> World:
-    config = SidecarConfig()
+    config = SidecarConfig(classes=(ClassConfig(name="any", max_chars=None),))  # requests keep their band
     w = World(scheduler=build_scheduler(config), backends=[Backend(spec) for spec in config.backends.layout()])
     metrics.watch(Sources(scheduler=lambda: w.scheduler, bands=lambda: BANDS, backends=lambda: w.backends,
                           draining=lambda: w.draining, reloads=lambda: w.reloads, clock=lambda: w.now))

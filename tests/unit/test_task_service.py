@@ -230,8 +230,11 @@ def answer(response: web.StreamResponse) -> tuple[int, dict[str, Any], Any]:
 
 def config_for(directory: Path, **tasks: Any) -> SidecarConfig:
     data = {
-        "backends": {"gpus": [], "external": ["http://127.0.0.1:9001", "http://127.0.0.1:9002"],
+        # One request per backend and one length class that keeps the band asked for: the tasks'
+        # own behaviour, not the defaults' express slot for short texts, is what these tests see.
+        "backends": {"gpus": [], "external": ["http://127.0.0.1:9001", "http://127.0.0.1:9002"], "slots": 1,
                      **tasks.pop("backends", {})},
+        "classes": [{"name": "any", "max_chars": None}],
         "tenants": {"list": [{"name": "alpha", "keys": [KEY]}]},
         "queue": tasks.pop("queue", {}),
         "tasks": {"state_dir": str(directory), **tasks},

@@ -1,0 +1,162 @@
+"""A class keeps its minimum share of backend time, and a backend whose requests slow each other
+down takes another one only when every deadline still holds (pure: injected time, no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler import core
+from scheduler.build import build_scheduler
+from scheduler.concurrency import AdaptiveLimit, AdaptiveSettings, Measure
+from scheduler.config import ConfigError, parse_config
+from scheduler.core import BackendView, ClassRule, ClassShares, LengthClasses, Scheduler
+from scheduler.cost import CostModel, CostPriors
+from scheduler.deadlines import Tier, TiersPolicy
+from scheduler.queue import ModelKey, make_queue
+from tests.simulation import DispatchSimulation
+
+K24: ModelKey = (24000, False)
+SHORT_S, LONG_S = 1.0, 10.0  # predicted service of the two kinds of job below
+
+
+def scheduler(*, long_share: float, short_share: float = 0.0, deadline_s: float = 1e6) -> Scheduler:
+    # base_s 0, per_unit_s 1: a job of n units is predicted to take n seconds (no learning: weight huge).
+    cost = CostModel(CostPriors(base_s=0.0, per_unit_s=1.0, prior_weight=1e9, reload_s=0.0))
+    rules = [ClassRule(name="short", max_chars=50, band=0, min_share=short_share),
+             ClassRule(name="long", max_chars=None, min_share=long_share)]
+    # Band aging off (a wait of a day): the minimum share alone must keep the long class going.
+    return Scheduler(queue=make_queue("fair", max_size=10_000, band_aging_s=86_400.0), cost=cost,
+                     classes=LengthClasses(rules), deadlines=TiersPolicy([Tier(max_chars=None, timeout_s=deadline_s)]),
+                     reject_unmeetable=False)
+
+
+def flood(s: Scheduler, *, seconds: float) -> dict[str, float]:
+    """One backend; long jobs (10 s, standard band) wait from the start; short ones (1 s, lifted to
+    the top band) arrive faster than the backend serves them. Backend seconds per class started."""
+    sim = DispatchSimulation(s, [BackendView(id="b", ready=True, alive=True, slots=1, model_key=K24)])
+    for i in range(100):  # 1000 s of long work: more than the run can serve
+        sim.arrive(s.make_job(id=f"long-{i}", chars=300, units=LONG_S, model_key=K24, now=0.0, band=1), 0.0)
+    t, i = 0.0, 0
+    while t < seconds:  # one short job every 0.8 s: 125 % of the backend
+        sim.arrive(s.make_job(id=f"short-{i}", chars=10, units=SHORT_S, model_key=K24, now=t, band=1), t)
+        t, i = t + 0.8, i + 1
+    sim.run_until(seconds)
+    served = {"short": 0.0, "long": 0.0}
+    for job_id, start in sim.started.items():
+        kind = job_id.split("-")[0]
+        served[kind] += max(0.0, min(seconds, start.at + (LONG_S if kind == "long" else SHORT_S)) - start.at)
+    return served
+
+
+def test_without_a_minimum_share_a_flood_of_short_texts_starves_the_long_ones() -> None:
+    served = flood(scheduler(long_share=0.0), seconds=600.0)
+    assert served["long"] <= LONG_S  # at most the one that started before the flood
+
+
+@pytest.mark.parametrize("share", [0.2, 0.4])
+def test_a_class_with_waiting_work_keeps_its_minimum_share_of_backend_time(share: float) -> None:
+    served = flood(scheduler(long_share=share), seconds=600.0)
+    got = served["long"] / (served["long"] + served["short"])
+    # One 10 s job is the unit of the long class's share: within one job of the target.
+    assert share - LONG_S / 600.0 <= got <= share + 2 * LONG_S / 600.0, served
+
+
+def test_a_waiting_class_earns_its_share_of_backend_time_and_pays_for_what_it_is_given() -> None:
+    classes = LengthClasses([ClassRule(name="a", max_chars=10, min_share=0.25),
+                             ClassRule(name="b", max_chars=None, min_share=0.0)])
+    shares = ClassShares()
+    shares.advance(0.0, ["a", "b"], classes, 2)
+    assert shares.starved(["a", "b"]) == set()  # nothing owed yet
+    shares.advance(4.0, ["a", "b"], classes, 2)  # 4 s x 2 backends x 25 % = 2 s owed to a
+    assert shares.credit == {"a": pytest.approx(2.0)} and shares.starved(["a", "b"]) == {"a"}
+    copy = shares.copy()
+    shares.note("a", 1.5, classes, 2)
+    assert shares.starved(["a"]) == {"a"}  # 0.5 s still owed
+    shares.note("a", 1.0, classes, 2)
+    assert shares.starved(["a"]) == set()
+    assert copy.starved(["a"]) == {"a"}  # a copy (a forecast's) is its own
+    shares.advance(1000.0, ["a"], classes, 2)  # owed at most RATE_WINDOW_S of its share
+    assert shares.credit["a"] == pytest.approx(0.25 * 2 * core.RATE_WINDOW_S)
+    shares.advance(1001.0, ["b"], classes, 2)  # a stopped waiting: what it was owed is gone
+    assert shares.starved(["a"]) == set()
+    shares.note("a", 1.0, classes, 2)
+    shares.note("a", 10_000.0, classes, 2)  # a job is paid whole, what came before beyond a window is forgotten
+    assert shares.credit["a"] == pytest.approx(-10_000.0)
+    shares.note("a", 1.0, classes, 2)
+    shares.note("a", 1.0, classes, 2)
+    assert shares.credit["a"] == pytest.approx(-max(0.25 * 2 * core.RATE_WINDOW_S, 1.0))
+
+
+def test_the_minimum_shares_add_up_to_at_most_one_and_a_reload_keeps_what_was_served() -> None:
+    with pytest.raises(ConfigError, match=r"classes\[1\]\.min_share: the classes' min_share add up to 1\.2"):
+        parse_config("classes: [{name: a, max_chars: 10, min_share: 0.6}, {name: b, max_chars: null, min_share: 0.6}]")
+    config = parse_config("classes: [{name: a, max_chars: 10, min_share: 0.5}, "
+                          "{name: b, max_chars: null, min_share: 0.5}]")
+    old = build_scheduler(config)
+    old.shares.note("a", 3.0, old.classes, 1)
+    new = build_scheduler(config)
+    new.adopt(old)
+    assert new.shares.credit == {"a": -3.0}
+
+
+def test_the_highest_band_is_the_first_band_whatever_it_is_called() -> None:
+    config = parse_config("priorities: {bands: [urgent, normal], default: normal}\n"
+                          "classes: [{name: short, max_chars: 50, band: highest}, {name: rest, max_chars: null}]")
+    s = build_scheduler(config)
+    assert s.make_job(id="a", chars=10, units=10.0, model_key=K24, now=0.0, band=1).band == 0
+    assert s.make_job(id="b", chars=100, units=100.0, model_key=K24, now=0.0, band=1).band == 1
+    assert build_scheduler(parse_config("{}")).make_job(id="c", chars=10, units=10.0, model_key=K24, now=0.0,
+                                                        band=1).band == 0  # the default short class
+    with pytest.raises(ConfigError, match=r"priorities\.bands\[0\]: band name 'highest' is reserved"):
+        parse_config("priorities: {bands: [highest, low], default: low}")
+
+
+# --- sharing a backend in time ----------------------------------------------------------------------
+
+
+def shared(slowdown: tuple[float, ...] | None, *, slots: int = 2) -> list[BackendView]:
+    return [BackendView(id="b", ready=True, alive=True, slots=slots, model_key=K24, slowdown=slowdown)]
+
+
+def start(s: Scheduler, job_id: str, units: float, deadline_s: float, backends: list[BackendView],
+          now: float = 0.0) -> list[str]:
+    job = s.make_job(id=job_id, chars=10, units=units, model_key=K24, now=now, client_budget_s=deadline_s)
+    assert s.offer(job, now, backends, force=True) is None
+    return [a.job.id for a in s.schedule(now, backends)]
+
+
+def test_a_job_joins_a_busy_backend_only_if_every_deadline_still_holds() -> None:
+    curve = (1.0, 2.0 / 1.3)  # the emulator's default: 2 in flight, each 1.54x slower
+    s = scheduler(long_share=0.0)
+    assert start(s, "running", 10.0, 12.0, shared(curve)) == ["running"]
+    # 10 s left of 12: at 1.54x it would end at 15.4 s, past its deadline; the newcomer waits.
+    assert start(s, "newcomer", 1.0, 100.0, shared(curve)) == []
+    # Not knowing the slowdown (a fixed number of slots), the slot is simply free.
+    s2 = scheduler(long_share=0.0)
+    assert start(s2, "running", 10.0, 12.0, shared(None)) == ["running"]
+    assert start(s2, "newcomer", 1.0, 100.0, shared(None)) == ["newcomer"]
+
+
+def test_a_job_that_would_itself_miss_when_shared_waits_and_a_roomy_one_shares() -> None:
+    curve = (1.0, 2.0 / 1.3)
+    s = scheduler(long_share=0.0)
+    assert start(s, "running", 10.0, 100.0, shared(curve)) == ["running"]
+    assert start(s, "tight", 2.0, 2.5, shared(curve)) == []  # 2 s x 1.54 = 3.1 s > 2.5 s
+    assert start(s, "roomy", 2.0, 5.0, shared(curve), now=0.0) == ["roomy"]  # 3.1 s <= 5 s, and 10 s -> ~15 s <= 100 s
+
+
+def test_an_unmeasured_level_counts_as_processor_sharing_without_gain() -> None:
+    s = scheduler(long_share=0.0)
+    assert start(s, "running", 10.0, 100.0, shared((1.0,))) == ["running"]
+    assert start(s, "fits-at-2x", 2.0, 4.1, shared((1.0,))) == ["fits-at-2x"]  # 2 s x 2 = 4 s
+    s2 = scheduler(long_share=0.0)
+    assert start(s2, "running", 10.0, 100.0, shared((1.0,))) == ["running"]
+    assert start(s2, "not-at-2x", 2.0, 3.9, shared((1.0,))) == []
+
+
+def test_the_adaptive_limit_reports_the_slowdown_it_measured() -> None:
+    limit = AdaptiveLimit(AdaptiveSettings(max_slots=3))
+    assert limit.slowdown() == (1.0, 2.0, 3.0, 4.0)  # nothing measured: k at k in flight
+    limit.measures[1] = Measure(throughput=1.0, spread=0.0, stretch=1.1, samples=8, at=0.0)
+    limit.measures[2] = Measure(throughput=1.3, spread=0.0, stretch=1.1 * 2 / 1.3, samples=8, at=0.0)
+    assert limit.slowdown() == pytest.approx((1.0, 2 / 1.3, 3.0, 4.0))
