@@ -175,6 +175,11 @@ backends:
 """
     if admin_token is not None and "admin" not in _sections(extra):
         text += f"admin: {{token: {admin_token}}}\n"
+    if "classes" not in _sections(extra):
+        # The default classes without the short class's express slot and band: `slots` requests
+        # per backend, each in the band it asked for, as the tests count them.
+        text += ("classes: [{name: short, max_chars: 50}, {name: medium, max_chars: 200}, "
+                 "{name: long, max_chars: null, max_in_service: 3}]\n")
     return text, port
 
 
