@@ -3,8 +3,8 @@
     python -m bench.loadgen --url http://127.0.0.1:8049 --rate 5 --duration 30 [--seed 1]
 
 The trace (`make_trace`) is a list of `Arrival`s drawn from one seed: Poisson arrival times, a
-tenant per arrival (by offered-rate share), a length class (short/medium/long by `LENGTH_MIX`) and
-a Chinese text of that length cut from a fixed corpus. The same seed at another rate gives the
+tenant per arrival (by offered-rate share), a length class (by a mix of `MIXES`: `LENGTH_MIX` by
+default) and a Chinese text of that length cut from a fixed corpus. The same seed at another rate gives the
 same sequence of requests, only compressed or stretched in time, so loads stay comparable and
 one trace can be replayed against several targets.
 
@@ -31,6 +31,8 @@ from typing import TextIO
 
 import aiohttp
 
+from glmtts.text import units
+
 # The same sentence bench/stream_memory.py uses; texts are windows of it repeated.
 CORPUS = "从前有一座山，山上有一座庙，庙里有一个老和尚在给小和尚讲故事。"
 PROMPT_INDEX = "exampleA"  # a prompt every emulator (and GLM-TTS's example cache) knows
@@ -54,6 +56,13 @@ LENGTH_MIX = (
     LengthClass(name="medium", min_chars=51, max_chars=200, share=0.2),
     LengthClass(name="long", min_chars=201, max_chars=500, share=0.1),
 )
+# Two kinds of request only: many short texts (~20 chars) and some long ones (~500 chars), the
+# seed's two calibration points.
+BIMODAL_MIX = (
+    LengthClass(name="short", min_chars=15, max_chars=25, share=0.8),
+    LengthClass(name="long", min_chars=480, max_chars=520, share=0.2),
+)
+MIXES: dict[str, tuple[LengthClass, ...]] = {"mix": LENGTH_MIX, "bimodal": BIMODAL_MIX}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +100,7 @@ class Record:
     reason: str | None  # error body's "reason", "deadline" for a bare 408, "timeout", or a client error
     success: bool | None  # the "success" field of a 200 body
     backend: str | None  # X-Backend
+    units: float = 0.0  # cost units of the text (glmtts.text.units): what its work is computed from
 
     @property
     def ok(self) -> bool:
@@ -217,7 +227,7 @@ async def _send(session: aiohttp.ClientSession, url: str, arrival: Arrival, head
             reason = _error_reason(status, payload)
     return Record(tenant=arrival.tenant, cls=arrival.cls, chars=arrival.chars, intended_s=arrival.at_s,
                   send_lag_s=sent - intended, latency_s=loop.time() - intended, status=status,
-                  reason=reason, success=success, backend=backend)
+                  reason=reason, success=success, backend=backend, units=units(arrival.text))
 
 
 async def replay(url: str, trace: Sequence[Arrival], tenants: Sequence[Tenant], *, wall_cap_s: float,
@@ -279,7 +289,7 @@ def _unanswered(arrival: Arrival, ended_s: float | None) -> Record:
     latency = max(0.0, ended_s - arrival.at_s) if ended_s is not None else 0.0
     return Record(tenant=arrival.tenant, cls=arrival.cls, chars=arrival.chars, intended_s=arrival.at_s,
                   send_lag_s=0.0, latency_s=latency, status=None, reason=TIMEOUT_REASON, success=None,
-                  backend=None)
+                  backend=None, units=units(arrival.text))
 
 
 def outcome_counts(records: Sequence[Record]) -> dict[str, int]:

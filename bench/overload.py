@@ -1,22 +1,30 @@
-"""Overload: nginx, the seed's FIFO + tiers and the sidecar's policies, below and past capacity.
+"""Overload: nginx, the seed's proposal and the sidecar as an operator would configure it, in work.
 
-    python -m bench.overload [--smoke] [--arms ...] [--loads ...] [--duration S] [--out bench/reports]
+    python -m bench.overload [--traces mix bimodal] [--backends 2 4] [--arms ...] [--loads ...]
+        [--curve default|flat] [--no-flat] [--slo dynamic|lenient] [--duration S] [--time-scale S]
+        [--oracle-loads ...] [--seed-pools ...] [--smoke] [--out DIR]
 
-One seeded open-loop trace shape (bench.loadgen: Poisson arrivals, 70/20/10 % short/medium/long
-texts, three tenants offering 60/20/20 % of the load) is offered at fixed multiples of the pool's
-capacity to four arms over the same emulator backends (same command, time scale and GPU ids), each
-started fresh for every run on free loopback ports, warmed up, measured, then stopped:
+A seeded open-loop trace (bench.loadgen: Poisson arrivals, three tenants offering 60/20/20 %, a
+length mix of `MIXES`) is offered at multiples of a pool's capacity to each arm, over emulator
+backends with 25 % service noise and upstream's own 10/3 semaphores in every process. Each run
+starts its arm fresh on free loopback ports, warms it up, replays the trace, lets orphaned work
+settle, reads the counters and stops everything. The capacity of a pool is `backends` solo-seconds
+of work per second; load L offers L times that much work per second.
 
-- **nginx** -- `least_conn` over the backends (bench.nginx); the backends' own semaphores and
-  timeouts (upstream's, which are the seed's tiers) are all there is.
-- **seed** -- the sidecar with the seed's proposal: one FIFO queue, the seed's timeout tiers, its
-  10/3 semaphores as pool-wide class caps, no early rejection, one request per backend.
-- **policies-fixed** -- weighted fair queueing across tenants, shortest-predicted-first inside a
-  tenant, the seed's tiers as deadlines with unmeetable ones rejected at admission; `slots: 1`.
-- **policies-auto** -- the same with `slots: auto` (the sidecar finds each backend's concurrency).
+Arms (the report shows each sidecar arm's whole YAML):
 
-Writes ``overload.md`` (verdict, tables, formulas, reproduce command), ``overload.json`` (the
-summaries) and two PNG plots into the output directory. ``--smoke`` is a tiny version for the tests.
+- **nginx** -- `least_conn` over the emulators (bench.nginx), nothing else.
+- **seed** -- the sidecar as the seed proposed: one FIFO queue, deadlines = the SLO, no early
+  rejection, 13 requests per backend and no class caps, so upstream's semaphores are the only limit.
+- **sidecar-high** / **sidecar-low** -- what an operator writes: backends, deadlines = the SLO,
+  tenants, and cost priors 2x (high) or 0.5x (low) the emulator's true model; all else default.
+- **oracle-slotsN** -- the operator config with perfect priors and `backends.slots: N` (N = 1..4);
+  the oracle at a load is the best of the four.
+- **slots1** (flat-curve run only) -- the operator config, priors 2x high, `backends.slots: 1`.
+
+Writes ``overload.md`` (verdicts, tables, configurations, reproduce command), ``overload.json``
+(every summary, configuration and verdict) and PNG plots into ``--out``. ``--smoke`` is a tiny
+version for the tests.
 """
 
 from __future__ import annotations
@@ -31,193 +39,258 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from bench import procs
-from bench.loadgen import Arrival, Record, Tenant, corpus_text, make_trace, replay
+from bench.loadgen import MIXES, Arrival, Record, Tenant, corpus_text, make_trace, replay
 from bench.nginx import MISSING as NGINX_MISSING
 from bench.nginx import nginx_binary, start_nginx
-from bench.summary import RunSummary, summarize
-from glmtts.emulator.timing import ServiceModel, throughput_at
+from bench.summary import MEDIUM_MAX_CHARS, SHORT_MAX_CHARS, RunSummary, summarize
+from glmtts.emulator.timing import BASE_S, LONG_CHARS, LONG_SECONDS, PER_UNIT_S, SHORT_SECONDS, ServiceModel
+from glmtts.emulator.upstream import UpstreamConfig
 from glmtts.text import units
 
-# The seed's timeout tiers at time scale 1: (max chars or None, seconds). Scaled like the emulators.
-SEED_TIERS: tuple[tuple[int | None, float], ...] = ((50, 60.0), (200, 300.0), (None, 600.0))
 TENANTS = (
     Tenant(name="heavy", key="bench-heavy-key-0123456789", share=0.6),
     Tenant(name="light-a", key="bench-light-a-key-0123456789", share=0.2),
     Tenant(name="light-b", key="bench-light-b-key-0123456789", share=0.2),
 )
-ARMS = ("nginx", "seed", "policies-fixed", "policies-auto")
+NGINX, SEED, HIGH, LOW, SLOTS1 = "nginx", "seed", "sidecar-high", "sidecar-low", "slots1"
+ORACLES = tuple(f"oracle-slots{n}" for n in range(1, 5))
+DEFAULT_ARMS = (NGINX, SEED, HIGH, LOW, *ORACLES)  # the default curve's arms
+FLAT_ARMS = (HIGH, SLOTS1)  # the flat curve's
+ARMS = (*DEFAULT_ARMS, SLOTS1)
 SIDECAR_ARMS = ARMS[1:]
-MAX_SLOTS = 4  # policies-auto's bound on concurrent requests per backend
+# Each arm's cost priors as a multiple of the emulator's true model.
+PRIOR_ERROR = {SEED: 1.0, HIGH: 2.0, LOW: 0.5, SLOTS1: 2.0, **{arm: 1.0 for arm in ORACLES}}
+ARM_SLOTS = {SEED: 13, SLOTS1: 1, **{arm: n for n, arm in enumerate(ORACLES, 1)}}  # backends.slots written
+_UPSTREAM = UpstreamConfig()
+
+
+def describe(arm: str) -> str:
+    """What arm `arm` runs, in one line (the report's arm table)."""
+    if arm == NGINX:
+        return (f"nginx `least_conn` over the emulators; only upstream's own {_UPSTREAM.short_concurrency}/"
+                f"{_UPSTREAM.long_concurrency} semaphores and {_UPSTREAM.short_timeout_s}/{_UPSTREAM.medium_timeout_s}/"
+                f"{_UPSTREAM.long_timeout_s} s timeouts (scaled) inside each process")
+    priors = "the true model" if PRIOR_ERROR[arm] == 1 else f"{PRIOR_ERROR[arm]:g}× the true model"
+    slots = f"`backends.slots: {ARM_SLOTS[arm]}`" if arm in ARM_SLOTS else "the default slots"
+    if arm == SEED:
+        return (f"sidecar as the seed proposed: `queue.order: fifo`, deadlines = the SLO, `reject_unmeetable: false`, "
+                f"{slots}, classes without caps, cost priors {priors}")
+    return (f"sidecar, operator config (backends, deadlines = the SLO, tenants, cost priors {priors}), {slots}; "
+            "everything else the sidecar's defaults")
+
+
+CURVES = ("default", "flat")  # the emulator's in-process throughput curve, or `--throughput 1`
+SLO_POLICIES = ("dynamic", "lenient")
+DEFAULT_LOADS = (0.5, 1.0, 1.3, 2.5)
+JITTER = 0.25  # log-normal sigma of every backend's service time
+# The seed's dynamic timeouts at time scale 1: expected time x buffer, interpolated by length.
+SEED_BUFFER = 1.5
+SHORT_SLO_S = SHORT_SECONDS * 2 + 10.0  # <= SHORT_MAX_CHARS
+LONG_SLO_S = LONG_SECONDS * SEED_BUFFER + 120.0  # > MEDIUM_MAX_CHARS
+LENIENT_TIERS: tuple[tuple[int | None, float], ...] = (  # the seed's fixed tiers
+    (SHORT_MAX_CHARS, 60.0), (MEDIUM_MAX_CHARS, 300.0), (None, 600.0))
+# Seconds one run costs beyond its arrival window on a 2-core machine (start, warm-up, the tail of
+# answers up to the largest SLO, settle, stop), as measured there at time scale 0.03: only for the
+# estimate printed at the start; progress lines and the report give the measured times.
+RUN_OVERHEAD_S = 10.0
+CAP_MARGIN_S = 2.0  # the generator waits for answers until the window + the largest SLO + this
+
+
+def slo_s(chars: int, policy: str, time_scale: float) -> float:
+    """When a request of `chars` characters must be answered to count, seconds at `time_scale`."""
+    if policy == "lenient":
+        seconds = next(s for limit, s in LENIENT_TIERS if limit is None or chars <= limit)
+    elif chars <= SHORT_MAX_CHARS:
+        seconds = SHORT_SLO_S
+    elif chars <= MEDIUM_MAX_CHARS:
+        seconds = SEED_BUFFER * (SHORT_SECONDS + (LONG_SECONDS - SHORT_SECONDS) * chars / MEDIUM_MAX_CHARS)
+    else:
+        seconds = LONG_SLO_S
+    return seconds * time_scale
+
+
+def deadline_tiers(policy: str, time_scale: float) -> list[dict[str, Any]]:
+    """The sidecar's `deadlines.tiers` giving every request a deadline equal to its SLO."""
+    if policy == "lenient":
+        return [{"max_chars": limit, "timeout_s": s * time_scale} for limit, s in LENIENT_TIERS]
+    per_char = SEED_BUFFER * (LONG_SECONDS - SHORT_SECONDS) / MEDIUM_MAX_CHARS
+    return [{"max_chars": SHORT_MAX_CHARS, "timeout_s": SHORT_SLO_S * time_scale},
+            {"max_chars": MEDIUM_MAX_CHARS, "timeout_s": SEED_BUFFER * SHORT_SECONDS * time_scale,
+             "per_char_s": per_char * time_scale},
+            {"max_chars": None, "timeout_s": LONG_SLO_S * time_scale}]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Setup:
-    """The pool and the runs: emulator time scale, pool shape, arrival window, loads, arms, seed."""
+    """What every run shares: emulator time scale and noise, arrival window, SLO, trace seed."""
 
-    time_scale: float
-    backends: int
-    duration_s: float
-    loads: tuple[float, ...]
-    arms: tuple[str, ...] = ARMS
+    time_scale: float = 0.03
+    duration_s: float = 30.0
+    slo: str = "dynamic"  # a SLO_POLICIES name
+    jitter: float = JITTER
     seed: int = 20240611
     warmup_rounds: int = 2
-    deadlines: str = "tiers"  # the policy arms' deadlines: "tiers" (the seed's) or "learned"
 
     def slo_s(self, chars: int) -> float:
-        """A request's SLO: its deadline tier, scaled."""
-        return next(s for limit, s in SEED_TIERS if limit is None or chars <= limit) * self.time_scale
+        return slo_s(chars, self.slo, self.time_scale)
 
     @property
     def max_slo_s(self) -> float:
-        return SEED_TIERS[-1][1] * self.time_scale
+        return max(self.slo_s(chars) for chars in (SHORT_MAX_CHARS, MEDIUM_MAX_CHARS, MEDIUM_MAX_CHARS + 1))
 
-    @property
-    def gpus(self) -> list[str]:
-        """One emulated GPU per backend, as the seed deploys (one process per GPU)."""
-        return [str(i) for i in range(self.backends)]
-
-
-FULL = Setup(time_scale=0.05, backends=4, duration_s=60.0, loads=(0.5, 1.0, 1.3, 2.5))
-SMOKE = Setup(time_scale=0.01, backends=2, duration_s=2.0, loads=(1.3, 2.5), warmup_rounds=1)
+    def work_s(self, text_units: float) -> float:
+        """A request's work: its solo service seconds by the emulator's model mean, scaled."""
+        return ServiceModel().mean_seconds(text_units) * self.time_scale
 
 
 @dataclass(frozen=True, kw_only=True)
-class Capacity:
-    """The pool's throughput on the trace's length mix, from the emulator's service-time model."""
+class Cell:
+    """One pool, trace and throughput curve, and the arms and loads run on it."""
 
-    mean_units: float
-    mean_service_s: float  # per request, at the setup's time scale, one request at a time
-    short_service_s: float  # the same over the short texts only
-    rps: float  # backends / mean_service_s (one request at a time per backend)
+    backends: int
+    trace: str  # a bench.loadgen.MIXES name
+    curve: str  # a CURVES name
+    arms: tuple[str, ...]
+    loads: tuple[float, ...]
+    oracle_loads: tuple[float, ...]  # where the oracle arms run
+
+    @property
+    def key(self) -> str:
+        return f"{self.backends} backends, {self.trace}, {self.curve} curve"
+
+    @property
+    def gpus(self) -> list[str]:
+        """One emulated GPU per backend (one process per GPU, as the seed deploys)."""
+        return [str(i) for i in range(self.backends)]
+
+    def points(self) -> list[tuple[str, float]]:
+        """(arm, load) of every run, load by load."""
+        return [(arm, load) for load in sorted({*self.loads, *self.oracle_loads}) for arm in self.arms
+                if load in (self.oracle_loads if arm in ORACLES else self.loads)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    setup: Setup
+    cells: tuple[Cell, ...]
+
+    @property
+    def runs(self) -> int:
+        return sum(len(c.points()) for c in self.cells)
+
+    def estimate_s(self) -> float:
+        return self.runs * (self.setup.duration_s + RUN_OVERHEAD_S)
+
+
+SMOKE = Plan(setup=Setup(time_scale=0.01, duration_s=2.5, warmup_rounds=1),
+             cells=(Cell(backends=2, trace="bimodal", curve="default", arms=(NGINX, HIGH, ORACLES[0], ORACLES[1]),
+                         loads=(0.5, 2.5), oracle_loads=(2.5,)),))
 
 
 @dataclass
 class RunResult:
-    """One (arm, load) point: its summary and the raw records (for the plots)."""
+    """One (arm, load) point: its summary, the raw records (for the plots) and how it ran."""
 
     summary: RunSummary
     records: list[Record] = field(repr=False)
     pids: list[int] = field(default_factory=list)  # every process the run started, all stopped
     slots: dict[str, float] = field(default_factory=dict)  # sidecar arms: each backend's slots at the end
+    config_yaml: str | None = None  # sidecar arms: the whole file it ran with
+    wall_s: float = 0.0
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    mean_work_s: float  # work per request of the trace's mix
+    runs: list[RunResult]
+    skipped: dict[str, str] = field(default_factory=dict)  # arm -> why it did not run
 
 
 @dataclass
 class BenchResult:
     setup: Setup
-    capacity: Capacity
-    runs: list[RunResult]
+    cells: list[CellResult]
     wall_s: float
     command: str
-    skipped: dict[str, str] = field(default_factory=dict)  # arm -> why it did not run
 
 
-def reference_texts(setup: Setup, count: int = 5000) -> list[Arrival]:
-    """Arrivals of the trace shape (same seed, same mix), enough to pin down its mean length."""
-    return make_trace(seed=setup.seed, rate=1.0, duration_s=math.inf, tenants=TENANTS, max_requests=count)
+def mean_work_s(setup: Setup, trace: str, count: int = 5000) -> float:
+    """Work per request of the trace's mix: over `count` arrivals of its shape (same seed)."""
+    arrivals = make_trace(seed=setup.seed, rate=1.0, duration_s=math.inf, tenants=TENANTS, max_requests=count,
+                          mix=MIXES[trace])
+    return sum(setup.work_s(units(a.text)) for a in arrivals) / len(arrivals)
 
 
-def pool_capacity(setup: Setup, arrivals: Sequence[Arrival]) -> Capacity:
-    """Requests per second the pool completes when never idle, one request per backend at a time:
-
-    backends / (time_scale x E[base_s + per_unit_s x units(text)] x E[jitter]),
-    with the emulator's ServiceModel (E[jitter] = exp(sigma^2 / 2), log-normal).
-    """
-    model = ServiceModel(time_scale=setup.time_scale)
-    jitter = math.exp(model.jitter_sigma ** 2 / 2)
-
-    def mean_s(texts: Sequence[str]) -> float:
-        return sum(model.mean_seconds(units(t)) for t in texts) / len(texts) * setup.time_scale * jitter
-
-    texts = [a.text for a in arrivals]
-    mean = mean_s(texts)
-    return Capacity(mean_units=sum(units(t) for t in texts) / len(texts), mean_service_s=mean,
-                    short_service_s=mean_s([a.text for a in arrivals if a.cls == "short"]),
-                    rps=setup.backends * throughput_at(model.throughput, 1) / mean)
+def arrival_rate(load: float, backends: int, work_s: float) -> float:
+    """Requests per second offering `load` x the pool's capacity (`backends` work-seconds per second)."""
+    return load * backends / work_s
 
 
-def _tiers_yaml(setup: Setup) -> str:
-    return ", ".join(f"{{max_chars: {'null' if limit is None else limit}, timeout_s: {seconds * setup.time_scale!r}}}"
-                     for limit, seconds in SEED_TIERS)
+def emulator_args(setup: Setup, curve: str) -> list[str]:
+    flat = ["--throughput", "1"] if curve == "flat" else []
+    return ["--time-scale", f"{setup.time_scale:g}", "--jitter", f"{setup.jitter:g}", *flat]
 
 
-def arm_backends(arm: str) -> dict[str, int | str]:
-    """The `backends` keys sidecar arm `arm` sets beyond the pool's."""
-    return {"slots": "auto", "max_slots": MAX_SLOTS} if arm == "policies-auto" else {"slots": 1}
+def _flow(value: Any) -> str:
+    """`value` as YAML flow style (JSON is YAML; None is null)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return json.dumps(round(value, 12) if isinstance(value, float) else value)
 
 
-def config_extra(arm: str, setup: Setup) -> str:
-    """The YAML of sidecar arm `arm` beyond `listen` and the pool's `backends` keys."""
-    s = setup.time_scale
-    tenants = "\n".join(f"    - {{name: {t.name}, keys: [{t.key}], weight: {float(t.weight)!r}}}" for t in TENANTS)
-    common = f"""cost: {{base_s: {0.3125 * s!r}, per_unit_s: {0.159375 * s!r}, reload_s: {20.0 * s!r}}}
-tenants:
-  list:
-{tenants}
-"""
-    if arm == "seed":
-        # The seed's semaphores: 10 for <= 200 chars together, 3 long; as class caps, 10 each for
-        # short and medium (<= 20 together). Either way only the long cap binds on a small pool.
-        return common + f"""classes:
-  - {{name: short, max_chars: 50, max_in_service: 10}}
-  - {{name: medium, max_chars: 200, max_in_service: 10}}
-  - {{name: long, max_chars: null, max_in_service: 3}}
-deadlines: {{policy: tiers, tiers: [{_tiers_yaml(setup)}], reject_unmeetable: false}}
-queue: {{order: fifo}}
-"""
-    if arm in ("policies-fixed", "policies-auto"):
-        if setup.deadlines == "learned":
-            # p95 x 2 + 2 s, clamped to 5..600 s (time scale 1): about 3x a short text's service time.
-            deadlines = (f"{{policy: learned, learned: {{factor: 2.0, buffer_s: {2.0 * s!r}, min_s: {5.0 * s!r}, "
-                         f"max_s: {600.0 * s!r}}}, reject_unmeetable: true}}")
-        else:
-            deadlines = f"{{policy: tiers, tiers: [{_tiers_yaml(setup)}], reject_unmeetable: true}}"
-        # Short texts queue in the top band (across tenants, still fair among them): a short one
-        # never waits behind another tenant's backlog of long ones; the long cap keeps them from
-        # holding every backend.
-        return common + f"""deadlines: {deadlines}
-queue: {{order: fair, within_tenant: shortest_first}}
-classes:
-  - {{name: short, max_chars: 50, band: interactive, extra_slots: 1}}
-  - {{name: medium, max_chars: 200}}
-  - {{name: long, max_chars: null, max_in_service: 3}}
-"""
-    raise ValueError(f"unknown sidecar arm {arm!r}; known: {', '.join(SIDECAR_ARMS)}")
-
-
-def emulator_args(setup: Setup) -> list[str]:
-    return ["--time-scale", f"{setup.time_scale:g}"]
-
-
-def sidecar_yaml(arm: str, setup: Setup) -> tuple[str, int]:
-    """The whole config file of sidecar arm `arm` on free loopback ports; (yaml, listen port)."""
-    port = procs.free_port()
-    command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", *emulator_args(setup), "--seed", "{index}"]
-    keys = "".join(f"  {key}: {value}\n" for key, value in arm_backends(arm).items())
+def sidecar_yaml(arm: str, setup: Setup, cell: Cell, *, port: int, base_port: int) -> str:
+    """The whole config file of sidecar arm `arm` (listen on `port`, backends from `base_port`)."""
+    if arm not in SIDECAR_ARMS:
+        raise ValueError(f"unknown sidecar arm {arm!r}; known: {', '.join(SIDECAR_ARMS)}")
+    command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", *emulator_args(setup, cell.curve),
+               "--seed", "{index}"]
+    slots = f"  slots: {ARM_SLOTS[arm]}\n" if arm in ARM_SLOTS else ""
+    deadlines: dict[str, Any] = {"policy": "tiers", "tiers": deadline_tiers(setup.slo, setup.time_scale)}
+    if arm == SEED:
+        deadlines["reject_unmeetable"] = False
+    error = PRIOR_ERROR[arm]
+    cost = {"base_s": BASE_S * error * setup.time_scale, "per_unit_s": PER_UNIT_S * error * setup.time_scale}
+    tenants = "".join(f"    - {_flow({'name': t.name, 'keys': [t.key], 'weight': t.weight})}\n" for t in TENANTS)
     text = f"""listen: {{host: 127.0.0.1, port: {port}}}
 backends:
-  command: {json.dumps(command)}
+  command: {_flow(command)}
   env: {{CUDA_VISIBLE_DEVICES: "{{gpu}}"}}
-  gpus: {json.dumps(setup.gpus)}
-  base_port: {procs.free_ports(setup.backends)}
-{keys}  health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
-  stop_grace_s: 5.0
-{config_extra(arm, setup)}"""
-    return text, port
+  gpus: {_flow(cell.gpus)}
+  base_port: {base_port}
+  health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
+{slots}deadlines: {_flow(deadlines)}
+cost: {_flow(cost)}
+tenants:
+  list:
+{tenants}"""
+    if arm == SEED:
+        text += """queue: {order: fifo}
+classes:
+  - {name: short, max_chars: 50, max_in_service: null}
+  - {name: medium, max_chars: 200, max_in_service: null}
+  - {name: long, max_chars: null, max_in_service: null}
+"""
+    return text
 
 
-def unsupported(arm: str, setup: Setup, work_dir: Path) -> str | None:
-    """Why this sidecar cannot run arm `arm` (its `--check-config` answer), or None when it can."""
-    text, _ = sidecar_yaml(arm, setup)
+def unsupported(arm: str, setup: Setup, cell: Cell, work_dir: Path) -> str | None:
+    """Why this machine cannot run arm `arm` (nginx missing, or the sidecar's `--check-config`
+    answer), or None when it can."""
+    if arm == NGINX:
+        return NGINX_MISSING if nginx_binary() is None else None
     path = work_dir / f"check-{arm}.yaml"
-    path.write_text(text)
+    path.write_text(sidecar_yaml(arm, setup, cell, port=8049, base_port=18050))
     check = subprocess.run([sys.executable, "-m", "scheduler", "--config", str(path), "--check-config"],
                            capture_output=True, text=True, cwd=procs.ROOT, check=False)
     if check.returncode == 0:
@@ -232,17 +305,15 @@ def _form(text: str) -> tuple[str, bytes]:
     return f"multipart/form-data; boundary={boundary}", body.encode()
 
 
-async def warm_up(url: str, setup: Setup, key: str | None) -> set[str]:
-    """Load the model on every backend behind a sidecar before anything is measured.
+async def warm_up(url: str, setup: Setup, backends: int, key: str | None) -> set[str]:
+    """Serve a few requests on every backend behind a sidecar before anything is measured.
 
-    The sidecar sends a job to an idle backend without the model only when the busy ones that
-    have it would take longer to free up than a load, and caps each length class below the pool
-    size; so each burst (one request per backend) alternates medium and long texts, whose service
-    outlasts a load (140 and 210 chars). Bursts repeat until every backend has answered one and at least
-    `setup.warmup_rounds` went by. Returns the backend ids seen.
+    Bursts of one request per backend, alternating medium and long texts (140 and 210 chars, whose
+    service outlasts a short one, so a burst spreads over the pool), repeat until every backend has
+    answered one and at least `setup.warmup_rounds` went by. Returns the backend ids seen.
     """
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    forms = [_form(corpus_text(0, 140)), _form(corpus_text(0, 210))]  # ~1.2 and ~1.6 loads long
+    forms = [_form(corpus_text(0, 140)), _form(corpus_text(0, 210))]
     seen: set[str] = set()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
 
@@ -254,8 +325,8 @@ async def warm_up(url: str, setup: Setup, key: str | None) -> set[str]:
                 return resp.headers.get("X-Backend") if resp.status == 200 else None
 
         for round_no in range(setup.warmup_rounds + 4):
-            seen.update(b for b in await asyncio.gather(*(one(i) for i in range(setup.backends))) if b)
-            if round_no + 1 >= setup.warmup_rounds and len(seen) >= setup.backends:
+            seen.update(b for b in await asyncio.gather(*(one(i) for i in range(backends))) if b)
+            if round_no + 1 >= setup.warmup_rounds and len(seen) >= backends:
                 break
     return seen
 
@@ -276,21 +347,18 @@ async def warm_up_direct(urls: Sequence[str], setup: Setup) -> None:
         await asyncio.gather(*(one(u) for u in urls))
 
 
-async def _get_json(url: str, token: str | None = None) -> Any:
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
-            session.get(url, headers=headers) as resp:
-        return await resp.json(content_type=None) if resp.status == 200 else None
+def _get_json(url: str, token: str | None = None) -> Any:
+    """The JSON of GET `url`, or None when it cannot be had."""
+    try:
+        return procs.get_json(url, token=token)
+    except (OSError, ValueError):
+        return None
 
 
 def orphaned_backend_seconds(url: str, token: str | None) -> float | None:
     """`orphaned_backend_seconds` from a sidecar's GET /api/v1/queue (top level or one section
-    down), read with its admin token (the counters are details); None when the endpoint or the
-    field does not exist."""
-    try:
-        payload = asyncio.run(_get_json(url + "/api/v1/queue", token))
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-        return None
+    down), read with its admin token; None when the endpoint or the field does not exist."""
+    payload = _get_json(url + "/api/v1/queue", token)
     candidates = [payload] + (list(payload.values()) if isinstance(payload, dict) else [])
     for section in candidates:
         if isinstance(section, dict) and isinstance(section.get("orphaned_backend_seconds"), int | float):
@@ -306,10 +374,7 @@ def emulator_orphaned_seconds(urls: Sequence[str]) -> float | None:
     (or lost), from GET /emulator/stats; None when an emulator does not report it."""
     total = 0.0
     for url in urls:
-        try:
-            stats = asyncio.run(_get_json(url + "/emulator/stats"))
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            return None
+        stats = _get_json(url + "/emulator/stats")
         value = next((stats[k] for k in EMULATOR_ORPHANED_FIELDS if isinstance(stats, dict)
                       and isinstance(stats.get(k), int | float)), None)
         if value is None:
@@ -322,7 +387,7 @@ SLOTS_METRIC = re.compile(r'^glmtts_sidecar_backend_slots\{backend="([^"]+)"\} (
 
 
 def backend_slots(url: str) -> dict[str, float]:
-    """Each backend's slot limit now (what `slots: auto` learned), from the sidecar's /metrics."""
+    """Each backend's slot limit now (what the sidecar uses or learned), from its /metrics."""
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
             text = resp.read().decode()
@@ -331,117 +396,183 @@ def backend_slots(url: str) -> dict[str, float]:
     return {backend: float(value) for backend, value in SLOTS_METRIC.findall(text)}
 
 
-def _settle(setup: Setup) -> None:
-    # Work orphaned by a 408 keeps its backend busy until the backend answers: let it finish.
-    time.sleep(min(5.0, 1.5 * ServiceModel().mean_seconds(500) * setup.time_scale))
+def _sidecar_busy(service: procs.Proc) -> bool:
+    status = _get_json(service.url + "/api/v1/queue", service.admin_token)
+    return not isinstance(status, dict) or bool(status.get("in_service") or status.get("depth"))
+
+
+def _emulators_busy(urls: Sequence[str]) -> bool:
+    stats = [_get_json(url + "/emulator/stats") for url in urls]
+    return any(not isinstance(s, dict) or s.get("in_flight") for s in stats)
+
+
+def _settle(setup: Setup, busy: Callable[[], bool]) -> None:
+    # Work orphaned by a 408 keeps its backend busy until the backend answers: let it finish,
+    # for at most about one long text's service time.
+    deadline = time.monotonic() + 1.5 * ServiceModel().mean_seconds(LONG_CHARS) * setup.time_scale
+    while time.monotonic() < deadline and busy():
+        time.sleep(0.1)
 
 
 def _replay(url: str, trace: Sequence[Arrival], setup: Setup, label: str, progress: bool) -> list[Record]:
-    return asyncio.run(replay(url + "/api/v1/tts", trace, TENANTS, wall_cap_s=setup.duration_s + setup.max_slo_s + 10.0,
+    # Every request has at least its SLO before the cap: enough for every measure but the
+    # latency of answers later than that (recorded as "no answer", a miss).
+    return asyncio.run(replay(url + "/api/v1/tts", trace, TENANTS,
+                              wall_cap_s=setup.duration_s + setup.max_slo_s + CAP_MARGIN_S,
                               label=label, progress=sys.stderr if progress else None))
 
 
-def run_nginx(setup: Setup, trace: Sequence[Arrival], label: str, work_dir: Path,
-              progress: bool) -> tuple[list[Record], float | None, list[int], dict[str, float]]:
+@dataclass
+class _Ran:
+    records: list[Record]
+    orphaned: float | None
+    pids: list[int]
+    slots: dict[str, float] = field(default_factory=dict)
+    config_yaml: str | None = None
+
+
+def run_nginx(setup: Setup, cell: Cell, trace: Sequence[Arrival], label: str, work_dir: Path,
+              progress: bool) -> _Ran:
     """Emulators started here (same command, scale, GPU ids as the sidecar's) behind nginx."""
     env = procs.isolated_env(work_dir / "runtime")
-    emulators = procs.start_emulators(setup.backends, emulator_args(setup), gpus=setup.gpus, env=env)
+    emulators = procs.start_emulators(cell.backends, emulator_args(setup, cell.curve), gpus=cell.gpus, env=env)
     started: list[procs.Proc] = list(emulators)
+    urls = [e.url for e in emulators]
     try:
-        proxy = start_nginx(work_dir / "nginx", [e.url.removeprefix("http://") for e in emulators])
+        proxy = start_nginx(work_dir / "nginx", [u.removeprefix("http://") for u in urls])
         started.insert(0, proxy)
-        asyncio.run(warm_up_direct([e.url for e in emulators], setup))
+        asyncio.run(warm_up_direct(urls, setup))
         records = _replay(proxy.url, trace, setup, label, progress)
-        _settle(setup)
-        orphaned = emulator_orphaned_seconds([e.url for e in emulators])
+        if emulator_orphaned_seconds(urls) is not None:  # waiting is worth it only when they report it
+            _settle(setup, lambda: _emulators_busy(urls))
+        orphaned = emulator_orphaned_seconds(urls)
     finally:
         for proc in started:
             proc.stop()
-    return records, orphaned, [p.pid for p in started], {}
+    return _Ran(records=records, orphaned=orphaned, pids=[p.pid for p in started])
 
 
-def run_sidecar(arm: str, setup: Setup, trace: Sequence[Arrival], label: str, work_dir: Path,
-                progress: bool) -> tuple[list[Record], float | None, list[int], dict[str, float]]:
+def run_sidecar(arm: str, setup: Setup, cell: Cell, trace: Sequence[Arrival], label: str, work_dir: Path,
+                progress: bool) -> _Ran:
     """A fresh sidecar (which starts the emulators) with arm `arm`'s configuration."""
-    text, port = sidecar_yaml(arm, setup)
+    port = procs.free_port()
+    text = sidecar_yaml(arm, setup, cell, port=port, base_port=procs.free_ports(cell.backends))
     service = procs.start_sidecar(text, port, work_dir, env=procs.isolated_env(work_dir / "runtime"))
     pids: list[int] = []
     try:
         pids = procs.backend_pids(service)
-        seen = asyncio.run(warm_up(service.url, setup, TENANTS[0].key))
-        if len(seen) < setup.backends:
+        seen = asyncio.run(warm_up(service.url, setup, cell.backends, TENANTS[0].key))
+        if len(seen) < cell.backends:
             raise RuntimeError(f"warm-up reached only backends {sorted(seen)}:\n{service.output()}")
         records = _replay(service.url, trace, setup, label, progress)
         slots = backend_slots(service.url)
-        _settle(setup)
+        _settle(setup, lambda: _sidecar_busy(service))
         orphaned = orphaned_backend_seconds(service.url, service.admin_token)
     finally:
         service.stop()
         procs.reap(pids)
-    return records, orphaned, [service.pid, *pids], slots
+    return _Ran(records=records, orphaned=orphaned, pids=[service.pid, *pids], slots=slots, config_yaml=text)
 
 
-def run_point(setup: Setup, capacity: Capacity, arm: str, load: float, work_dir: Path,
+def run_point(setup: Setup, cell: Cell, work_s: float, arm: str, load: float, work_dir: Path,
               progress: bool = True) -> RunResult:
-    """Start arm `arm` fresh, warm up, replay the trace at `load` x capacity, read orphaned backend
-    seconds, stop everything; summarize what the clients saw."""
-    trace = make_trace(seed=setup.seed, rate=load * capacity.rps, duration_s=setup.duration_s, tenants=TENANTS)
-    label = f"{arm} {load:g}x"
-    with tempfile.TemporaryDirectory(prefix=f"{arm}-", dir=work_dir) as tmp:
-        if arm == "nginx":
-            records, orphaned, pids, slots = run_nginx(setup, trace, label, Path(tmp), progress)
-        else:
-            records, orphaned, pids, slots = run_sidecar(arm, setup, trace, label, Path(tmp), progress)
-    summary = summarize(records, config=arm, load=load, capacity_rps=capacity.rps, duration_s=setup.duration_s,
-                        slo_s=setup.slo_s, weights={t.name: t.weight for t in TENANTS},
-                        orphaned_backend_s=orphaned)
-    return RunResult(summary=summary, records=records, pids=pids, slots=slots)
-
-
-def run(setup: Setup, *, command: str, progress: bool = True) -> BenchResult:
-    """Every arm at every load, each started fresh; the pool capacity they share. An arm this
-    machine cannot run (nginx missing, a configuration the sidecar rejects) is skipped, with why."""
+    """Start arm `arm` fresh, warm up, replay the trace at `load` x capacity, let orphaned work
+    settle, read the counters, stop everything; summarize what the clients saw."""
     started = time.monotonic()
-    capacity = pool_capacity(setup, reference_texts(setup))
-    runs: list[RunResult] = []
-    skipped: dict[str, str] = {}
+    trace = make_trace(seed=setup.seed, rate=arrival_rate(load, cell.backends, work_s), duration_s=setup.duration_s,
+                       tenants=TENANTS, mix=MIXES[cell.trace])
+    label = f"{cell.backends}b {cell.trace} {cell.curve} {arm} {load:g}x"
+    with tempfile.TemporaryDirectory(prefix=f"{arm}-", dir=work_dir) as tmp:
+        if arm == NGINX:
+            ran = run_nginx(setup, cell, trace, label, Path(tmp), progress)
+        else:
+            ran = run_sidecar(arm, setup, cell, trace, label, Path(tmp), progress)
+    summary = summarize(ran.records, config=arm, load=load, backends=cell.backends, duration_s=setup.duration_s,
+                        slo_s=setup.slo_s, work_s=setup.work_s, weights={t.name: t.weight for t in TENANTS},
+                        orphaned_backend_s=ran.orphaned)
+    return RunResult(summary=summary, records=ran.records, pids=ran.pids, slots=ran.slots,
+                     config_yaml=ran.config_yaml, wall_s=time.monotonic() - started)
+
+
+def run(plan: Plan, *, command: str, progress: bool = True) -> BenchResult:
+    """Every cell's arms at their loads, each started fresh. An arm this machine cannot run (nginx
+    missing, a configuration the sidecar rejects) is skipped, with why."""
+    started = time.monotonic()
+    total, done = plan.runs, 0
+    if progress:
+        window = plan.setup.duration_s
+        sys.stderr.write(f"{total} runs of {window:g} s arrivals; estimate ~{plan.estimate_s() / 60:.0f} min "
+                         f"({window:g} s + ~{RUN_OVERHEAD_S:g} s each)\n")
+    cells: list[CellResult] = []
     with tempfile.TemporaryDirectory(prefix="glmtts-overload-") as tmp:
-        for arm in setup.arms:
-            why = (NGINX_MISSING if nginx_binary() is None else None) if arm == "nginx" \
-                else unsupported(arm, setup, Path(tmp))
-            if why is not None:
-                skipped[arm] = why
-                sys.stderr.write(f"[{arm}] skipped: {why}\n")
-                continue
-            for load in setup.loads:
-                runs.append(run_point(setup, capacity, arm, load, Path(tmp), progress))
-    return BenchResult(setup=setup, capacity=capacity, runs=runs, wall_s=time.monotonic() - started,
-                       command=command, skipped=skipped)
+        for cell in plan.cells:
+            result = CellResult(cell=cell, mean_work_s=mean_work_s(plan.setup, cell.trace), runs=[])
+            cells.append(result)
+            for arm in cell.arms:
+                why = unsupported(arm, plan.setup, cell, Path(tmp))
+                if why is not None:
+                    result.skipped[arm] = why
+                    sys.stderr.write(f"[{cell.key}: {arm}] skipped: {why}\n")
+            for arm, load in cell.points():
+                if arm in result.skipped:
+                    continue
+                point = run_point(plan.setup, cell, result.mean_work_s, arm, load, Path(tmp), progress)
+                result.runs.append(point)
+                done += 1
+                if progress:
+                    mean = (time.monotonic() - started) / done
+                    sys.stderr.write(f"[{done}/{total}] {cell.key}, {arm} {load:g}x: {point.wall_s:.0f} s; "
+                                     f"~{mean * (total - done) / 60:.0f} min left\n")
+    return BenchResult(setup=plan.setup, cells=cells, wall_s=time.monotonic() - started, command=command)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """The cells the command line asks for (see `main`)."""
+    if args.smoke:
+        return SMOKE
+    setup = Setup(time_scale=args.time_scale, duration_s=args.duration, slo=args.slo)
+    loads = tuple(args.loads or DEFAULT_LOADS)
+    oracle_loads = tuple(args.oracle_loads or (max(loads),))
+
+    def cell(backends: int, trace: str, curve: str) -> Cell:
+        arms = FLAT_ARMS if curve == "flat" else tuple(a for a in DEFAULT_ARMS
+                                                        if a != SEED or backends in args.seed_pools)
+        arms = tuple(a for a in arms if not args.arms or a in args.arms)
+        return Cell(backends=backends, trace=trace, curve=curve, arms=arms, loads=loads, oracle_loads=oracle_loads)
+
+    cells = [cell(b, t, args.curve) for t in args.traces for b in args.backends]
+    if args.curve == "default" and not args.no_flat:
+        trace = "bimodal" if "bimodal" in args.traces else args.traces[0]
+        cells.append(cell(2 if 2 in args.backends else min(args.backends), trace, "flat"))
+    return Plan(setup=setup, cells=tuple(c for c in cells if c.arms))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny and fast: 2 backends, bimodal, 2.5 s runs, 2 loads")
+    p.add_argument("--out", type=Path, default=Path("bench/reports"), help="directory of the report")
+    p.add_argument("--traces", nargs="+", choices=tuple(MIXES), default=list(MIXES), help="length mixes")
+    p.add_argument("--backends", nargs="+", type=int, default=[2, 4], help="pool sizes")
+    p.add_argument("--arms", nargs="+", choices=ARMS, help="only these arms")
+    p.add_argument("--loads", nargs="+", type=float, help="multiples of the pool's capacity")
+    p.add_argument("--oracle-loads", nargs="+", type=float, help="where the oracle-slotsN arms run (default: top load)")
+    p.add_argument("--seed-pools", nargs="+", type=int, default=[4], help="pool sizes the seed arm runs on")
+    p.add_argument("--curve", choices=CURVES, default="default", help="the emulators' in-process throughput curve")
+    p.add_argument("--no-flat", action="store_true", help="skip the flat-curve run that follows the default curve")
+    p.add_argument("--slo", choices=SLO_POLICIES, default="dynamic", help="what counts as in time")
+    p.add_argument("--duration", type=float, default=Setup.duration_s, help="seconds of arrivals per run")
+    p.add_argument("--time-scale", type=float, default=Setup.time_scale, help="emulated seconds x this")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     from bench.overload_report import write_report
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny and fast: 2 backends, 2 s runs, 2 loads")
-    parser.add_argument("--out", type=Path, default=Path("bench/reports"), help="directory of the report")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of arrivals per run")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, help="only these arms")
-    parser.add_argument("--loads", nargs="+", type=float, help="only these multiples of capacity")
-    parser.add_argument("--deadlines", choices=("tiers", "learned"), default="tiers",
-                        help="the policy arms' deadlines (the SLO that counts goodput stays the seed's tiers)")
-    args = parser.parse_args(argv)
-    setup = SMOKE if args.smoke else FULL
-    if args.duration is not None:
-        setup = replace(setup, duration_s=args.duration)
-    if args.arms:
-        setup = replace(setup, arms=tuple(a for a in ARMS if a in args.arms))
-    if args.loads:
-        setup = replace(setup, loads=tuple(args.loads))
-    setup = replace(setup, deadlines=args.deadlines)
+    args = parser().parse_args(argv)
+    plan = make_plan(args)
     command = "python -m bench.overload" + " ".join(a for a in ["", *(argv or sys.argv[1:])] if a != "--quiet")
-    result = run(setup, command=command, progress=not args.quiet)
+    result = run(plan, command=command, progress=not args.quiet)
     report = write_report(result, args.out)
     sys.stdout.write(report.read_text())
     sys.stderr.write(f"wrote {report} ({result.wall_s:.0f} s)\n")

@@ -1,42 +1,190 @@
-"""The overload benchmark's report: a verdict, Markdown tables, two PNG plots, the summaries as JSON."""
+"""The overload benchmark's report: verdicts, Markdown tables, PNG plots, everything as JSON.
+
+Every number the report writes is computed here from the runs' summaries; the verdicts compare a
+sidecar arm with nginx and the oracle measured in the same run of the benchmark.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Sequence
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
 
-from bench.loadgen import LENGTH_MIX, TIMEOUT_REASON
+from bench.loadgen import MIXES, TIMEOUT_REASON
 from bench.nginx import nginx_conf
 from bench.overload import (
-    MAX_SLOTS,
-    SEED_TIERS,
-    SIDECAR_ARMS,
+    ARMS,
+    CAP_MARGIN_S,
+    HIGH,
+    LOW,
+    NGINX,
+    ORACLES,
+    SLOTS1,
     TENANTS,
     BenchResult,
+    CellResult,
     RunResult,
-    arm_backends,
-    config_extra,
+    Setup,
+    arrival_rate,
+    deadline_tiers,
+    describe,
+    emulator_args,
 )
-from bench.summary import FAILURE_KINDS, RunSummary
+from bench.summary import CLASSES, FAILURE_KINDS, MEDIUM_MAX_CHARS, SHORT_MAX_CHARS, RunSummary, length_class
+from glmtts.emulator.timing import BASE_S, MEASURED_THROUGHPUT, PER_UNIT_S
+from glmtts.emulator.upstream import UpstreamConfig
 
 REPORT = "overload.md"
 SUMMARIES = "overload.json"
 CDF_PLOT = "overload-latency-cdf.png"
 GOODPUT_PLOT = "overload-goodput.png"
-MAIN_COLUMNS = ("arm", "load", "offered req/s", "goodput req/s", "goodput % of capacity", "goodput % of best",
-                "short p50 s", "short p99 s", "long p50 s", "long p99 s", "Jain", "not OK", "orphaned backend s")
-VERDICT_COLUMNS = ("target (arm policies-auto)", "measured", "target", "met")
-AUTO, NGINX = "policies-auto", "nginx"
-TOP_LOAD, MID_LOAD = 2.5, 1.3
+MAIN_COLUMNS = ("arm", "load", "offered", "goodput", *(f"goodput {c}" for c in CLASSES),
+                *(f"in SLO {c} %" for c in CLASSES), "refused + late % of work",
+                *(f"{p} {c} s" for c in CLASSES for p in ("p50", "p99")), "Jain", "orphaned backend s", "slots at end")
+VERDICT_COLUMNS = ("arm", "load", "verdict", "measured", "target", "met", "note")
+GE, LE = "≥", "≤"
+VERDICT_LOADS = (0.5, 1.0, 1.3, 2.5)
+P99_SLACK = 1.1  # a sidecar class p99 may be this much of nginx's at 1x
+DIGITS = {"requests": 0, "%": 1, "s": 3, "work/backend-s": 3, "": 3}
 
 
-def _num(value: float | None, digits: int = 2) -> str:
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """One target for one sidecar arm at one load: met when `measured` `op` `target`.
+
+    `met` is None when a run it needs is missing (`note` names it), False when the arm's own
+    measure is undefined (e.g. no answer in a class)."""
+
+    cell: str
+    arm: str
+    load: float
+    name: str
+    op: str  # GE or LE
+    unit: str  # a DIGITS key
+    measured: float | None
+    target: float | None
+    met: bool | None
+    note: str = ""
+
+    @property
+    def miss_by(self) -> float | None:
+        """How far a missed target was missed, in `unit`; None unless compared and missed."""
+        if self.met is not False or self.measured is None or self.target is None:
+            return None
+        return self.target - self.measured if self.op == GE else self.measured - self.target
+
+
+def judge(*, cell: str, arm: str, load: float, name: str, op: str, unit: str, measured: float | None,
+          target: float | None, absent: Sequence[str] = (), undefined: str = "", note: str = "") -> Verdict:
+    """A verdict: missing when `absent` names runs it needs; not met when `measured` is undefined;
+    without a judgement when only the reference `target` is undefined."""
+    if absent:
+        met, note = None, "; ".join(x for x in ("no run: " + ", ".join(absent), note) if x)
+    elif measured is None or target is None:
+        met, note = (False if measured is None else None), "; ".join(x for x in (undefined, note) if x)
+    else:
+        met = measured >= target if op == GE else measured <= target
+    return Verdict(cell=cell, arm=arm, load=load, name=name, op=op, unit=unit, measured=measured, target=target,
+                   met=met, note=note)
+
+
+def _index(runs: Sequence[RunSummary]) -> dict[tuple[str, float], RunSummary]:
+    return {(s.config, s.load): s for s in runs}
+
+
+def oracle(runs: Sequence[RunSummary], load: float) -> tuple[float | None, list[str]]:
+    """The oracle's goodput at `load`: the best of the oracle-slotsN runs there; and which ran."""
+    found = [s for s in runs if s.config in ORACLES and s.load == load]
+    return (max(s.goodput for s in found) if found else None), sorted(s.config for s in found)
+
+
+def cell_classes(trace: str) -> list[str]:
+    """The length classes a trace's mix offers, in CLASSES order."""
+    present = {length_class(n) for c in MIXES[trace] for n in (c.min_chars, c.max_chars)}
+    return [c for c in CLASSES if c in present]
+
+
+def _p99(run: RunSummary | None, cls: str) -> float | None:
+    return None if run is None else run.latency_s[cls][1]
+
+
+def arm_verdicts(cell: str, arm: str, runs: Sequence[RunSummary], classes: Sequence[str]) -> list[Verdict]:
+    """The targets of sidecar arm `arm` against nginx and the oracle of the same cell, load by load."""
+    at = _index(runs)
+    out: list[Verdict] = []
+    for load in VERDICT_LOADS:
+        s, n = at.get((arm, load)), at.get((NGINX, load))
+        mine = [] if s else [f"{arm} {load:g}×"]
+        both = mine + ([] if n else [f"nginx {load:g}×"])
+
+        def add(name: str, op: str, unit: str, measured: float | None, target: float | None,
+                absent: Sequence[str], undefined: str = "", note: str = "", load: float = load) -> None:
+            out.append(judge(cell=cell, arm=arm, load=load, name=name, op=op, unit=unit, measured=measured,
+                             target=target, absent=absent, undefined=undefined, note=note))
+
+        def of(run: RunSummary | None, measure: Callable[[RunSummary], float | None]) -> float | None:
+            return measure(run) if run is not None else None
+
+        if load == 0.5:
+            add("nothing refused or late", LE, "requests", of(s, lambda x: x.refused_late), 0, mine)
+        elif load == 1.0:
+            add("refused + late ≤ nginx's late", LE, "requests", of(s, lambda x: x.refused_late),
+                of(n, lambda x: x.refused_late), both)
+            for cls in classes:
+                ref = _p99(n, cls)
+                add(f"p99 {cls} ≤ {P99_SLACK:g}× nginx's", LE, "s", _p99(s, cls),
+                    None if ref is None else P99_SLACK * ref, both,
+                    undefined=f"no 200 answer for {cls}" if s and n and ref is not None else f"nginx: none for {cls}")
+        elif load == 1.3:
+            add("goodput ≥ nginx's", GE, "work/backend-s", of(s, lambda x: x.goodput), of(n, lambda x: x.goodput),
+                both)
+            add("short in SLO ≥ 99 %", GE, "%", of(s, lambda x: x.in_slo_pct["short"]), 99.0, mine)
+            ref = of(n, lambda x: x.in_slo_pct["long"])
+            add("long in SLO ≥ nginx's − 5 points", GE, "%", of(s, lambda x: x.in_slo_pct["long"]),
+                None if ref is None else ref - 5.0, both, undefined="no long text offered")
+        else:
+            best, ran = oracle(runs, load)
+            add("goodput ≥ 2× nginx's", GE, "work/backend-s", of(s, lambda x: x.goodput),
+                of(n, lambda x: 2 * x.goodput), both)
+            partial = f"oracle over {', '.join(ran)} only" if ran and len(ran) < len(ORACLES) else ""
+            add("goodput ≥ 90 % of the oracle's", GE, "work/backend-s", of(s, lambda x: x.goodput),
+                None if best is None else 0.9 * best, mine + ([] if ran else [f"oracle-slots1..4 {load:g}×"]),
+                note=partial)
+            add("short in SLO ≥ 95 %", GE, "%", of(s, lambda x: x.in_slo_pct["short"]), 95.0, mine)
+            add("long in SLO ≥ 30 %", GE, "%", of(s, lambda x: x.in_slo_pct["long"]), 30.0, mine,
+                undefined="no long text offered")
+            add("Jain ≥ 0.98", GE, "", of(s, lambda x: x.jain), 0.98, mine, undefined="no goodput to share")
+    return out
+
+
+def flat_verdicts(cell: str, runs: Sequence[RunSummary], loads: Sequence[float]) -> list[Verdict]:
+    """On a flat curve (no gain from concurrency): sidecar-high's goodput ≥ slots1's at every load."""
+    at = _index(runs)
+    out = []
+    for load in loads:
+        s, r = at.get((HIGH, load)), at.get((SLOTS1, load))
+        absent = ([] if s else [f"{HIGH} {load:g}×"]) + ([] if r else [f"{SLOTS1} {load:g}×"])
+        out.append(judge(cell=cell, arm=HIGH, load=load, name="goodput ≥ slots1's", op=GE, unit="work/backend-s",
+                         measured=s.goodput if s else None, target=r.goodput if r else None, absent=absent))
+    return out
+
+
+def cell_verdicts(result: CellResult) -> list[Verdict]:
+    cell, runs = result.cell, [r.summary for r in result.runs]
+    if cell.curve == "flat":
+        return flat_verdicts(cell.key, runs, cell.loads)
+    classes = cell_classes(cell.trace)
+    return [v for arm in (HIGH, LOW) if arm in cell.arms for v in arm_verdicts(cell.key, arm, runs, classes)]
+
+
+def _num(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -48,319 +196,312 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
 
 
-def best_goodput(summaries: Sequence[RunSummary]) -> float:
-    """The pool's best sustained goodput: the highest goodput of any arm at any load, req/s."""
-    return max((s.goodput_rps for s in summaries), default=0.0)
+def _met(met: bool | None) -> str:
+    return "–" if met is None else "yes" if met else "**no**"
 
 
-def main_table(summaries: Sequence[RunSummary]) -> list[str]:
-    """One row per arm and load: rates, goodput, latency percentiles, fairness, losses."""
-    best = best_goodput(summaries)
-    rows = []
-    for s in summaries:
-        short, long = s.latency_s["short"], s.latency_s["long"]
-        orphaned = "n/a" if s.orphaned_backend_s is None else _num(s.orphaned_backend_s, 1)
-        rows.append([s.config, f"{s.load:g}×", _num(s.offered_rps), _num(s.goodput_rps), _num(s.goodput_pct, 1),
-                     _num(100 * s.goodput_rps / best if best else None, 1), _num(short[0]), _num(short[1]),
-                     _num(long[0]), _num(long[1]), _num(s.jain, 3), sum(s.rejections.values()), orphaned])
-    return _table(MAIN_COLUMNS, rows)
-
-
-def _point(summaries: Sequence[RunSummary], arm: str, load: float) -> RunSummary | None:
-    return next((s for s in summaries if s.config == arm and abs(s.load - load) < 1e-9), None)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    name: str
-    measured: float | None  # None: a run it needs is missing
-    target: str
-    met: bool | None
-
-
-def verdicts(summaries: Sequence[RunSummary], short_service_s: float) -> list[Verdict]:
-    """The three targets for policies-auto: goodput at 2.5x >= 95 % of the best sustained goodput,
-    goodput at 1.3x >= nginx's, short p99 at 2.5x <= 3 x the short service time."""
-    best = best_goodput(summaries)
-    top, mid, ref = _point(summaries, AUTO, TOP_LOAD), _point(summaries, AUTO, MID_LOAD), _point(summaries, NGINX,
-                                                                                                   MID_LOAD)
-    share = 100 * top.goodput_rps / best if top and best else None
-    ratio = mid.goodput_rps / ref.goodput_rps if mid and ref and ref.goodput_rps else None
-    if mid and ref and not ref.goodput_rps:
-        ratio = math.inf if mid.goodput_rps else 1.0
-    p99 = top.short_p99_s if top else None
-    stretch = p99 / short_service_s if p99 is not None else None
-    return [
-        Verdict("goodput at 2.5× as % of the best sustained goodput", share, "≥ 95 %",
-                None if share is None else share >= 95.0),
-        Verdict("goodput at 1.3× ÷ nginx's goodput at 1.3×", ratio, "≥ 1", None if ratio is None else ratio >= 1.0),
-        Verdict("short p99 at 2.5× ÷ short service time", stretch, "≤ 3", None if stretch is None else stretch <= 3.0),
-    ]
-
-
-def verdict_table(summaries: Sequence[RunSummary], short_service_s: float) -> list[str]:
-    rows = [[v.name, _num(v.measured, 2), v.target, "not measured" if v.met is None else "yes" if v.met else "**no**"]
-            for v in verdicts(summaries, short_service_s)]
+def verdict_table(verdicts: Sequence[Verdict]) -> list[str]:
+    rows = [[v.arm, f"{v.load:g}×", v.name, _num(v.measured, DIGITS[v.unit]),
+             f"{v.op} {_num(v.target, DIGITS[v.unit])}", _met(v.met), v.note] for v in verdicts]
     return _table(VERDICT_COLUMNS, rows)
+
+
+def _slots(run: RunResult) -> str:
+    return "/".join(f"{v:g}" for _, v in sorted(run.slots.items())) or "–"
+
+
+def main_table(runs: Sequence[RunResult]) -> list[str]:
+    """One row per arm and load: offered work, goodput, SLO attainment, latency, fairness, losses."""
+    rows = []
+    for run in runs:
+        s = run.summary
+        orphaned = "n/a" if s.orphaned_backend_s is None else _num(s.orphaned_backend_s, 2)
+        rows.append([s.config, f"{s.load:g}×", _num(s.offered), _num(s.goodput),
+                     *(_num(s.class_goodput[c]) if s.class_requests[c] else "–" for c in CLASSES),
+                     *(_num(s.in_slo_pct[c], 1) for c in CLASSES), _num(s.refused_late_work_pct, 1),
+                     *(_num(s.latency_s[c][i]) for c in CLASSES for i in (0, 1)), _num(s.jain),
+                     orphaned, _slots(run)])
+    return _table(MAIN_COLUMNS, rows)
 
 
 def failures_table(summaries: Sequence[RunSummary]) -> list[str]:
     """Requests that did not succeed, by why (bench.summary.failure_kind), per arm and load."""
     rows = [[s.config, f"{s.load:g}×", s.requests, s.outcomes.get("200 ok", 0),
-             *(s.failures.get(kind, 0) for kind in FAILURE_KINDS)] for s in summaries]
-    return _table(["arm", "load", "requests", "200 OK", *FAILURE_KINDS], rows)
+             *(s.failures.get(kind, 0) for kind in FAILURE_KINDS), s.refused, s.late] for s in summaries]
+    return _table(["arm", "load", "requests", "200 OK", *FAILURE_KINDS, "refused", "late"], rows)
 
 
 def outcomes_table(summaries: Sequence[RunSummary]) -> list[str]:
-    """Requests per outcome (status and reason) for each configuration and load."""
+    """Requests per outcome (status and reason) for each arm and load."""
     labels = sorted({label for s in summaries for label in s.outcomes}, key=lambda x: (x != "200 ok", x))
     rows = [[s.config, f"{s.load:g}×", s.requests, *(s.outcomes.get(label, 0) for label in labels)]
             for s in summaries]
     return _table(["arm", "load", "requests", *labels], rows)
 
 
-def classes_table(summaries: Sequence[RunSummary]) -> list[str]:
-    """Per length class: requests served OK within their SLO out of those offered."""
-    names = [c.name for c in LENGTH_MIX]
-    rows = [[s.config, f"{s.load:g}×",
-             *(f"{s.class_good[n]} / {s.class_requests[n]} ({_pct(s.class_good[n], s.class_requests[n])})"
-               for n in names)] for s in summaries]
-    return _table(["arm", "load", *(f"{n}: good / offered" for n in names)], rows)
-
-
-def _pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.0f}%" if whole else "–"
-
-
 def tenants_table(summaries: Sequence[RunSummary]) -> list[str]:
-    """Each tenant's goodput against its max-min fair share (and what it offered), req/s."""
+    """Each tenant's work goodput against its max-min fair share (and what it offered), work-s per s."""
     names = [t.name for t in TENANTS]
     rows = [[s.config, f"{s.load:g}×",
-             *(f"{s.tenants[n].goodput_rps:.2f} / {s.tenants[n].fair_rps:.2f} ({s.tenants[n].offered_rps:.2f})"
-               for n in names), _num(s.jain, 3)] for s in summaries]
+             *(f"{s.tenants[n].goodput:.3f} / {s.tenants[n].fair:.3f} ({s.tenants[n].offered:.3f})" for n in names),
+             _num(s.jain)] for s in summaries]
     return _table(["arm", "load", *(f"{n}: goodput / fair (offered)" for n in names), "Jain"], rows)
 
 
-def plot_latency_cdf(runs: Sequence[RunResult], path: Path, slo_s: dict[str, float]) -> None:
-    """Per length class: the fraction of *all* requests of the class answered 200 within t seconds
-    (a curve that stops below 1 shows the requests that never succeeded), one line per config."""
-    classes = ["short", "long"]
-    fig = Figure(figsize=(4.2 * len(classes), 3.6))
-    axes = fig.subplots(1, len(classes), sharey=True, squeeze=False)[0]
-    for ax, cls in zip(axes, classes, strict=True):
-        for run in runs:
-            of_class = [r for r in run.records if r.cls == cls]
-            served = sorted(r.latency_s for r in of_class if r.ok)
-            if of_class and served:
-                ys = [(i + 1) / len(of_class) for i in range(len(served))]
-                ax.step([0.0, *served], [0.0, *ys], where="post", label=run.summary.config)
-        ax.axvline(slo_s[cls], color="grey", linestyle="--", linewidth=1, label="SLO (deadline)")
-        ax.set_title(f"{cls} texts")
-        ax.set_xlabel("latency from intended send, s")
-        ax.set_ylim(0, 1.02)
+def plot_goodput(cells: Sequence[CellResult], path: Path) -> None:
+    """Goodput against measured offered load (work per backend-second), one panel per cell."""
+    columns = min(3, max(1, len(cells)))
+    rows = max(1, math.ceil(len(cells) / columns))
+    fig = Figure(figsize=(5.0 * columns, 4.0 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, result in zip(axes, cells, strict=False):
+        summaries = [r.summary for r in result.runs]
+        top = max((s.offered for s in summaries), default=1.0)
+        ax.plot([0.0, 1.0, max(1.0, top)], [0.0, 1.0, 1.0], color="grey", linestyle="--", linewidth=1,
+                label="capacity, 1 request per backend")
+        for arm in dict.fromkeys(s.config for s in summaries):
+            points = sorted((s.offered, s.goodput) for s in summaries if s.config == arm)
+            style = {"linestyle": "none", "marker": "x"} if arm in ORACLES else {"marker": "o"}
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=arm, **style)
+        ax.set_title(result.cell.key, fontsize=10)
+        ax.set_xlabel("offered work per backend-second")
+        ax.set_ylabel("goodput, work per backend-second")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("fraction of requests served OK")
-    axes[0].legend(loc="lower right", fontsize=8)
-    load = runs[0].summary.load if runs else 0
-    fig.suptitle(f"Latency CDF at {load:g}× capacity (curves end at the share served OK)")
+        ax.legend(fontsize=7)
+    for ax in axes[len(cells):]:
+        ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
-def plot_goodput(summaries: Sequence[RunSummary], path: Path) -> None:
-    """Goodput (% of capacity) against offered load (× capacity), one line per arm, and the ideal."""
-    fig = Figure(figsize=(5.5, 4.0))
-    ax = fig.subplots()
-    offered_max = max((s.offered_rps / s.capacity_rps for s in summaries), default=1.5)
-    ideal_x = [0.0, 1.0, max(1.0, offered_max)]
-    ax.plot(ideal_x, [min(x, 1.0) * 100 for x in ideal_x], color="grey", linestyle="--",
-            label="capacity (whole mix, 1 per backend)")
-    for config in dict.fromkeys(s.config for s in summaries):
-        points = sorted((s.offered_rps / s.capacity_rps, s.goodput_pct) for s in summaries if s.config == config)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=config)
-    ax.set_xlabel("offered load, × pool capacity")
-    ax.set_ylabel("goodput (OK within SLO), % of capacity")
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def plot_latency_cdf(cells: Sequence[CellResult], setup: Setup, path: Path) -> None:
+    """Per cell (at its top load) and length class: the fraction of *all* requests of the class
+    answered 200 within t seconds, one line per arm (a curve that stops below 1 shows the rest)."""
+    fig = Figure(figsize=(4.2 * len(CLASSES), 3.4 * max(1, len(cells))))
+    grid = fig.subplots(max(1, len(cells)), len(CLASSES), squeeze=False)
+    for axes, result in zip(grid, cells, strict=False):
+        top = max((r.summary.load for r in result.runs), default=0.0)
+        classes = cell_classes(result.cell.trace)
+        for ax, cls in zip(axes, CLASSES, strict=True):
+            if cls not in classes:
+                ax.set_axis_off()
+                continue
+            for run in (r for r in result.runs if r.summary.load == top):
+                of_class = [r for r in run.records if length_class(r.chars) == cls]
+                served = sorted(r.latency_s for r in of_class if r.ok)
+                if of_class and served:
+                    ys = [(i + 1) / len(of_class) for i in range(len(served))]
+                    ax.step([0.0, *served], [0.0, *ys], where="post", label=run.summary.config)
+            limits = sorted({setup.slo_s(n) for c in MIXES[result.cell.trace] for n in (c.min_chars, c.max_chars)
+                             if length_class(n) == cls})
+            for slo in limits:
+                ax.axvline(slo, color="grey", linestyle="--", linewidth=1)
+            ax.set_title(f"{result.cell.key}, {top:g}×: {cls}", fontsize=9)
+            ax.set_xlabel("latency from intended send, s (dashed: SLO)")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right", fontsize=7)
+        axes[0].set_ylabel("fraction served OK")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
-def _slo_by_class(result: BenchResult) -> dict[str, float]:
-    return {c.name: result.setup.slo_s(c.max_chars) for c in LENGTH_MIX}
+def _run_costs(result: BenchResult) -> list[float]:
+    return [r.wall_s for c in result.cells for r in c.runs]
 
 
-def slots_lines(runs: Sequence[RunResult]) -> list[str]:
-    """Each sidecar run's slots per backend at the end of its arrivals (`glmtts_sidecar_backend_slots`)."""
-    rows = [[r.summary.config, f"{r.summary.load:g}×", ", ".join(f"{b} {v:g}" for b, v in sorted(r.slots.items()))]
-            for r in runs if r.slots]
-    if not rows:
-        return []
-    return ["Slots per backend when the arrivals ended (`glmtts_sidecar_backend_slots`; what `slots: auto` "
-            "learned):", "", *_table(["arm", "load", "slots"], rows), ""]
-
-
-def render_markdown(result: BenchResult) -> str:
-    """The report: verdict, setup, capacity formula, the tables, the plots, how each number is computed."""
-    setup, cap = result.setup, result.capacity
-    summaries = [r.summary for r in result.runs]
+def setup_lines(result: BenchResult) -> list[str]:
+    setup = result.setup
     scale = setup.time_scale
-    tiers = ", ".join(f"{'≤' + str(limit) + ' chars' if limit else 'longer'} {seconds * scale:g} s"
-                      for limit, seconds in SEED_TIERS)
-    mix = ", ".join(f"{c.name} {c.min_chars}–{c.max_chars} chars {c.share:.0%}" for c in LENGTH_MIX)
-    shares = ", ".join(f"{t.name} {t.share:.0%}" for t in TENANTS)
-    lag = max((s.max_send_lag_s for s in summaries), default=0.0)
-    timeouts = sum(s.outcomes.get(TIMEOUT_REASON, 0) for s in summaries)
-    best = best_goodput(summaries)
-    best_at = next((f"{s.config} at {s.load:g}×" for s in summaries if s.goodput_rps == best), "–")
-    clamp = max(1, setup.backends - 1)
-    lines = [
-        "# Overload: nginx, the seed's FIFO + tiers and the sidecar's policies",
-        "",
-        f"Reproduce: `{result.command}` (this run: {result.wall_s:.0f} s on {os.cpu_count()} CPUs).",
-        "",
-        "## Verdict",
-        "",
-        *verdict_table(summaries, cap.short_service_s),
-        "",
-        f"Best sustained goodput = **{best:.2f} req/s** ({best_at}); short service time = "
-        f"**{cap.short_service_s:.3f} s**; capacity = **{cap.rps:.2f} req/s** (definitions below).",
-        "",
+    curves = ", ".join(dict.fromkeys(c.cell.curve for c in result.cells))
+    tiers = "; ".join(f"{'≤' + str(t['max_chars']) if t['max_chars'] else 'longer'}: {t['timeout_s']:.4g} s"
+                      + (f" + {t['per_char_s']:.4g} s × chars" if t.get("per_char_s") else "")
+                      for t in _tiers(setup))
+    mixes = "; ".join(f"**{name}** " + ", ".join(f"{c.name} {c.min_chars}–{c.max_chars} chars {c.share:.0%}"
+                                                  for c in mix)
+                      for name, mix in MIXES.items() if any(r.cell.trace == name for r in result.cells))
+    jitter_mean = math.exp(setup.jitter ** 2 / 2)
+    upstream = UpstreamConfig()
+    curve = ", ".join(f"×{g:g}" for g in MEASURED_THROUGHPUT)
+    return [
+        f"- **Setup**: time scale {scale:g}, {setup.duration_s:g} s of arrivals per run, service noise log-normal "
+        f"σ = {setup.jitter:g} (`--jitter`), curve(s): {curves}, trace seed {setup.seed}, SLO `{setup.slo}`.",
+        f"- **Backends**: `python -m glmtts.emulator {' '.join(emulator_args(setup, 'default'))}` (the flat curve "
+        f"adds `--throughput 1`), one emulated GPU each; upstream's own semaphores ({upstream.short_concurrency} "
+        f"short / {upstream.long_concurrency} long per process) and timeouts untouched. Default curve: total "
+        f"throughput {curve} at 1–{len(MEASURED_THROUGHPUT)} requests in one process. Every run starts its arm "
+        "fresh on free loopback ports, warms every backend up, then measures.",
+        f"- **Trace**: open loop (`bench/loadgen.py`), Poisson arrivals; mixes {mixes}; tenants "
+        + ", ".join(f"{t.name} {t.share:.0%}" for t in TENANTS) + " of the arrivals, equal weights, each with its own "
+        "API key. The same request sequence at every load (gaps scaled); latency runs from each request's "
+        "*intended* send time.",
+        f"- **Work** of a request = (base_s + per_unit_s × units(text)) × time scale = ({BASE_S:.4g} + "
+        f"{PER_UNIT_S:.4g} × units) × {scale:g} s: its solo service time by the emulator's model mean (the "
+        f"noise's own mean, exp(σ²/2) = {jitter_mean:.4f}, is left out). **Capacity** of a pool = its backends' "
+        "solo-seconds per second; **load L** offers L × that much work per second, so arrivals per second = "
+        "L × backends / mean work per request of the mix. **Offered** (in the tables) = the work the trace "
+        "actually offered per backend-second.",
+        f"- **SLO** (`{setup.slo}`, also every sidecar arm's deadline, through `deadlines.tiers`): {tiers}.",
+        "- **Goodput** = work of requests answered 200 with `success: true` within their SLO and completed inside "
+        "the arrival window, per backend-second (÷ backends × window); overall and by class (short ≤ "
+        f"{SHORT_MAX_CHARS} chars, medium ≤ {MEDIUM_MAX_CHARS}, long). **In SLO %** of a class = its requests "
+        "answered OK within SLO (at any time) ÷ its requests offered. **Refused** = 429 or 503; **late** = 408, "
+        "answered OK after the SLO, or no answer "
+        f"before the generator's cap (window + largest SLO + {CAP_MARGIN_S:g} s). **Refused + late % of work** = "
+        "their work ÷ offered work. Latency p50/p99 = over 200 answers.",
+        "- **Jain** = (Σx)² / (n Σx²) over the tenants, x_i = work goodput_i ÷ fair_i, fair_i = the max-min fair "
+        "share of the total work goodput given the work each tenant offered (water filling).",
+        "- **Orphaned backend s**: backend time spent on requests already answered (408) or gone; sidecar arms: "
+        "`orphaned_backend_seconds` of `GET /api/v1/queue` after the run settled; n/a where not reported (nginx's "
+        "emulators: `/emulator/stats` counts orphaned requests, not seconds). **Slots at end**: each backend's "
+        "`glmtts_sidecar_backend_slots` when the arrivals ended.",
+        "- **Oracle** at a load = the best goodput of oracle-slots1..4 (perfect priors, fixed slots) at that load.",
     ]
+
+
+def _tiers(setup: Setup) -> list[dict[str, Any]]:
+    return deadline_tiers(setup.slo, setup.time_scale)
+
+
+def cell_lines(result: CellResult, verdicts: Sequence[Verdict]) -> list[str]:
+    cell = result.cell
+    summaries = [r.summary for r in result.runs]
+    rates = ", ".join(f"{load:g}× = {arrival_rate(load, cell.backends, result.mean_work_s):.2f} req/s"
+                      for load in sorted({*cell.loads, *cell.oracle_loads}))
+    lines = [f"### {cell.key}", "",
+             f"Mean work per request {result.mean_work_s:.4f} s; arrivals {rates}.", ""]
     for arm, why in result.skipped.items():
         lines += [f"**{arm} skipped**: {why}", ""]
+    if verdicts:
+        lines += [*verdict_table(verdicts), ""]
+    lines += ["Goodput and offered in work per backend-second; latency in seconds:", "", *main_table(result.runs), "",
+              "Requests that did not succeed, by why:", "", *failures_table(summaries), "",
+              "Outcomes by status and reason:", "", *outcomes_table(summaries), "",
+              "Per tenant (work-seconds per second):", "", *tenants_table(summaries), ""]
+    return lines
+
+
+def config_lines(result: BenchResult) -> list[str]:
+    """The whole YAML of every sidecar arm as it ran (ports: those of its first run), and nginx's."""
+    lines: list[str] = []
+    for cell_result in result.cells:
+        shown: set[str] = set()
+        for run in cell_result.runs:
+            arm = run.summary.config
+            if arm in shown:
+                continue
+            shown.add(arm)
+            if run.config_yaml is not None:
+                body, lang = run.config_yaml, "yaml"
+            else:
+                body = nginx_conf(Path("/tmp/run"), 8049, [f"127.0.0.1:{20000 + i}"
+                                                            for i in range(cell_result.cell.backends)])
+                lang = "nginx"
+            lines += [f"<details><summary>{arm} — {cell_result.cell.key}</summary>", "", f"```{lang}",
+                      body.rstrip(), "```", "", "</details>", ""]
+    return lines
+
+
+def render_markdown(result: BenchResult, verdicts: Mapping[str, Sequence[Verdict]]) -> str:
+    """The report: reproduce command, verdicts and misses, setup, per-cell tables, plots, configurations."""
+    costs = _run_costs(result)
+    all_verdicts = [v for vs in verdicts.values() for v in vs]
+    misses = [v for v in all_verdicts if v.met is False]
+    count = {label: sum(1 for v in all_verdicts if v.met is value)
+             for label, value in (("met", True), ("not met", False), ("missing", None))}
+    per_arm = []
+    for key, vs in verdicts.items():
+        for arm in dict.fromkeys(v.arm for v in vs):
+            mine = [v for v in vs if v.arm == arm]
+            per_arm.append([key, arm, *(sum(1 for v in mine if v.met is value) for value in (True, False, None))])
+    lag = max((r.summary.max_send_lag_s for c in result.cells for r in c.runs), default=0.0)
+    cut = sum(r.summary.outcomes.get(TIMEOUT_REASON, 0) for c in result.cells for r in c.runs)
+    lines = [
+        "# Overload: nginx, the seed's proposal and the sidecar, in work goodput",
+        "",
+        f"Reproduce: `{result.command}`",
+        "",
+        f"This run: {len(costs)} runs in {result.wall_s / 60:.1f} min on {os.cpu_count()} CPUs; one run (start, "
+        f"warm-up, arrivals, tail, settle, stop) took {statistics.mean(costs) if costs else 0:.1f} s on average "
+        f"({min(costs, default=0):.1f}–{max(costs, default=0):.1f} s).",
+        "",
+        *setup_lines(result),
+        "",
+        "## Verdicts",
+        "",
+        f"{count['met']} met, {count['not met']} not met, {count['missing']} missing (a run they need did not run).",
+        "",
+        *_table(["cell", "arm", "met", "not met", "missing"], per_arm),
+        "",
+    ]
+    if misses:
+        lines += ["Misses:", ""]
+        for v in misses:
+            by = v.miss_by
+            digits, unit = DIGITS[v.unit], "points" if v.unit == "%" else v.unit
+            how = f"{'short' if v.op == GE else 'over'} by {_num(by, digits)} {unit}".rstrip()
+            lines.append(f"- {v.cell}, {v.arm} at {v.load:g}×: {v.name}: measured {_num(v.measured, digits)}, "
+                         f"target {v.op} {_num(v.target, digits)}" + (f", {how}" if by is not None else f" ({v.note})"))
+        lines.append("")
+    lines += ["## Arms", "", *_table(["arm", "what runs"], [[a, describe(a)] for a in ARMS
+                                                         if any(a in c.cell.arms for c in result.cells)]), "",
+              "## Results", ""]
+    for cell_result in result.cells:
+        lines += cell_lines(cell_result, verdicts.get(cell_result.cell.key, []))
     lines += [
-        "## Setup",
+        f"Generator health: latest send {lag * 1000:.1f} ms after its intended time; {cut} requests cut off by the "
+        "wall-clock cap.",
         "",
-        f"- **Pool**: {setup.backends} emulator backends (`python -m glmtts.emulator --time-scale {scale:g}`), "
-        f"each on its own emulated GPU (ids {', '.join(setup.gpus)} through `CUDA_VISIBLE_DEVICES`, as the seed "
-        "deploys one process per GPU). Every run starts its arm fresh on free loopback ports, warms every backend "
-        "up (model loaded, first slow request served), then measures.",
-        "- **Arms**: **nginx** — `least_conn` with keepalive over emulators the benchmark starts itself (same "
-        "command, time scale, GPU ids); only the backends' own semaphores (10 short / 3 long per process) and "
-        "timeouts (upstream's 60/300/600 s, scaled) limit anything. **seed** — the sidecar configured as the "
-        "seed proposes: FIFO, 10/3 caps, fixed tiers, no early rejection, `slots: 1`. **policies-fixed** — "
-        "weighted fair queueing, shortest-predicted-first within a tenant, the tiers as deadlines with unmeetable "
-        f"ones rejected at admission, `slots: 1`. **policies-auto** — the same with `slots: auto` "
-        f"(`max_slots: {MAX_SLOTS}`).",
-        f"- **Trace**: open loop (`bench/loadgen.py`), seed {setup.seed}, Poisson arrivals for {setup.duration_s:g} s "
-        f"per run; length mix {mix} (Chinese text cut from a fixed corpus); tenants {shares} of the offered "
-        "rate, equal weights, each with its own API key. The same request sequence at every load (gaps scaled); "
-        "latency runs from each request's *intended* send time.",
-        f"- **Capacity** = the pool's throughput with one request per backend at a time on the trace's mix = "
-        f"backends / mean service seconds = {setup.backends} / {cap.mean_service_s:.4f} s = **{cap.rps:.2f} req/s**, "
-        "where mean service = time_scale × E[base_s + per_unit_s × units] × E[jitter] from the emulator's "
-        "`ServiceModel` (base_s 0.3125 s, per_unit_s 0.159375 s at scale 1; E[jitter] = exp(σ²/2), σ = 0.05) "
-        f"over the trace shape's texts (mean {cap.mean_units:.1f} units). Loads are multiples of it. Goodput can "
-        "exceed it two ways: an arm that runs several requests per backend gets the emulator's in-process "
-        "throughput curve (1.0/1.3/1.4/1.5 at 1–4 concurrent requests: nginx through the backends' own "
-        "semaphores, policies-auto through its slots), and past capacity an arm that serves short texts first "
-        "completes more requests per second than the whole mix allows (the long ones it leaves are the "
-        "requests it does not serve).",
-        "- **Best sustained goodput** = the highest goodput measured by any arm at any load in this run: what "
-        "this pool has been shown to deliver. Its arm and load are named above.",
-        f"- **Short service time** = the same mean over the trace's short texts alone ({cap.short_service_s:.3f} s): "
-        "one short request on an idle backend.",
-        f"- **SLO** of a request = its deadline tier: {tiers} (the seed's 60/300/600 s × {scale:g}), for every arm.",
-        "- **Goodput** = requests answered 200 with `success: true` within their SLO and completed inside the "
-        "arrival window, per second of that window (counting completions, not arrivals, so the backlog still "
-        "queued when arrivals stop cannot inflate it). Latency percentiles are over requests answered 200 "
-        "(any latency).",
-        "- **Jain** = (Σx)² / (n Σx²) over the 3 tenants, x_i = goodput_i / fair_i, where fair_i is the "
-        "max-min fair share of the measured total goodput given each tenant's offered rate (water filling). "
-        "1 = each tenant got its fair share.",
-        "- **Orphaned backend s**: backend time spent on requests whose client had already been answered (408) or "
-        "had gone. Sidecar arms: `orphaned_backend_seconds` from `GET /api/v1/queue` after the run. nginx: the sum "
-        "over the emulators of their `/emulator/stats` orphaned seconds; n/a when not reported.",
-        "",
-        "## Results",
-        "",
-        *main_table(summaries),
-        "",
-        "Requests that did not succeed, by why (429 queue full = `queue_full`/`tenant_queue_full`; 429 unmeetable "
-        "= `deadline_unmeetable`, both from the body's `reason`; 408 = a deadline passed, the sidecar's or the "
-        "backend's own; backend error = a 5xx other than 503 or a 200 with `success: false`; no answer = still "
-        "open at the generator's wall-clock cap):",
-        "",
-        *failures_table(summaries),
-        "",
-        "Outcomes by status and reason:",
-        "",
-        *outcomes_table(summaries),
-        "",
-        "Per length class (requests served OK within their SLO / offered):",
-        "",
-        *classes_table(summaries),
-        "",
-        "Per tenant (req/s):",
-        "",
-        *tenants_table(summaries),
+        "## Plots",
         "",
         f"![goodput vs offered load]({GOODPUT_PLOT})",
         "",
-        f"![latency CDF]({CDF_PLOT})",
-        "",
-        f"Generator health: latest send {lag * 1000:.1f} ms after its intended time; {timeouts} requests "
-        "cut off by the wall-clock cap.",
-        "",
-        *slots_lines(result.runs),
-        "## Why these policies",
-        "",
-        f"This run's policy arms use **{setup.deadlines}** deadlines (`--deadlines`). The default is the seed's "
-        "tiers *with* unmeetable ones rejected at admission. Goodput is counted against the tiers, so a deadline "
-        "equal to the SLO never spends backend time on a request that will miss it and never turns away one that "
-        "could still make it; rejecting at admission answers at once with 429 and a Retry-After instead of a 408 "
-        "after the client waited the whole tier. Learned deadlines (`--deadlines learned`: p95 × 2 + 2 s, at "
-        "least 5 s, × the time scale, about 3× a short text's service time) were tried for the short-p99 target "
-        "at 2.5× (30 s windows, this machine, 2026-11-30): they answered 47–72 % of requests 429 "
-        "`deadline_unmeetable` and goodput fell to 3.0 (fixed slots) and 5.8 req/s (auto) from 11.1 and 12.6 "
-        "with the tiers, while short p99 (0.86 and 1.05 s) still missed 3× the short service time — the "
-        "admission's wait prediction turns away work the pool would have finished in time, leaving backends "
-        "idle. Weighted fair queueing keeps the heavy tenant from taking the light tenants' share; "
-        "shortest-first inside a tenant keeps short requests, the bulk of the traffic and the ones with the "
-        "tightest tier, from waiting behind long ones.",
+        f"![latency CDF at each cell's top load]({CDF_PLOT})",
         "",
         "## Configurations",
         "",
-    ]
-    for arm in setup.arms:
-        if arm == NGINX:
-            conf = nginx_conf(Path("/tmp/run"), 8049, [f"127.0.0.1:{20000 + i}" for i in range(setup.backends)])
-            lines += ["**nginx** (`nginx -c nginx.conf -p DIR -e DIR/error.log`, paths of one run shown as "
-                      "/tmp/run):", "", "```nginx", conf.rstrip(), "```", ""]
-        elif arm in SIDECAR_ARMS:
-            keys = ", ".join(f"{key}: {value}" for key, value in arm_backends(arm).items())
-            lines += [f"**{arm}** (plus `listen` and the pool's other `backends` keys):", "", "```yaml",
-                      f"backends: {{{keys}}}", config_extra(arm, setup).rstrip(), "```", ""]
-    lines += [
-        "Notes:",
+        "Each sidecar arm's whole file as it ran (the benchmark adds `tasks.state_dir` in the run's temporary "
+        "directory and an admin token to read the counters; ports differ from run to run). nginx: "
+        "`nginx -c nginx.conf -p DIR -e DIR/error.log`, paths of one run shown as /tmp/run.",
         "",
-        "- The seed's semaphores allow 10 requests of ≤200 chars *together* and 3 long ones per process; "
-        "seed approximates them as pool-wide class caps of 10 short, 10 medium and 3 long. The sidecar clamps "
-        "every capped class to pool slots − 1 (no capped class may fill the pool), so on "
-        f"{setup.backends} slots the effective caps are {min(10, clamp)} short, {min(10, clamp)} medium and "
-        f"{min(3, clamp)} long; the policy arms (default classes) cap only long.",
-        "- seed lists the same tenants and keys so the trace is identical; `queue.order: fifo` ignores "
-        "them. The policy arms keep the default queue bounds (`queue.max_size` 100, no per-tenant bound).",
-        "",
+        *config_lines(result),
     ]
     return "\n".join(lines)
 
 
+def _run_json(run: RunResult) -> dict[str, Any]:
+    s = run.summary
+    return {"arm": s.config, "load": s.load, "wall_s": run.wall_s, "slots": run.slots, "config_yaml": run.config_yaml,
+            "summary": {**asdict(s), "offered": s.offered, "refused_late": s.refused_late}}
+
+
+def _verdict_json(v: Verdict) -> dict[str, Any]:
+    return {**asdict(v), "miss_by": v.miss_by}
+
+
+def to_json(result: BenchResult, verdicts: Mapping[str, Sequence[Verdict]]) -> dict[str, Any]:
+    costs = _run_costs(result)
+    return {
+        "command": result.command, "wall_s": result.wall_s, "cpus": os.cpu_count(),
+        "run_wall_s": {"mean": statistics.mean(costs) if costs else None, "min": min(costs, default=None),
+                       "max": max(costs, default=None)},
+        "setup": {**asdict(result.setup), "max_slo_s": result.setup.max_slo_s,
+                  "deadline_tiers": _tiers(result.setup)},
+        "cells": [{**asdict(c.cell), "key": c.cell.key, "mean_work_s": c.mean_work_s, "skipped": c.skipped,
+                   "runs": [_run_json(r) for r in c.runs],
+                   "verdicts": [_verdict_json(v) for v in verdicts.get(c.cell.key, [])]} for c in result.cells],
+    }
+
+
 def write_report(result: BenchResult, out_dir: Path) -> Path:
-    """Write overload.md, overload.json and the two plots into `out_dir`; return the Markdown's path."""
+    """Write overload.md, overload.json and the plots into `out_dir`; return the Markdown's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    top = max(result.setup.loads)
-    plot_latency_cdf([r for r in result.runs if r.summary.load == top], out_dir / CDF_PLOT, _slo_by_class(result))
-    plot_goodput([r.summary for r in result.runs], out_dir / GOODPUT_PLOT)
-    summaries = [r.summary for r in result.runs]
-    (out_dir / SUMMARIES).write_text(json.dumps(
-        {"setup": asdict(result.setup), "capacity": asdict(result.capacity), "wall_s": result.wall_s,
-         "skipped": result.skipped, "best_goodput_rps": best_goodput(summaries),
-         "verdicts": [asdict(v) for v in verdicts(summaries, result.capacity.short_service_s)],
-         "runs": [asdict(r.summary) for r in result.runs]}, indent=2) + "\n")
+    verdicts = {c.cell.key: cell_verdicts(c) for c in result.cells}
+    plot_goodput(result.cells, out_dir / GOODPUT_PLOT)
+    plot_latency_cdf(result.cells, result.setup, out_dir / CDF_PLOT)
+    (out_dir / SUMMARIES).write_text(json.dumps(to_json(result, verdicts), indent=2, ensure_ascii=False) + "\n")
     report = out_dir / REPORT
-    report.write_text(render_markdown(result))
+    report.write_text(render_markdown(result, verdicts))
     return report

@@ -1,13 +1,18 @@
-"""What one load-generator run achieved: goodput, latency percentiles, fairness, outcomes.
+"""What one load-generator run achieved, in work: goodput, SLO attainment, latency, fairness, outcomes.
 
 Pure functions over `bench.loadgen.Record`s; no I/O.
 
-- **Goodput**: requests answered 200 with ``success: true`` *within their SLO* (the deadline tier
-  of their length) and *completed inside the arrival window*, per second of that window. Counting
-  by completion keeps the backlog a system may still hold when arrivals stop (up to a deadline's
-  worth of work) from inflating the rate: a server cannot complete more than its capacity.
+- **Work** of a request: the seconds one backend needs for it alone, by the service model's mean
+  (the caller passes `work_s(units)`). A long text is worth many short ones, so goodput in work
+  cannot be raised by serving only the cheap requests.
+- **Goodput**: the work of requests answered 200 with ``success: true`` *within their SLO* and
+  *completed inside the arrival window*, per backend-second of that window (work / (backends x
+  window)). Counting by completion keeps the backlog a system may still hold when arrivals stop
+  from inflating it.
+- **In SLO** of a length class: requests answered OK within their SLO (whenever that was) out of
+  the requests offered; a refusal, a 408, a late answer or none at all is a miss.
 - **Fairness**: Jain's index over the tenants of x_i = goodput_i / fair_i, where fair_i is the
-  (weighted) max-min fair share of the measured total goodput given each tenant's offered rate
+  (weighted) max-min fair share of the total work goodput given the work each tenant offered
   (a tenant asking for less than an equal split gets all it asks; the rest is split among the
   others). 1.0 means every tenant got exactly its fair share; 1/n means one tenant got everything.
 """
@@ -20,6 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bench.loadgen import Record, outcome_counts
+
+# Length classes by characters, as upstream's and the seed's thresholds count them.
+CLASSES = ("short", "medium", "long")
+SHORT_MAX_CHARS, MEDIUM_MAX_CHARS = 50, 200
+
+
+def length_class(chars: int) -> str:
+    return "short" if chars <= SHORT_MAX_CHARS else "medium" if chars <= MEDIUM_MAX_CHARS else "long"
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -69,6 +82,8 @@ def jain_index(values: Sequence[float]) -> float | None:
 # Why a request did not succeed, as the report groups them (see `failure_kind`).
 FAILURE_KINDS = ("429 queue full", "429 unmeetable", "503", "408", "backend error", "no answer", "other")
 QUEUE_FULL_REASONS = frozenset({"queue_full", "tenant_queue_full"})
+REFUSED_KINDS = frozenset({"429 queue full", "429 unmeetable", "503"})  # turned away before any work
+LATE_KINDS = frozenset({"408", "no answer"})  # a deadline passed, or no answer came at all
 
 
 def failure_kind(record: Record) -> str | None:
@@ -94,75 +109,93 @@ def failure_kind(record: Record) -> str | None:
 
 @dataclass(frozen=True, kw_only=True)
 class TenantShare:
-    """One tenant's offered rate, goodput and max-min fair share, requests per second."""
+    """One tenant's offered work, work goodput and max-min fair share, work-seconds per second."""
 
-    offered_rps: float
-    goodput_rps: float
-    fair_rps: float
+    offered: float
+    goodput: float
+    fair: float
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunSummary:
-    """One (configuration, load) point of a benchmark."""
+    """One (arm, load) point of a benchmark. Work is in solo service seconds (see the module doc)."""
 
     config: str
-    load: float  # offered load as a multiple of pool capacity (nominal)
-    capacity_rps: float
+    load: float  # the offered load it was asked for, a multiple of the pool's capacity (nominal)
+    backends: int
     duration_s: float
     requests: int
-    offered_rps: float  # arrivals actually in the trace / duration
-    goodput_rps: float
-    latency_s: dict[str, tuple[float | None, float | None]]  # class -> (p50, p99) of 200 answers
-    answered: dict[str, int]  # class -> requests answered 200 + success (any latency)
+    offered_work_s: float  # work of every arrival in the trace
+    goodput: float  # work served OK within SLO inside the window, per backend-second
+    class_goodput: dict[str, float]  # the same by length class (they sum to goodput)
     class_requests: dict[str, int]  # class -> requests offered
-    class_good: dict[str, int]  # class -> requests answered OK within their SLO
+    class_in_slo: dict[str, int]  # class -> requests answered OK within their SLO (at any time)
+    in_slo_pct: dict[str, float | None]  # class -> class_in_slo / class_requests, %; None when none offered
+    refused: int  # requests turned away (429, 503)
+    late: int  # requests answered OK after their SLO, answered 408, or not answered at all
+    refused_late_work_pct: float  # work of those two, % of the offered work
+    latency_s: dict[str, tuple[float | None, float | None]]  # class -> (p50, p99) of 200 answers
     jain: float | None
     tenants: dict[str, TenantShare]
     outcomes: dict[str, int]  # "200 ok", "429 queue_full", "408 deadline", "timeout", ...
-    orphaned_backend_s: float | None  # from the sidecar's /api/v1/queue, when it reports it
-    max_send_lag_s: float  # how late the generator sent its latest request (open-loop health)
     failures: dict[str, int] = field(default_factory=dict)  # failure_kind -> requests
+    orphaned_backend_s: float | None = None  # backend time spent on requests already answered or gone
+    max_send_lag_s: float = 0.0  # how late the generator sent its latest request (open-loop health)
 
     @property
-    def short_p99_s(self) -> float | None:
-        return self.latency_s["short"][1]
+    def offered(self) -> float:
+        """Offered work per backend-second: the measured load, in goodput's unit."""
+        return self.offered_work_s / (self.backends * self.duration_s)
 
     @property
-    def goodput_pct(self) -> float:
-        return 100.0 * self.goodput_rps / self.capacity_rps
-
-    @property
-    def rejections(self) -> dict[str, int]:
-        return {label: n for label, n in self.outcomes.items() if label != "200 ok"}
+    def refused_late(self) -> int:
+        return self.refused + self.late
 
 
-def summarize(records: Sequence[Record], *, config: str, load: float, capacity_rps: float, duration_s: float,
-              slo_s: Callable[[int], float], weights: Mapping[str, float],
-              classes: Sequence[str] = ("short", "medium", "long"),
+def summarize(records: Sequence[Record], *, config: str, load: float, backends: int, duration_s: float,
+              slo_s: Callable[[int], float], work_s: Callable[[float], float], weights: Mapping[str, float],
               orphaned_backend_s: float | None = None) -> RunSummary:
-    """Goodput (200 + success within `slo_s(chars)`), per-class p50/p99 of 200 answers, Jain's
-    index of per-tenant goodput over max-min fair shares of the total goodput, outcome counts."""
-    good = [r for r in records
-            if r.ok and r.latency_s <= slo_s(r.chars) and r.intended_s + r.latency_s <= duration_s]
-    offered = {name: sum(1 for r in records if r.tenant == name) / duration_s for name in weights}
-    goodput = {name: sum(1 for r in good if r.tenant == name) / duration_s for name in weights}
-    fair = max_min_fair(sum(goodput.values()), offered, weights)
-    ratios = [goodput[name] / fair[name] for name in weights if fair[name] > 0]
+    """Work goodput overall and per class, SLO attainment per class, refused and late requests,
+    per-class p50/p99 of 200 answers, Jain's index of per-tenant work goodput over max-min fair
+    shares of the offered work, outcome counts. `work_s(units)`: a request's solo service seconds."""
+    work = [work_s(r.units) for r in records]
+    in_slo = [r.ok and r.latency_s <= slo_s(r.chars) for r in records]
+    good = [ok and r.intended_s + r.latency_s <= duration_s for r, ok in zip(records, in_slo, strict=True)]
+    kinds = [failure_kind(r) for r in records]
+    refused = [kind in REFUSED_KINDS for kind in kinds]
+    late = [kind in LATE_KINDS or (r.ok and not ok) for r, kind, ok in zip(records, kinds, in_slo, strict=True)]
+    classes = [length_class(r.chars) for r in records]
+    backend_s = backends * duration_s
+
+    def total(selected: Sequence[bool], cls: str | None = None, tenant: str | None = None) -> float:
+        return sum(w for w, s, c, r in zip(work, selected, classes, records, strict=True)
+                   if s and (cls is None or c == cls) and (tenant is None or r.tenant == tenant))
+
+    everything = [True] * len(records)
+    offered = {name: total(everything, tenant=name) / duration_s for name in weights}
+    served = {name: total(good, tenant=name) / duration_s for name in weights}
+    fair = max_min_fair(sum(served.values()), offered, weights)
+    ratios = [served[name] / fair[name] for name in weights if fair[name] > 0]
+    class_requests = {cls: classes.count(cls) for cls in CLASSES}
+    class_in_slo = {cls: sum(1 for c, ok in zip(classes, in_slo, strict=True) if ok and c == cls) for cls in CLASSES}
     latency: dict[str, tuple[float | None, float | None]] = {}
-    answered: dict[str, int] = {}
-    class_requests = {cls: sum(1 for r in records if r.cls == cls) for cls in classes}
-    class_good = {cls: sum(1 for r in good if r.cls == cls) for cls in classes}
-    for cls in classes:
-        served = [r.latency_s for r in records if r.ok and r.cls == cls]
-        latency[cls] = (percentile(served, 50), percentile(served, 99))
-        answered[cls] = len(served)
+    for cls in CLASSES:
+        answered = [r.latency_s for r, c in zip(records, classes, strict=True) if r.ok and c == cls]
+        latency[cls] = (percentile(answered, 50), percentile(answered, 99))
+    offered_work = sum(work)
+    missed = [a or b for a, b in zip(refused, late, strict=True)]
     return RunSummary(
-        config=config, load=load, capacity_rps=capacity_rps, duration_s=duration_s, requests=len(records),
-        offered_rps=len(records) / duration_s, goodput_rps=len(good) / duration_s, latency_s=latency,
-        answered=answered, class_requests=class_requests, class_good=class_good, jain=jain_index(ratios),
-        tenants={name: TenantShare(offered_rps=offered[name], goodput_rps=goodput[name], fair_rps=fair[name])
-                 for name in weights},
-        outcomes=outcome_counts(records), orphaned_backend_s=orphaned_backend_s,
+        config=config, load=load, backends=backends, duration_s=duration_s, requests=len(records),
+        offered_work_s=offered_work, goodput=total(good) / backend_s,
+        class_goodput={cls: total(good, cls) / backend_s for cls in CLASSES},
+        class_requests=class_requests, class_in_slo=class_in_slo,
+        in_slo_pct={cls: 100.0 * class_in_slo[cls] / n if (n := class_requests[cls]) else None for cls in CLASSES},
+        refused=sum(refused), late=sum(late),
+        refused_late_work_pct=100.0 * total(missed) / offered_work if offered_work else 0.0,
+        latency_s=latency, jain=jain_index(ratios),
+        tenants={name: TenantShare(offered=offered[name], goodput=served[name], fair=fair[name]) for name in weights},
+        outcomes=outcome_counts(records),
+        failures=dict(Counter(kind for kind in kinds if kind is not None)),
+        orphaned_backend_s=orphaned_backend_s,
         max_send_lag_s=max((r.send_lag_s for r in records), default=0.0),
-        failures=dict(Counter(kind for r in records if (kind := failure_kind(r)) is not None)),
     )

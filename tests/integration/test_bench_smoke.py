@@ -1,23 +1,34 @@
-"""The overload benchmark runs end to end (its --smoke size, every arm) and writes a complete report."""
+"""The overload benchmark runs end to end (its --smoke size) and writes a report whose figures are the JSON's."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.loadgen import Record
 from bench.nginx import nginx_binary
-from bench.overload import ARMS, SMOKE, run
-from bench.overload_report import CDF_PLOT, GOODPUT_PLOT, MAIN_COLUMNS, VERDICT_COLUMNS, write_report
-from bench.summary import FAILURE_KINDS, failure_kind, jain_index, max_min_fair, percentile
+from bench.overload import HIGH, SMOKE, run
+from bench.overload_report import (
+    CDF_PLOT,
+    DIGITS,
+    GOODPUT_PLOT,
+    MAIN_COLUMNS,
+    SUMMARIES,
+    VERDICT_COLUMNS,
+    write_report,
+)
+from bench.summary import CLASSES, FAILURE_KINDS, failure_kind, jain_index, max_min_fair, percentile
 from tests.support import pid_gone, wait_until
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def markdown_table(markdown: str, columns: tuple[str, ...] = MAIN_COLUMNS) -> list[list[str]]:
-    """The rows of the report's table headed by ``columns``, as stripped cells."""
+    """The rows of the report's first table headed by ``columns``, as stripped cells."""
     lines = markdown.splitlines()
     header = "| " + " | ".join(columns) + " |"
     start = lines.index(header) + 2  # past the header and the --- row
@@ -31,57 +42,90 @@ def markdown_table(markdown: str, columns: tuple[str, ...] = MAIN_COLUMNS) -> li
 
 def _number(cell: str) -> float | None:
     """A numeric cell; "–" (no sample) and "n/a" (not reported) are None."""
-    return None if cell in ("–", "n/a") else float(cell.rstrip("×"))
+    return None if cell in ("–", "n/a") else float(cell.split()[-1].rstrip("×"))
 
 
-@pytest.mark.timeout(180)
-def test_smoke_benchmark_reports_every_arm_and_load_and_leaves_no_process(tmp_path: Path) -> None:
+def _same(cell: str, value: float | None, digits: int) -> bool:
+    """The table cell shows the JSON's `value` rounded to `digits`."""
+    shown = _number(cell)
+    if value is None or shown is None:
+        return shown is None and value is None
+    return bool(abs(shown - value) <= 0.5 * 10 ** -digits + 1e-9)
+
+
+def _expected_cells(summary: dict[str, Any]) -> dict[str, tuple[float | None, int]]:
+    """Each numeric column of the main table: (the JSON's value, digits shown)."""
+    cells: dict[str, tuple[float | None, int]] = {"offered": (summary["offered"], 3),
+                                                  "goodput": (summary["goodput"], 3),
+                                                  "refused + late % of work": (summary["refused_late_work_pct"], 1),
+                                                  "Jain": (summary["jain"], 3),
+                                                  "orphaned backend s": (summary["orphaned_backend_s"], 2)}
+    for c in CLASSES:
+        offered = summary["class_requests"][c]
+        cells[f"goodput {c}"] = (summary["class_goodput"][c] if offered else None, 3)
+        cells[f"in SLO {c} %"] = (summary["in_slo_pct"][c], 1)
+        cells[f"p50 {c} s"] = (summary["latency_s"][c][0], 3)
+        cells[f"p99 {c} s"] = (summary["latency_s"][c][1], 3)
+    return cells
+
+
+@pytest.mark.timeout(150)
+def test_smoke_benchmark_reports_from_its_json_and_leaves_no_process(tmp_path: Path) -> None:
     result = run(SMOKE, command="python -m bench.overload --smoke", progress=False)
     report = write_report(result, tmp_path)
     text = report.read_text()
+    data = json.loads((tmp_path / SUMMARIES).read_text())
+    (cell,) = SMOKE.cells
+    (cell_json,) = data["cells"]
 
+    skipped = result.cells[0].skipped
     if nginx_binary() is not None:
-        assert "nginx" not in result.skipped, result.skipped
-    assert set(result.skipped) <= {"nginx"}, result.skipped  # every sidecar arm runs on this sidecar
-    arms = [a for a in ARMS if a not in result.skipped]
+        assert "nginx" not in skipped, skipped
+    assert set(skipped) <= {"nginx"}, skipped  # every sidecar arm runs on this sidecar
+    planned = {(arm, f"{load:g}×") for arm, load in cell.points() if arm not in skipped}
     rows = markdown_table(text)
-    assert {(r[0], r[1]) for r in rows} == {(a, f"{load:g}×") for a in arms for load in SMOKE.loads}, text
+    assert {(r[0], r[1]) for r in rows} == planned, text
+    runs = {(r["arm"], f"{r['load']:g}×"): r for r in cell_json["runs"]}
     for row in rows:
         assert len(row) == len(MAIN_COLUMNS), row
         values = dict(zip(MAIN_COLUMNS, row, strict=True))
-        offered, goodput = float(values["offered req/s"]), float(values["goodput req/s"])
-        assert offered > 0 and 0 <= goodput <= offered, row
-        assert float(values["goodput % of capacity"]) >= 0, row
-        assert 0 <= float(values["goodput % of best"]) <= 100, row
-        assert int(values["not OK"]) >= 0, row
-        for column in ("short p50 s", "short p99 s", "long p50 s", "long p99 s", "orphaned backend s"):
-            _number(values[column])  # parses, or is explicitly absent
-        jain = _number(values["Jain"])
+        summary = runs[(row[0], row[1])]["summary"]
+        for column, (value, digits) in _expected_cells(summary).items():
+            assert _same(values[column], value, digits), (row[0], row[1], column, values[column], value)
+        assert summary["offered"] > 0 and summary["goodput"] >= 0, summary
+        jain = summary["jain"]
         assert jain is None or 1 / 3 - 1e-9 <= jain <= 1 + 1e-9, row
-    lowest = [r for r in rows if r[1] == f"{min(SMOKE.loads):g}×"]
-    assert all(float(r[3]) > 0 for r in lowest), "nothing was served at the lowest load"
+    lowest = f"{min(cell.loads):g}×"
+    assert all(runs[(a, load)]["summary"]["goodput"] > 0 for a, load in planned if load == lowest), \
+        "nothing was served at the lowest load"
+    assert all(r.slots for r in result.cells[0].runs if r.summary.config != "nginx")
 
-    verdict = markdown_table(text, VERDICT_COLUMNS)
-    assert len(verdict) == 3, text
-    assert text.index("## Verdict") < text.index("## Setup")
-    assert all(row[3] in ("yes", "**no**", "not measured") for row in verdict), verdict
-    if "nginx" not in result.skipped:
-        assert all(row[3] != "not measured" for row in verdict), verdict
-    assert all(r.slots for r in result.runs if r.summary.config != "nginx"), [r.slots for r in result.runs]
-    assert "Slots per backend" in text
-    failures = markdown_table(text, ("arm", "load", "requests", "200 OK", *FAILURE_KINDS))
+    verdicts = markdown_table(text, VERDICT_COLUMNS)
+    assert len(verdicts) == len(cell_json["verdicts"]) == 12, text  # sidecar-high on a short + long trace
+    for row, verdict in zip(verdicts, cell_json["verdicts"], strict=True):
+        assert (row[0], row[2]) == (HIGH, verdict["name"])
+        assert _same(row[3], verdict["measured"], DIGITS[verdict["unit"]]), (row, verdict)
+        assert row[5] == {None: "–", True: "yes", False: "**no**"}[verdict["met"]], (row, verdict)
+        ran = verdict["load"] in cell.loads and not skipped
+        assert (verdict["met"] is None) == (not ran), verdict
+    assert text.index("## Verdicts") < text.index("## Results") < text.index("## Configurations")
+    failures = markdown_table(text, ("arm", "load", "requests", "200 OK", *FAILURE_KINDS, "refused", "late"))
     for row in failures:
-        assert int(row[2]) == int(row[3]) + sum(int(c) for c in row[4:]), row
+        assert int(row[2]) == int(row[3]) + sum(int(c) for c in row[4:-2]), row
 
     assert "Reproduce: `python -m bench.overload --smoke`" in text
+    first: dict[str, str] = {}
+    for run_result in result.cells[0].runs:
+        if run_result.config_yaml is not None:  # the whole file each sidecar arm ran with (ports of its first run)
+            shown = first.setdefault(run_result.summary.config, run_result.config_yaml)
+            assert shown.rstrip() in text
+            assert re.sub(r"port: \d+", "", run_result.config_yaml) == re.sub(r"port: \d+", "", shown)
     for plot in (CDF_PLOT, GOODPUT_PLOT):
         assert f"]({plot})" in text
         assert (tmp_path / plot).read_bytes()[:8] == PNG_MAGIC
-    assert "Per length class" in text and "Per tenant" in text
-    assert (tmp_path / "overload.json").is_file()
 
-    pids = [pid for r in result.runs for pid in r.pids]
-    assert len(pids) == len(result.runs) * (1 + SMOKE.backends)  # the sidecar or nginx, and the backends
+    pids = [pid for r in result.cells[0].runs for pid in r.pids]
+    assert len(pids) == len(result.cells[0].runs) * (1 + cell.backends)  # the sidecar or nginx, and the backends
     wait_until(lambda: all(pid_gone(pid) for pid in pids), timeout=10, what="benchmark processes to exit")
 
 
