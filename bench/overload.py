@@ -1,7 +1,7 @@
 """Overload: nginx, the seed's proposal and the sidecar as an operator would configure it, in work.
 
     python -m bench.overload [--traces mix bimodal] [--backends 2 4] [--arms ...] [--loads ...]
-        [--curve default|flat] [--no-flat] [--slo dynamic|lenient] [--duration S] [--time-scale S]
+        [--curve default|flat] [--no-flat] [--slo dynamic|lenient] [--duration S] [--preroll S] [--time-scale S]
         [--oracle-loads ...] [--seed-pools ...] [--smoke] [--out DIR]
 
 A seeded open-loop trace (bench.loadgen: Poisson arrivals, three tenants offering 60/20/20 %, a
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import re
@@ -132,8 +133,12 @@ def deadline_tiers(policy: str, time_scale: float) -> list[dict[str, Any]]:
 class Setup:
     """What every run shares: emulator time scale and noise, arrival window, SLO, trace seed."""
 
-    time_scale: float = 0.03
-    duration_s: float = 30.0
+    time_scale: float = 0.02
+    duration_s: float = 20.0  # seconds of arrivals measured
+    # Seconds of the same trace offered before the measured window and not counted: a sidecar in
+    # service has been running for days, so what its slots: auto and cost model learn in the first
+    # seconds after a start is not its steady state. Every arm, nginx included, gets the same.
+    preroll_s: float = 10.0
     slo: str = "dynamic"  # a SLO_POLICIES name
     jitter: float = JITTER
     seed: int = 20240611
@@ -187,10 +192,10 @@ class Plan:
         return sum(len(c.points()) for c in self.cells)
 
     def estimate_s(self) -> float:
-        return self.runs * (self.setup.duration_s + RUN_OVERHEAD_S)
+        return self.runs * (self.setup.preroll_s + self.setup.duration_s + RUN_OVERHEAD_S)
 
 
-SMOKE = Plan(setup=Setup(time_scale=0.01, duration_s=2.5, warmup_rounds=1),
+SMOKE = Plan(setup=Setup(time_scale=0.01, duration_s=2.5, preroll_s=1.0, warmup_rounds=1),
              cells=(Cell(backends=2, trace="bimodal", curve="default", arms=(NGINX, HIGH, ORACLES[0], ORACLES[1]),
                          loads=(0.5, 2.5), oracle_loads=(2.5,)),))
 
@@ -418,7 +423,7 @@ def _replay(url: str, trace: Sequence[Arrival], setup: Setup, label: str, progre
     # Every request has at least its SLO before the cap: enough for every measure but the
     # latency of answers later than that (recorded as "no answer", a miss).
     return asyncio.run(replay(url + "/api/v1/tts", trace, TENANTS,
-                              wall_cap_s=setup.duration_s + setup.max_slo_s + CAP_MARGIN_S,
+                              wall_cap_s=setup.preroll_s + setup.duration_s + setup.max_slo_s + CAP_MARGIN_S,
                               label=label, progress=sys.stderr if progress else None))
 
 
@@ -474,12 +479,18 @@ def run_sidecar(arm: str, setup: Setup, cell: Cell, trace: Sequence[Arrival], la
     return _Ran(records=records, orphaned=orphaned, pids=[service.pid, *pids], slots=slots, config_yaml=text)
 
 
+def measured_window(records: Sequence[Record], preroll_s: float) -> list[Record]:
+    """The records of arrivals after the pre-roll, their times counted from its end."""
+    return [dataclasses.replace(r, intended_s=r.intended_s - preroll_s) for r in records if r.intended_s >= preroll_s]
+
+
 def run_point(setup: Setup, cell: Cell, work_s: float, arm: str, load: float, work_dir: Path,
               progress: bool = True) -> RunResult:
     """Start arm `arm` fresh, warm up, replay the trace at `load` x capacity, let orphaned work
     settle, read the counters, stop everything; summarize what the clients saw."""
     started = time.monotonic()
-    trace = make_trace(seed=setup.seed, rate=arrival_rate(load, cell.backends, work_s), duration_s=setup.duration_s,
+    trace = make_trace(seed=setup.seed, rate=arrival_rate(load, cell.backends, work_s),
+                       duration_s=setup.preroll_s + setup.duration_s,
                        tenants=TENANTS, mix=MIXES[cell.trace])
     label = f"{cell.backends}b {cell.trace} {cell.curve} {arm} {load:g}x"
     with tempfile.TemporaryDirectory(prefix=f"{arm}-", dir=work_dir) as tmp:
@@ -487,10 +498,11 @@ def run_point(setup: Setup, cell: Cell, work_s: float, arm: str, load: float, wo
             ran = run_nginx(setup, cell, trace, label, Path(tmp), progress)
         else:
             ran = run_sidecar(arm, setup, cell, trace, label, Path(tmp), progress)
-    summary = summarize(ran.records, config=arm, load=load, backends=cell.backends, duration_s=setup.duration_s,
+    measured = measured_window(ran.records, setup.preroll_s)
+    summary = summarize(measured, config=arm, load=load, backends=cell.backends, duration_s=setup.duration_s,
                         slo_s=setup.slo_s, work_s=setup.work_s, weights={t.name: t.weight for t in TENANTS},
                         orphaned_backend_s=ran.orphaned)
-    return RunResult(summary=summary, records=ran.records, pids=ran.pids, slots=ran.slots,
+    return RunResult(summary=summary, records=measured, pids=ran.pids, slots=ran.slots,
                      config_yaml=ran.config_yaml, wall_s=time.monotonic() - started)
 
 
@@ -500,7 +512,7 @@ def run(plan: Plan, *, command: str, progress: bool = True) -> BenchResult:
     started = time.monotonic()
     total, done = plan.runs, 0
     if progress:
-        window = plan.setup.duration_s
+        window = plan.setup.preroll_s + plan.setup.duration_s
         sys.stderr.write(f"{total} runs of {window:g} s arrivals; estimate ~{plan.estimate_s() / 60:.0f} min "
                          f"({window:g} s + ~{RUN_OVERHEAD_S:g} s each)\n")
     cells: list[CellResult] = []
@@ -530,7 +542,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     """The cells the command line asks for (see `main`)."""
     if args.smoke:
         return SMOKE
-    setup = Setup(time_scale=args.time_scale, duration_s=args.duration, slo=args.slo)
+    setup = Setup(time_scale=args.time_scale, duration_s=args.duration, preroll_s=args.preroll, slo=args.slo)
     loads = tuple(args.loads or DEFAULT_LOADS)
     oracle_loads = tuple(args.oracle_loads or (max(loads),))
 
@@ -560,7 +572,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--curve", choices=CURVES, default="default", help="the emulators' in-process throughput curve")
     p.add_argument("--no-flat", action="store_true", help="skip the flat-curve run that follows the default curve")
     p.add_argument("--slo", choices=SLO_POLICIES, default="dynamic", help="what counts as in time")
-    p.add_argument("--duration", type=float, default=Setup.duration_s, help="seconds of arrivals per run")
+    p.add_argument("--duration", type=float, default=Setup.duration_s, help="seconds of arrivals measured per run")
+    p.add_argument("--preroll", type=float, default=Setup.preroll_s,
+                   help="seconds of the same trace offered first and not counted")
     p.add_argument("--time-scale", type=float, default=Setup.time_scale, help="emulated seconds x this")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p

@@ -326,7 +326,8 @@ def setup_lines(result: BenchResult) -> list[str]:
     upstream = UpstreamConfig()
     curve = ", ".join(f"×{g:g}" for g in MEASURED_THROUGHPUT)
     return [
-        f"- **Setup**: time scale {scale:g}, {setup.duration_s:g} s of arrivals per run, service noise log-normal "
+        f"- **Setup**: time scale {scale:g}, {setup.duration_s:g} s of arrivals measured per run after "
+        f"{setup.preroll_s:g} s of the same trace not counted (every arm), service noise log-normal "
         f"σ = {setup.jitter:g} (`--jitter`), curve(s): {curves}, trace seed {setup.seed}, SLO `{setup.slo}`.",
         f"- **Backends**: `python -m glmtts.emulator {' '.join(emulator_args(setup, 'default'))}` (the flat curve "
         f"adds `--throughput 1`), one emulated GPU each; upstream's own semaphores ({upstream.short_concurrency} "

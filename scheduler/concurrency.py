@@ -34,9 +34,10 @@ __all__ = ["DEFAULT_MAX_SLOTS", "AdaptiveLimit", "AdaptiveSettings", "FixedLimit
 DEFAULT_MAX_SLOTS = 4
 BUDGET_WINDOW = 64  # recent completions whose deadline budgets the latency check looks at
 BUDGET_QUANTILE = 0.9  # the latency check must hold for this share of them
-LEVEL_TOLERANCE = 0.1  # a sample counts for a level only if it ran at that level on average, within this
+LEVEL_TOLERANCE = 0.5  # a sample counts for the level nearest the average it ran at (an express slot blurs it)
 CONFIDENCE = 2.0  # standard errors a step's gain must clear min_gain by
 POOLED_COHORTS = 4  # a level's measure pools this many of its latest cohorts
+PROBE_COHORTS = 4  # a probe that is neither clearly worth it nor clearly not is decided after this many cohorts
 MAD_TO_SD = 1.4826  # median absolute deviation to standard deviation, for normal noise
 MEDIAN_SE = 1.2533  # standard error of a median over that of a mean, for normal noise
 
@@ -218,14 +219,18 @@ class AdaptiveLimit:
     def slowdown(self) -> tuple[float, ...]:
         """How many times its time alone a request takes at 1, 2, ... in flight, up to
         ``max_slots`` + 1 (a class's extra slot may go one past): measured where both the level
-        and level 1 were measured, else ``k`` (processor sharing without any gain, the most a
-        level can cost before it is measured)."""
+        and level 1 were measured; past the last measured level ``m``, its slowdown times ``k / m``
+        (no more gain than measured: processor sharing without any gain when nothing is)."""
         one = self.stretch(1)
-        curve = []
-        for level in range(1, self.settings.max_slots + 2):
+        curve = [1.0]
+        last_level, last = 1, 1.0
+        for level in range(2, self.settings.max_slots + 2):
             at = self.stretch(level)
-            curve.append(max(1.0, at / one) if one and at is not None else float(level))
-        curve[0] = 1.0
+            if one and at is not None:
+                last_level, last = level, max(1.0, at / one)
+                curve.append(last)
+            else:
+                curve.append(last * level / last_level)
         return tuple(curve)
 
     def fits(self, stretch: float) -> bool:
@@ -271,17 +276,28 @@ class AdaptiveLimit:
             return
         below = self.measures.get(top - 1)
         if self.probing:
-            # Kept only when the gain holds even two standard errors short of what was measured:
-            # a step that barely pays is not worth its latency, nor a coin flip at each re-probe.
-            if below is not None and self.fits(current.stretch):
-                # Both levels' noise is mostly that of the solo-time estimates: take the larger spread
-                # for both, so a cohort that happens to agree with itself does not look precise.
-                spread = max(current.spread, below.spread)
-                margin = CONFIDENCE * MEDIAN_SE * spread * math.sqrt(1 / current.samples + 1 / below.samples)
-                if current.throughput * (1 - margin) >= below.throughput * (1 + s.min_gain):
+            # A sequential test, one cohort at a time. Kept as soon as the gain holds even two
+            # standard errors short of what was measured; dropped as soon as it misses the bar even
+            # two standard errors above. In between (noisy service times) the probe goes on, its
+            # cohorts pooled; after PROBE_COHORTS of them it is kept if the gain holds one standard
+            # error short of what was measured.
+            if below is None or not self.fits(current.stretch):
+                self._step(now, -1)
+                return
+            # Both levels' noise is mostly that of the solo-time estimates: take the larger spread
+            # for both, so a cohort that happens to agree with itself does not look precise.
+            spread = max(current.spread, below.spread)
+            margin = CONFIDENCE * MEDIAN_SE * spread * math.sqrt(1 / current.samples + 1 / below.samples)
+            bar = below.throughput * (1 + s.min_gain)
+            if current.throughput * (1 - margin) >= bar:
+                self.probing = False
+            elif current.throughput * (1 + margin) < bar:
+                self._step(now, -1)
+            elif current.samples >= PROBE_COHORTS * s.samples:
+                if current.throughput * (1 - margin / CONFIDENCE) >= bar:  # one standard error short
                     self.probing = False
-                    return
-            self._step(now, -1)
+                else:
+                    self._step(now, -1)
             return
         if below is not None and (current.throughput < below.throughput or not self.fits(current.stretch)):
             self._step(now, -1)  # conditions changed: this level no longer pays

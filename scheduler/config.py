@@ -472,7 +472,7 @@ class ClassConfig(ConfigSection):
 _DEFAULT_CLASSES = (
     ClassConfig(name="short", max_chars=50, band=HIGHEST_BAND, extra_slots=1),
     ClassConfig(name="medium", max_chars=200),
-    ClassConfig(name="long", max_chars=None, max_in_service=3),
+    ClassConfig(name="long", max_chars=None),
 )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -217,6 +217,20 @@ class ClassShares:
         return {cls for cls in waiting if self.credit.get(cls, 0.0) > 0}
 
 
+def shared_finish_s(work_s: Sequence[float], slowdown_at: Callable[[int], float]) -> list[float]:
+    """Seconds until each job finishes when they share one backend from now: processor sharing
+    where, with ``k`` in flight, each progresses at ``1 / slowdown_at(k)`` solo-seconds per second."""
+    order = sorted(range(len(work_s)), key=lambda i: work_s[i])
+    finish = [0.0] * len(work_s)
+    t = done = 0.0  # time so far, and solo work every job still running has done
+    for position, i in enumerate(order):
+        active = len(order) - position
+        t += (work_s[i] - done) * slowdown_at(active)
+        done = work_s[i]
+        finish[i] = t
+    return finish
+
+
 # How many queued jobs a forecast may look at, over all its simulated dispatch decisions, before it
 # stops: enough for queues of a few hundred jobs; past it, the wait reached so far is a lower bound.
 FORECAST_VISITS = 5_000
@@ -399,19 +413,24 @@ class Scheduler:
     @staticmethod
     def _shares_in_time(job: Job, backend: BackendView, mine: Sequence[Running], now: float) -> bool:
         """Whether ``job`` may join ``mine``, the jobs ``backend`` runs: with one more in flight
-        each runs slower (``BackendView.slowdown``), and joining must not make the job itself, or
-        a running job that would have made its deadline, miss it. An idle backend always may."""
+        each runs slower (``BackendView.slowdown``) while they overlap: joining must not make a
+        running job that would have made its deadline miss it, nor the job itself miss its own
+        when waiting for a request here to end would have it finish sooner. An idle backend always
+        may. (A short job next to a long one delays it by its own short overlap only, not by the
+        long job's whole remainder.)"""
         if not mine or backend.slowdown is None:
             return True
-        before, after = backend.slowdown_at(len(mine)), backend.slowdown_at(len(mine) + 1)
-        if now + job.predicted_s * after > job.deadline_at:
+        before = backend.slowdown_at(len(mine))
+        # Each running job's work left, in solo seconds, from the time it ran at ``before`` (a
+        # reload under way counts as work).
+        left = [max(0.0, run.ends_at - run.started_at - (now - run.started_at) / before) for run in mine]
+        without = shared_finish_s(left, backend.slowdown_at)
+        with_job = shared_finish_s([*left, job.predicted_s], backend.slowdown_at)
+        # Late even so: it waits only if waiting for a request here to end would do better.
+        if now + with_job[-1] > job.deadline_at and with_job[-1] > min(without) + job.predicted_s * before:
             return False
-        for run in mine:
-            # Its work left alone, from the time it ran at ``before`` (a reload under way counts whole).
-            alone = max(0.0, run.ends_at - run.started_at - (now - run.started_at) / before)
-            if now + alone * before <= run.job.deadline_at < now + alone * after:
-                return False
-        return True
+        return not any(now + alone <= run.job.deadline_at < now + shared
+                       for run, alone, shared in zip(mine, without, with_job, strict=False))
 
     def _capped(self, cls: str, in_service: Counter[str], pool: _Pool) -> bool:
         cap = self.classes.cap(cls, pool.slots)

@@ -22,7 +22,7 @@ from backend.pool import Backend
 from backend.state import BackendState
 from backend.warmup import WarmupRun
 from glmtts.text import units
-from scheduler.admission import Rejection
+from scheduler.admission import Reason, Rejection
 from scheduler.concurrency import SlotLimit, SlotPolicy
 from scheduler.core import BackendView, Scheduler
 from scheduler.cost import CostModel
@@ -39,6 +39,10 @@ class QueuedDeadline(Exception):
     """The job's deadline passed while it waited."""
 
 
+# Admission refusals that say the pool is short of capacity (not a tenant's own bound).
+TURNED_AWAY = (Reason.DEADLINE_UNMEETABLE.value, Reason.QUEUE_FULL.value)
+
+
 class Dispatcher:
     def __init__(self, scheduler: Scheduler, backends: Callable[[], Sequence[Backend]], *,
                  slots: SlotPolicy | int = 1, clock: Callable[[], float] = time.monotonic) -> None:
@@ -53,6 +57,8 @@ class Dispatcher:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._warmups: dict[str, WarmupRun] = {}  # per backend, the warm-up the cost model has seen
         self._taught: CostModel | None = None  # ... that cost model (a reload may bring a new one)
+        self._turned_away = 0  # requests refused for want of capacity, as of the last load report
+        self._extra: dict[str, set[str]] = {}  # per backend, the jobs it runs beyond its limit (extra slots)
 
     @property
     def slots(self) -> SlotPolicy:
@@ -79,6 +85,11 @@ class Dispatcher:
         self._identity[backend.id] = identity
         backend.slots, backend.slot_mode = limit.limit, limit.mode
         return limit
+
+    def _within(self, backend: Backend) -> int:
+        """The backend's requests in flight within its limit: those a class's extra slot let past
+        it share the backend too, but the limit is learned from, and compared with, the others."""
+        return max(0, backend.in_flight - len(self._extra.get(backend.id, ())))
 
     def slot_states(self) -> dict[str, dict[str, Any]]:
         """Each backend's slot limit and what it learned (for metrics and status)."""
@@ -134,10 +145,11 @@ class Dispatcher:
 
     def _release(self, job: Job, backend: Backend, *, ok: bool) -> None:
         backend.in_flight = max(0, backend.in_flight - 1)
+        self._extra.get(backend.id, set()).discard(job.id)
         # The limit measures against the cost model's prior line: the learned prediction follows the
         # slowdown that concurrency itself causes, so it would hide what the limit must see.
         priors = self.scheduler.cost.priors
-        self.limit(backend).released(job.id, self.clock(), backend.in_flight,
+        self.limit(backend).released(job.id, self.clock(), self._within(backend),
                                      work_s=priors.base_s + priors.per_unit_s * job.units,
                                      budget_s=job.deadline_at - job.arrived_at, ok=ok)
 
@@ -174,22 +186,33 @@ class Dispatcher:
             if future is None or future.done():  # its client is gone: nobody will use the slot
                 self.scheduler.finish(assignment.job.id, self.clock(), ok=False)
                 continue
+            limit = self.limit(backend)
+            extra = backend.in_flight >= limit.limit  # a class's extra slot: not what the limit measures
             backend.in_flight += 1
-            self.limit(backend).dispatched(assignment.job.id, self.clock(), backend.in_flight)
+            if extra:
+                self._extra.setdefault(backend.id, set()).add(assignment.job.id)
+            else:
+                limit.dispatched(assignment.job.id, self.clock(), self._within(backend))
             if assignment.reload and backend.model_key is not None:
                 backend.model_reloads += 1  # for metrics: it switches from another configuration
             future.set_result(backend)
 
     def _observe_load(self) -> bool:
-        """Tell every ready backend's limit how loaded it is; True if a limit rose."""
-        waiting = len(self.scheduler.queue) > 0
+        """Tell every ready backend's limit how loaded it is; True if a limit rose. Work is waiting
+        while the queue holds some, and also when admission has refused a request for want of
+        capacity since the last report (its wait would break its deadline, or the queue was full):
+        admission keeps the queue short exactly when more capacity is what is missing."""
+        rejected = self.scheduler.tally.rejected
+        turned_away = sum(rejected[reason] for reason in TURNED_AWAY)
+        waiting = len(self.scheduler.queue) > 0 or turned_away > self._turned_away
+        self._turned_away = turned_away
         rose = False
         for backend in self._backends():
             if backend.state is not BackendState.READY:
                 continue
             limit = self.limit(backend)
             before = limit.limit
-            limit.load(self.clock(), backend.in_flight, waiting=waiting)
+            limit.load(self.clock(), self._within(backend), waiting=waiting)
             rose = rose or limit.limit > before
         return rose
 

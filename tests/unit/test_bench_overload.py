@@ -210,7 +210,8 @@ def test_the_default_plan_is_the_whole_matrix() -> None:
         assert {load for arm, load in points if arm == NGINX} == {0.5, 1.0, 1.3, 2.5}
     assert plan.cells[-1].arms == FLAT_ARMS and plan.cells[-1].backends == 2
     assert plan.runs == 2 * (3 * 4 + 4) + 2 * (4 * 4 + 4) + 2 * 4
-    assert (plan.setup.time_scale, plan.setup.duration_s, plan.setup.slo) == (0.03, 30.0, "dynamic")
+    setup = plan.setup
+    assert (setup.time_scale, setup.duration_s, setup.preroll_s, setup.slo) == (0.02, 20.0, 10.0, "dynamic")
 
 
 def test_the_plan_follows_its_flags() -> None:
@@ -299,3 +300,14 @@ def test_flat_curve_verdict_at_every_load_is_strict() -> None:
             _run(SLOTS1, 1.0, goodput=0.8), _run(HIGH, 2.5, goodput=1.0)]
     verdicts = flat_verdicts("c", runs, (0.5, 1.0, 2.5))
     assert [v.met for v in verdicts] == [True, False, None]
+
+
+def test_the_preroll_is_left_out_and_the_measured_window_starts_at_its_end() -> None:
+    from bench.overload import measured_window
+
+    def rec(at: float) -> Record:
+        return Record(tenant="heavy", cls="short", chars=20, intended_s=at, send_lag_s=0.0, latency_s=0.1,
+                      status=200, reason=None, success=True, backend="b", units=20.0)
+
+    kept = measured_window([rec(0.0), rec(9.99), rec(10.0), rec(25.5)], 10.0)
+    assert [r.intended_s for r in kept] == [0.0, 15.5]

@@ -300,10 +300,10 @@ def test_config_is_frozen() -> None:
 # -- scheduling policy --------------------------------------------------------------------------
 
 
-def test_empty_mapping_gives_the_seeds_scheduling_policy() -> None:
+def test_empty_mapping_gives_the_built_in_scheduling_policy() -> None:
     config = parse_config("{}")
-    assert [(c.name, c.max_chars, c.max_in_service) for c in config.classes] == [
-        ("short", 50, None), ("medium", 200, None), ("long", None, 3),
+    assert [(c.name, c.max_chars, c.max_in_service, c.band, c.extra_slots, c.min_share) for c in config.classes] == [
+        ("short", 50, None, "highest", 1, 0.2), ("medium", 200, None, None, 0, 0.2), ("long", None, None, None, 0, 0.2),
     ]
     assert (config.cost.base_s, config.cost.per_unit_s, config.cost.reload_s) == (0.3125, 0.159375, 20.0)
     assert (config.cost.p95_ratio, config.cost.prior_weight, config.cost.window) == (1.3, 10.0, 256)

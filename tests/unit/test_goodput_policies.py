@@ -129,29 +129,49 @@ def test_a_job_joins_a_busy_backend_only_if_every_deadline_still_holds() -> None
     curve = (1.0, 2.0 / 1.3)  # the emulator's default: 2 in flight, each 1.54x slower
     s = scheduler(long_share=0.0)
     assert start(s, "running", 10.0, 12.0, shared(curve)) == ["running"]
-    # 10 s left of 12: at 1.54x it would end at 15.4 s, past its deadline; the newcomer waits.
-    assert start(s, "newcomer", 1.0, 100.0, shared(curve)) == []
+    # 10 s left of 12. A 5 s newcomer runs next to it at 1.54x for 7.7 s: the running job has
+    # done 5 s of its work by then and ends at 7.7 + 5 = 12.7 s, past its deadline. It waits.
+    assert start(s, "newcomer", 5.0, 100.0, shared(curve)) == []
+    # A 1 s newcomer delays it by its own overlap only: 1.54 + 9 = 10.5 s. It may.
+    assert start(s, "short", 1.0, 100.0, shared(curve, slots=3)) == ["short"]
     # Not knowing the slowdown (a fixed number of slots), the slot is simply free.
     s2 = scheduler(long_share=0.0)
     assert start(s2, "running", 10.0, 12.0, shared(None)) == ["running"]
-    assert start(s2, "newcomer", 1.0, 100.0, shared(None)) == ["newcomer"]
+    assert start(s2, "newcomer", 5.0, 100.0, shared(None)) == ["newcomer"]
 
 
-def test_a_job_that_would_itself_miss_when_shared_waits_and_a_roomy_one_shares() -> None:
+def test_shared_finish_times_follow_processor_sharing() -> None:
+    def flat(k: int) -> float:
+        return float(k)  # each of k jobs at 1/k
+
+    assert core.shared_finish_s([], flat) == []
+    assert core.shared_finish_s([3.0], flat) == [3.0]
+    # 1 s and 3 s together: both at half speed until the first is done at 2 s, then the other alone.
+    assert core.shared_finish_s([3.0, 1.0], flat) == pytest.approx([4.0, 2.0])
+    gain = (1.0, 2 / 1.3, 3 / 1.4)
+    assert core.shared_finish_s([2.0, 2.0, 2.0], lambda k: gain[k - 1]) == pytest.approx([2 * 3 / 1.4] * 3)
+
+
+def test_a_job_late_either_way_shares_when_that_ends_it_sooner_than_waiting() -> None:
     curve = (1.0, 2.0 / 1.3)
     s = scheduler(long_share=0.0)
     assert start(s, "running", 10.0, 100.0, shared(curve)) == ["running"]
-    assert start(s, "tight", 2.0, 2.5, shared(curve)) == []  # 2 s x 1.54 = 3.1 s > 2.5 s
-    assert start(s, "roomy", 2.0, 5.0, shared(curve), now=0.0) == ["roomy"]  # 3.1 s <= 5 s, and 10 s -> ~15 s <= 100 s
+    # 2 s x 1.54 = 3.1 s > 2.5 s: late, but waiting for the 10 s job would end it at 12 s.
+    assert start(s, "tight", 2.0, 2.5, shared(curve, slots=3)) == ["tight"]
+    # A backend slower with company than processor sharing: waiting would end it sooner.
+    s2 = scheduler(long_share=0.0)
+    assert start(s2, "running", 1.0, 100.0, shared((1.0, 5.0))) == ["running"]
+    assert start(s2, "waits", 2.0, 2.5, shared((1.0, 5.0))) == []  # shared: 5 s + 1 s; waiting: 1 + 2 s
 
 
 def test_an_unmeasured_level_counts_as_processor_sharing_without_gain() -> None:
     s = scheduler(long_share=0.0)
-    assert start(s, "running", 10.0, 100.0, shared((1.0,))) == ["running"]
-    assert start(s, "fits-at-2x", 2.0, 4.1, shared((1.0,))) == ["fits-at-2x"]  # 2 s x 2 = 4 s
+    assert start(s, "running", 3.0, 4.1, shared((1.0,))) == ["running"]
+    # A 1 s job next to it at 2x: 2 s together, then 2 s of its work left alone: 4 s <= 4.1 s.
+    assert start(s, "fits-at-2x", 1.0, 100.0, shared((1.0,))) == ["fits-at-2x"]
     s2 = scheduler(long_share=0.0)
-    assert start(s2, "running", 10.0, 100.0, shared((1.0,))) == ["running"]
-    assert start(s2, "not-at-2x", 2.0, 3.9, shared((1.0,))) == []
+    assert start(s2, "running", 3.0, 3.9, shared((1.0,))) == ["running"]
+    assert start(s2, "not-at-2x", 1.0, 100.0, shared((1.0,))) == []  # 4 s > 3.9 s
 
 
 def test_the_adaptive_limit_reports_the_slowdown_it_measured() -> None:
@@ -159,4 +179,5 @@ def test_the_adaptive_limit_reports_the_slowdown_it_measured() -> None:
     assert limit.slowdown() == (1.0, 2.0, 3.0, 4.0)  # nothing measured: k at k in flight
     limit.measures[1] = Measure(throughput=1.0, spread=0.0, stretch=1.1, samples=8, at=0.0)
     limit.measures[2] = Measure(throughput=1.3, spread=0.0, stretch=1.1 * 2 / 1.3, samples=8, at=0.0)
-    assert limit.slowdown() == pytest.approx((1.0, 2 / 1.3, 3.0, 4.0))
+    # Past what was measured, no more gain than measured: 2 / 1.3 x k / 2.
+    assert limit.slowdown() == pytest.approx((1.0, 2 / 1.3, 3 / 1.3, 4 / 1.3))
