@@ -82,3 +82,53 @@ async def test_completions_teach_the_backends_limit() -> None:
     limit = dispatcher.slot_states()[backends[0].id]
     assert limit["mode"] == "auto" and limit["levels"]["1"]["stretch"] == 2.0
     dispatcher.close()
+
+
+def test_a_refusal_for_want_of_capacity_counts_as_work_waiting() -> None:
+    """Admission that keeps the queue short by refusing must not hide saturation from slots: auto."""
+    clock = Clock()
+    backends = pool(1)
+    scheduler = build_scheduler(SidecarConfig())
+    dispatcher = Dispatcher(scheduler, lambda: backends, slots=AUTO, clock=clock)
+    seen: list[bool] = []
+
+    class Spy(AdaptiveLimit):
+        def load(self, now: float, in_flight: int, *, waiting: bool) -> None:
+            seen.append(waiting)
+
+    dispatcher._limits[backends[0].id] = Spy(AUTO.adaptive, now=clock.now)
+    dispatcher.pump()
+    scheduler.tally.rejected["tenant_queue_full"] += 1  # the tenant's own bound: not the pool's capacity
+    dispatcher.pump()
+    scheduler.tally.rejected["deadline_unmeetable"] += 1
+    dispatcher.pump()
+    dispatcher.pump()  # nothing refused since the last look
+    scheduler.tally.rejected["queue_full"] += 2
+    dispatcher.pump()
+    assert seen == [False, False, True, False, True]
+    dispatcher.close()
+
+
+async def test_a_request_past_the_limit_on_an_extra_slot_is_not_what_the_limit_measures() -> None:
+    clock = Clock()
+    backends = pool(1)
+    config = SidecarConfig()  # the short class has one extra slot
+    scheduler = build_scheduler(config)
+    dispatcher = Dispatcher(scheduler, lambda: backends, slots=AUTO, clock=clock)
+    limit = dispatcher.limit(backends[0])
+    assert isinstance(limit, AdaptiveLimit) and limit.limit == 1
+    jobs = [scheduler.make_job(id=f"j{i}", chars=20, units=20.0, model_key=(24000, False), now=clock.now)
+            for i in range(2)]
+    futures = [dispatcher.offer(job) for job in jobs]
+    assert not any(isinstance(f, Rejection) for f in futures)
+    for future in futures:
+        assert not isinstance(future, Rejection)
+        await future
+    assert backends[0].in_flight == 2  # the second on the short class's extra slot
+    assert set(limit._runs) == {"j0"} and limit._in_flight == 1
+    clock.now += 1.0
+    dispatcher.finish(jobs[1], backends[0], ok=True)
+    assert limit._in_flight == 1 and backends[0].in_flight == 1
+    dispatcher.finish(jobs[0], backends[0], ok=True)
+    assert limit._in_flight == 0 and backends[0].in_flight == 0
+    dispatcher.close()
