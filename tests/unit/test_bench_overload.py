@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -311,3 +312,34 @@ def test_the_preroll_is_left_out_and_the_measured_window_starts_at_its_end() -> 
 
     kept = measured_window([rec(0.0), rec(9.99), rec(10.0), rec(25.5)], 10.0)
     assert [r.intended_s for r in kept] == [0.0, 15.5]
+
+
+def test_the_readme_block_is_written_from_the_json_between_its_markers(tmp_path: Path) -> None:
+    from bench import overload_readme
+
+    def run(arm: str, load: float, goodput: float) -> dict[str, object]:
+        return {"arm": arm, "load": load, "summary": {"goodput": goodput}}
+
+    verdict = {"met": True}
+    data = {
+        "setup": {"time_scale": 0.02, "duration_s": 20.0, "preroll_s": 10.0, "jitter": 0.25},
+        "cells": [
+            {"backends": 2, "trace": "bimodal", "curve": "default", "loads": [2.5], "oracle_loads": [2.5],
+             "runs": [run("nginx", 2.5, 0.3), run("sidecar-high", 2.5, 0.75), run("oracle-slots1", 2.5, 0.7),
+                      run("oracle-slots2", 2.5, 0.81)],
+             "verdicts": [verdict, {"met": False}, {"met": None}]},
+            {"backends": 2, "trace": "bimodal", "curve": "flat", "loads": [1.0], "oracle_loads": [],
+             "runs": [run("sidecar-high", 1.0, 0.9), run("slots1", 1.0, 0.88)], "verdicts": [verdict]},
+        ],
+    }
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{overload_readme.START}\nold figures\n{overload_readme.END}\noutro\n")
+    overload_readme.update(readme, data)
+    text = readme.read_text()
+    assert "old figures" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "| 2 backends, bimodal | 2.5× | 0.30 | – | 0.75 | – | 0.81 |" in text  # the oracle: the best of the sweep
+    assert "met 2 of the 3 verdicts" in text
+    assert "1×: 0.90 vs 0.88" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no <!-- overload:start -->"):
+        overload_readme.update(readme, data)
