@@ -68,12 +68,12 @@ class SlotLimit(Protocol):
     @property
     def limit(self) -> int: ...
 
-    def dispatched(self, job_id: str, now: float, in_flight: int) -> None: ...
+    def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0) -> None: ...
 
     def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
-                 ok: bool) -> None: ...
+                 ok: bool, beside: int = 0) -> None: ...
 
-    def load(self, now: float, in_flight: int, *, waiting: bool) -> None: ...
+    def load(self, now: float, in_flight: int, *, waiting: bool, beside: int = 0) -> None: ...
 
     def reset(self, now: float) -> None: ...
 
@@ -90,14 +90,14 @@ class FixedLimit:
     def __init__(self, slots: int) -> None:
         self.limit = slots
 
-    def dispatched(self, job_id: str, now: float, in_flight: int) -> None:
+    def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0) -> None:
         pass
 
     def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
-                 ok: bool) -> None:
+                 ok: bool, beside: int = 0) -> None:
         pass
 
-    def load(self, now: float, in_flight: int, *, waiting: bool) -> None:
+    def load(self, now: float, in_flight: int, *, waiting: bool, beside: int = 0) -> None:
         pass
 
     def reset(self, now: float) -> None:
@@ -126,6 +126,7 @@ class Measure:
 class _Run:
     started_at: float
     area: float  # the in-flight integral when it started
+    area_all: float  # ... and that of all in flight, those beside the limit included
     epoch: int
     cohort: bool  # one of the requests the current level is being measured with
 
@@ -154,7 +155,9 @@ class AdaptiveLimit:
     _runs: dict[str, _Run] = field(default_factory=dict)
     _epoch: int = 0
     _in_flight: int = 0
-    _area: float = 0.0  # integral of in-flight over time
+    _area: float = 0.0  # integral of in-flight (within the limit) over time: which level a request ran at
+    _beside: int = 0  # requests an extra slot let past the limit, running beside
+    _area_all: float = 0.0  # integral of all in flight: what the backend's throughput is shared among
     _last: float = 0.0
 
     mode = "auto"
@@ -164,17 +167,18 @@ class AdaptiveLimit:
 
     # --- events -------------------------------------------------------------------------------
 
-    def dispatched(self, job_id: str, now: float, in_flight: int) -> None:
-        self._advance(now, in_flight)
+    def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0) -> None:
+        self._advance(now, in_flight, beside)
         member = self._cohort_open
         if member:
             self._cohort[job_id] = None
             self._cohort_open = len(self._cohort) < self.settings.samples
-        self._runs[job_id] = _Run(started_at=now, area=self._area, epoch=self._epoch, cohort=member)
+        self._runs[job_id] = _Run(started_at=now, area=self._area, area_all=self._area_all, epoch=self._epoch,
+                                  cohort=member)
 
     def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
-                 ok: bool) -> None:
-        self._advance(now, in_flight)
+                 ok: bool, beside: int = 0) -> None:
+        self._advance(now, in_flight, beside)
         run = self._runs.pop(job_id, None)
         if run is None or run.epoch != self._epoch:
             return  # only work the backend did since its last restart teaches
@@ -182,20 +186,23 @@ class AdaptiveLimit:
         if ok and took > 0 and work_s > 0:
             average = (self._area - run.area) / took
             if run.cohort and abs(average - self.limit) <= LEVEL_TOLERANCE:
-                self._cohort[job_id] = (average, took / work_s)
+                # The level is that of the requests within the limit; the throughput is shared
+                # among all in flight, those beside included (leaving them out would make a level
+                # with express requests beside it look slower than it is).
+                self._cohort[job_id] = ((self._area_all - run.area_all) / took, took / work_s)
             if budget_s > 0:
                 self._ratios.append(work_s / budget_s)
         if run.cohort:
             self._cohort.setdefault(job_id, None)
             self._close_cohort(now)
 
-    def load(self, now: float, in_flight: int, *, waiting: bool) -> None:
-        self._advance(now, in_flight)
+    def load(self, now: float, in_flight: int, *, waiting: bool, beside: int = 0) -> None:
+        self._advance(now, in_flight, beside)
         self._decide(now, saturated=waiting and in_flight >= self.limit)
 
     def reset(self, now: float) -> None:
         """The backend restarted: what was learned is about a process that is gone."""
-        self._advance(now, self._in_flight)
+        self._advance(now, self._in_flight, self._beside)
         self.limit, self.probing, self._fresh = 1, False, False
         self.measures.clear()
         self._samples.clear()
@@ -324,11 +331,12 @@ class AdaptiveLimit:
         self._cohort = {}
         self._cohort_open = True
 
-    def _advance(self, now: float, in_flight: int) -> None:
+    def _advance(self, now: float, in_flight: int, beside: int = 0) -> None:
         if now > self._last:
             self._area += self._in_flight * (now - self._last)
+            self._area_all += (self._in_flight + self._beside) * (now - self._last)
             self._last = now
-        self._in_flight = in_flight
+        self._in_flight, self._beside = in_flight, beside
 
 
 @dataclass(frozen=True, kw_only=True)

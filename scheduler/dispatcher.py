@@ -91,6 +91,9 @@ class Dispatcher:
         it share the backend too, but the limit is learned from, and compared with, the others."""
         return max(0, backend.in_flight - len(self._extra.get(backend.id, ())))
 
+    def _beside(self, backend: Backend) -> int:
+        return len(self._extra.get(backend.id, ()))
+
     def slot_states(self) -> dict[str, dict[str, Any]]:
         """Each backend's slot limit and what it learned (for metrics and status)."""
         return {b.id: self.limit(b).describe() for b in self._backends()}
@@ -149,7 +152,7 @@ class Dispatcher:
         # The limit measures against the cost model's prior line: the learned prediction follows the
         # slowdown that concurrency itself causes, so it would hide what the limit must see.
         priors = self.scheduler.cost.priors
-        self.limit(backend).released(job.id, self.clock(), self._within(backend),
+        self.limit(backend).released(job.id, self.clock(), self._within(backend), beside=self._beside(backend),
                                      work_s=priors.base_s + priors.per_unit_s * job.units,
                                      budget_s=job.deadline_at - job.arrived_at, ok=ok)
 
@@ -192,7 +195,7 @@ class Dispatcher:
             if extra:
                 self._extra.setdefault(backend.id, set()).add(assignment.job.id)
             else:
-                limit.dispatched(assignment.job.id, self.clock(), self._within(backend))
+                limit.dispatched(assignment.job.id, self.clock(), self._within(backend), beside=self._beside(backend))
             if assignment.reload and backend.model_key is not None:
                 backend.model_reloads += 1  # for metrics: it switches from another configuration
             future.set_result(backend)
@@ -212,7 +215,7 @@ class Dispatcher:
                 continue
             limit = self.limit(backend)
             before = limit.limit
-            limit.load(self.clock(), self._within(backend), waiting=waiting)
+            limit.load(self.clock(), self._within(backend), waiting=waiting, beside=self._beside(backend))
             rose = rose or limit.limit > before
         return rose
 

@@ -211,3 +211,15 @@ def test_the_limit_stays_within_one_and_max_slots(curve: list[float], max_slots:
         seen.add(sim.limit.limit)
     assert all(1 <= level <= max_slots for level in seen)
     assert 1 <= sim.highest_in_flight <= max_slots
+
+
+def test_requests_beside_the_limit_share_the_throughput_but_not_the_level() -> None:
+    limit = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=4))
+    limit.load(0.0, 0, waiting=False, beside=1)  # an express request runs beside the whole time
+    limit.dispatched("a", 0.0, 1, beside=1)
+    limit.released("a", 2.0, 0, work_s=1.0, budget_s=60.0, ok=True, beside=1)  # 2 s for 1 s of work
+    limit.dispatched("b", 2.0, 1, beside=1)
+    limit.released("b", 4.0, 0, work_s=1.0, budget_s=60.0, ok=True, beside=1)
+    # Counted at level 1 (the limit's), with the backend's throughput shared by two: 2 / 2 = 1, a
+    # flat curve; not 1 / 2, which would make level 1 look half as fast as it is.
+    assert limit.describe()["levels"]["1"] == {"samples": 2, "throughput": 1.0, "stretch": 2.0}

@@ -93,7 +93,7 @@ def test_a_refusal_for_want_of_capacity_counts_as_work_waiting() -> None:
     seen: list[bool] = []
 
     class Spy(AdaptiveLimit):
-        def load(self, now: float, in_flight: int, *, waiting: bool) -> None:
+        def load(self, now: float, in_flight: int, *, waiting: bool, beside: int = 0) -> None:
             seen.append(waiting)
 
     dispatcher._limits[backends[0].id] = Spy(AUTO.adaptive, now=clock.now)
