@@ -89,9 +89,10 @@ class Dispatcher:
     def _within(self, backend: Backend) -> int:
         """The backend's requests in flight within its limit: those a class's extra slot let past
         it share the backend too, but the limit is learned from, and compared with, the others."""
-        return max(0, backend.in_flight - len(self._extra.get(backend.id, ())))
+        return max(0, backend.in_flight - self._beside(backend))
 
     def _beside(self, backend: Backend) -> int:
+        """The backend's requests in flight past its limit, on a class's extra slot."""
         return len(self._extra.get(backend.id, ()))
 
     def slot_states(self) -> dict[str, dict[str, Any]]:
@@ -104,9 +105,13 @@ class Dispatcher:
             del self._limits[gone]
             self._identity.pop(gone, None)
             self._warmups.pop(gone, None)
-        return [BackendView(id=b.id, ready=b.state is BackendState.READY, alive=b.state in ALIVE,
-                            slots=self.limit(b).limit, model_key=b.model_key,
-                            slowdown=self.limit(b).slowdown()) for b in backends]
+            self._extra.pop(gone, None)
+        return [self._view(b, self.limit(b)) for b in backends]
+
+    @staticmethod
+    def _view(backend: Backend, limit: SlotLimit) -> BackendView:
+        return BackendView(id=backend.id, ready=backend.state is BackendState.READY, alive=backend.state in ALIVE,
+                           slots=limit.limit, model_key=backend.model_key, slowdown=limit.slowdown())
 
     def offer(self, job: Job, *, force: bool = False) -> Rejection | asyncio.Future[Backend]:
         """Admit a job: a future resolving to the backend whose slot it holds; or why not.
