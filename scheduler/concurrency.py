@@ -9,14 +9,17 @@ hardware and on what else runs there. ``AdaptiveLimit`` measures it per backend:
   times differ 20x between short and long texts, so raw latency says nothing; the stretch does.
 - At ``k`` in flight a backend completes ``k / stretch(k)`` solo-seconds of work per second (its
   throughput) and a request takes ``stretch(k)`` times its solo time (its latency).
+- What a level is worth is its *goodput*: its throughput times the share of its requests that
+  finished by their deadlines. More in flight gets more done only where the slowdown it causes
+  does not make requests late.
 - Start at 1. Saturated at the limit ``L`` (``L`` in flight, work waiting) and measured since it
   became the limit: probe ``L + 1`` (never past ``max_slots``). Measured there with a fresh
-  cohort, keep it only if throughput rose by ``min_gain`` even two standard errors short of what
+  cohort, keep it only if goodput rose by ``min_gain`` even two standard errors short of what
   was seen, and the latency still fits the deadlines (the 90th percentile of recent requests'
   solo time over deadline budget, times the stretch, at most ``latency_headroom``); else go back
   and leave ``L + 1`` alone for ``reprobe_s``.
-- Settled at ``L`` with a fresh measure: step down to ``L - 1`` when ``L`` no longer beats what
-  ``L - 1`` was measured at, or its latency stopped fitting (conditions changed).
+- Settled at ``L`` with a fresh measure: step down to ``L - 1`` when ``L``'s goodput no longer
+  beats what ``L - 1`` was measured at, or its latency stopped fitting (conditions changed).
 
 Pure: no clock of its own, no I/O. The dispatcher calls in with ``now``.
 """
@@ -71,7 +74,7 @@ class SlotLimit(Protocol):
     def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0) -> None: ...
 
     def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
-                 ok: bool, beside: int = 0) -> None: ...
+                 ok: bool, beside: int = 0, late: bool = False) -> None: ...
 
     def load(self, now: float, in_flight: int, *, waiting: bool, beside: int = 0) -> None: ...
 
@@ -94,7 +97,7 @@ class FixedLimit:
         pass
 
     def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
-                 ok: bool, beside: int = 0) -> None:
+                 ok: bool, beside: int = 0, late: bool = False) -> None:
         pass
 
     def load(self, now: float, in_flight: int, *, waiting: bool, beside: int = 0) -> None:
@@ -116,10 +119,16 @@ class Measure:
     """What a level's latest cohorts showed (pooled over up to POOLED_COHORTS of them)."""
 
     throughput: float  # median solo-seconds of work completed per second
+    in_time: float  # share of the samples that finished by their deadline
     spread: float  # relative standard deviation of one sample (robust: from the median absolute deviation)
     stretch: float  # median actual / solo time
     samples: int
     at: float  # when the cohort's last request finished
+
+    @property
+    def goodput(self) -> float:
+        """Solo-seconds of work completed per second by requests that made their deadlines."""
+        return self.throughput * self.in_time
 
 
 @dataclass
@@ -146,9 +155,10 @@ class AdaptiveLimit:
     limit: int = 1
     probing: bool = False  # the limit is a step up still being judged
     measures: dict[int, Measure] = field(default_factory=dict)  # the latest measure of each level
-    _samples: dict[int, deque[tuple[float, float]]] = field(default_factory=dict)  # recent cohorts' (level, stretch)
+    # Recent cohorts' samples: (level, stretch, late).
+    _samples: dict[int, deque[tuple[float, float, bool]]] = field(default_factory=dict)
     _fresh: bool = False  # the current limit was measured since it became the limit
-    _cohort: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # id -> (level, stretch)
+    _cohort: dict[str, tuple[float, float, bool] | None] = field(default_factory=dict)  # id -> a sample
     _cohort_open: bool = True  # still taking members
     _blocked_until: dict[int, float] = field(default_factory=dict)
     _ratios: deque[float] = field(default_factory=lambda: deque(maxlen=BUDGET_WINDOW))  # solo time / budget
@@ -177,7 +187,8 @@ class AdaptiveLimit:
                                   cohort=member)
 
     def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
-                 ok: bool, beside: int = 0) -> None:
+                 ok: bool, beside: int = 0, late: bool = False) -> None:
+        """``late``: it finished after its deadline (its client had its 408 already)."""
         self._advance(now, in_flight, beside)
         run = self._runs.pop(job_id, None)
         if run is None or run.epoch != self._epoch:
@@ -189,7 +200,7 @@ class AdaptiveLimit:
                 # The level is that of the requests within the limit; the throughput is shared
                 # among all in flight, those beside included (leaving them out would make a level
                 # with express requests beside it look slower than it is).
-                self._cohort[job_id] = ((self._area_all - run.area_all) / took, took / work_s)
+                self._cohort[job_id] = ((self._area_all - run.area_all) / took, took / work_s, late)
             if budget_s > 0:
                 self._ratios.append(work_s / budget_s)
         if run.cohort:
@@ -248,7 +259,8 @@ class AdaptiveLimit:
         return ordered[math.floor(BUDGET_QUANTILE * (len(ordered) - 1))] * stretch <= self.settings.latency_headroom
 
     def describe(self) -> dict[str, Any]:
-        levels = {str(k): {"samples": m.samples, "throughput": round(m.throughput, 3), "stretch": round(m.stretch, 3)}
+        levels = {str(k): {"samples": m.samples, "throughput": round(m.throughput, 3), "stretch": round(m.stretch, 3),
+                           "in_time": round(m.in_time, 3)}
                   for k, m in sorted(self.measures.items())}
         return {"mode": self.mode, "slots": self.limit, "max_slots": self.settings.max_slots,
                 "probing": self.probing, "levels": levels}
@@ -267,12 +279,13 @@ class AdaptiveLimit:
         pooled = self._samples.setdefault(self.limit, deque(maxlen=POOLED_COHORTS * self.settings.samples))
         pooled.extend(cohort)
         samples = list(pooled)
-        values = [level / stretch for level, stretch in samples]
+        values = [level / stretch for level, stretch, _ in samples]
         median = statistics.median(values)
         spread = MAD_TO_SD * statistics.median(abs(v - median) for v in values)
         self.measures[self.limit] = Measure(
             throughput=median, spread=spread / median,
-            stretch=statistics.median(stretch for _, stretch in samples), samples=len(samples), at=now)
+            in_time=sum(1 for *_, late in samples if not late) / len(samples),
+            stretch=statistics.median(stretch for _, stretch, _ in samples), samples=len(samples), at=now)
         self._fresh = True
         self._decide(now, saturated=False)
 
@@ -295,18 +308,18 @@ class AdaptiveLimit:
             # for both, so a cohort that happens to agree with itself does not look precise.
             spread = max(current.spread, below.spread)
             margin = CONFIDENCE * MEDIAN_SE * spread * math.sqrt(1 / current.samples + 1 / below.samples)
-            bar = below.throughput * (1 + s.min_gain)
-            if current.throughput * (1 - margin) >= bar:
+            bar = below.goodput * (1 + s.min_gain)
+            if current.goodput * (1 - margin) >= bar:
                 self.probing = False
-            elif current.throughput * (1 + margin) < bar:
+            elif current.goodput * (1 + margin) < bar:
                 self._step(now, -1)
             elif current.samples >= PROBE_COHORTS * s.samples:
-                if current.throughput * (1 - margin / CONFIDENCE) >= bar:  # one standard error short
+                if current.goodput * (1 - margin / CONFIDENCE) >= bar:  # one standard error short
                     self.probing = False
                 else:
                     self._step(now, -1)
             return
-        if below is not None and (current.throughput < below.throughput or not self.fits(current.stretch)):
+        if below is not None and (current.goodput < below.goodput or not self.fits(current.stretch)):
             self._step(now, -1)  # conditions changed: this level no longer pays
             return
         if saturated and top < s.max_slots and now >= self._blocked_until.get(top + 1, -math.inf) \

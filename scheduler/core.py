@@ -118,6 +118,7 @@ class Tally:
     reloads: int = 0
     cancelled: int = 0
     expired_queued: int = 0
+    shed: int = 0  # queued jobs taken out at their latest start, before their deadline (``expires_at``)
     expired_running: int = 0
     completed: int = 0
     failed: int = 0
@@ -251,7 +252,7 @@ class Scheduler:
         self.reject_unmeetable = reject_unmeetable
         self.running: dict[str, Running] = {}
         self.tally = Tally()
-        self._deadlines: list[tuple[float, int, str]] = []  # heap of queued jobs' deadlines
+        self._deadlines: list[tuple[float, int, str]] = []  # heap of queued jobs' expiries (``expires_at``)
         # Admitted work per band (predicted seconds), decayed over RATE_WINDOW_S, as of _work_at.
         self._work: dict[int, float] = {}
         self._work_at: float | None = None
@@ -281,7 +282,7 @@ class Scheduler:
         job that was admitted before, e.g. an async task re-queued after a restart)."""
         if force:
             self.queue.push(job, now, force=True)
-            heapq.heappush(self._deadlines, (job.deadline_at, job.seq, job.id))
+            heapq.heappush(self._deadlines, (self.expires_at(job), job.seq, job.id))
             self.tally.admitted += 1
             return None
         room = len(self.queue) < self.queue.max_size and self.queue.tenant_depth(job.tenant) < self._tenant_max(job)
@@ -295,7 +296,7 @@ class Scheduler:
         if rejection is not None:
             self.tally.rejected[rejection.reason.value] += 1
             return rejection
-        heapq.heappush(self._deadlines, (job.deadline_at, job.seq, job.id))
+        heapq.heappush(self._deadlines, (self.expires_at(job), job.seq, job.id))
         self.tally.admitted += 1
         self._note_work(job, now)
         return None
@@ -457,15 +458,29 @@ class Scheduler:
             self.tally.cancelled += 1
         return job
 
+    def expires_at(self, job: Job) -> float:
+        """When a queued job leaves the queue unserved: its latest start (deadline less predicted
+        service), past which it would be predicted to finish late even on a free backend, so the
+        backend time it would take goes to work that can still make its deadline. Only when
+        deadlines are enforced and the job was predicted to fit when it arrived: one admitted
+        against its prediction (an idle pool, a prior still far off) waits until its deadline."""
+        if self.reject_unmeetable and job.arrived_at + job.predicted_s <= job.deadline_at:
+            return job.deadline_at - job.predicted_s
+        return job.deadline_at
+
     def expire(self, now: float) -> list[Job]:
-        """Queued jobs whose deadline has passed, taken out of the queue."""
+        """Queued jobs past ``expires_at``, taken out of the queue: those whose deadline has
+        not passed yet are counted as ``shed`` (they could no longer start in time)."""
         expired: list[Job] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, job_id = heapq.heappop(self._deadlines)
             job = self.queue.remove(job_id)
             if job is not None:
                 expired.append(job)
-        self.tally.expired_queued += len(expired)
+                if now < job.deadline_at:
+                    self.tally.shed += 1
+                else:
+                    self.tally.expired_queued += 1
         return expired
 
     def next_deadline(self) -> float | None:
@@ -506,7 +521,7 @@ class Scheduler:
             return False
         del self.running[job_id]
         self.queue.push(run.job, now, force=True)
-        heapq.heappush(self._deadlines, (run.job.deadline_at, run.job.seq, run.job.id))
+        heapq.heappush(self._deadlines, (self.expires_at(run.job), run.job.seq, run.job.id))
         return True
 
     def adopt(self, old: Scheduler) -> None:
@@ -515,7 +530,7 @@ class Scheduler:
         for job in sorted(old.queue.jobs(), key=lambda j: j.seq):
             self.queue.push(job, job.arrived_at, force=True)
         self.running.update(old.running)
-        self._deadlines = list(old._deadlines)
+        self._deadlines = [(self.expires_at(job), job.seq, job.id) for job in self.queue.jobs()]
         heapq.heapify(self._deadlines)
         self.tally = old.tally
         self._work, self._work_at, self._work_since = dict(old._work), old._work_at, old._work_since
@@ -597,7 +612,7 @@ class Scheduler:
 
         ``schedule``'s own decisions (``_pick``) run over simulated time on a copy of the queue:
         each running job frees its slot at its predicted end, each dispatched one holds its slot
-        for its prediction, queued jobs leave at their deadlines; the jobs dispatched before it,
+        for its prediction, queued jobs leave at ``expires_at``; the jobs dispatched before it,
         in the order and onto the slots the dispatcher would use (bands, fair queueing, class
         caps and extra slots, model-configuration affinity and reloads), decide when it starts.
         Completions and deadlines at the same instant all happen before that instant's dispatch.
@@ -621,7 +636,7 @@ class Scheduler:
         shares = self.shares.copy()
         ends = [(r.ends_at, r.job.id) for r in running.values()]
         heapq.heapify(ends)
-        expiries = [(q.deadline_at, q.seq, q.id) for q in queue.jobs() if q is not target]
+        expiries = [(self.expires_at(q), q.seq, q.id) for q in queue.jobs() if q is not target]
         heapq.heapify(expiries)
         visits = 0
 
@@ -685,6 +700,7 @@ class Scheduler:
             "in_service_by_class": dict(Counter(r.job.cls for r in self.running.values())),
             "admitted": tally.admitted, "rejected": dict(tally.rejected), "dispatched": tally.dispatched,
             "reloads": tally.reloads, "cancelled": tally.cancelled, "expired_queued": tally.expired_queued,
+            "shed": tally.shed,
             "expired_running": tally.expired_running, "completed": tally.completed, "failed": tally.failed,
             "orphaned_backend_seconds": round(tally.orphaned_s, 3),
         }

@@ -136,6 +136,13 @@ def timeout_message(timeout_s: float, chars: int) -> str:
     return f"Request timeout after {shown} seconds. Text length: {chars} characters."
 
 
+def shed_message(timeout_s: float, chars: int, predicted_s: float) -> str:
+    """The 408 detail of a request taken out of the queue at its latest start: upstream's words,
+    and why it was answered before its timeout."""
+    return (f"{timeout_message(timeout_s, chars)} No backend was free in time: its predicted service of "
+            f"{predicted_s:.3f} seconds would end after the timeout, so it was not started.")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Deadline:
     at: float  # monotonic seconds when the request's time is up

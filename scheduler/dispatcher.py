@@ -36,7 +36,12 @@ ALIVE = (BackendState.STARTING, BackendState.WARMING, BackendState.READY, Backen
 
 
 class QueuedDeadline(Exception):
-    """The job's deadline passed while it waited."""
+    """The job's time ran out while it waited: its deadline passed, or (``shed``) its latest
+    start did, so it could no longer finish in time (``Scheduler.expires_at``)."""
+
+    def __init__(self, job_id: str, *, shed: bool = False) -> None:
+        super().__init__(job_id)
+        self.shed = shed
 
 
 # Admission refusals that say the pool is short of capacity (not a tenant's own bound).
@@ -159,7 +164,8 @@ class Dispatcher:
         priors = self.scheduler.cost.priors
         self.limit(backend).released(job.id, self.clock(), self._within(backend), beside=self._beside(backend),
                                      work_s=priors.base_s + priors.per_unit_s * job.units,
-                                     budget_s=job.deadline_at - job.arrived_at, ok=ok)
+                                     budget_s=job.deadline_at - job.arrived_at, ok=ok,
+                                     late=self.clock() > job.deadline_at)
 
     def pump(self) -> None:
         """Run the scheduler and wake the requests it dispatched; again when a limit rose."""
@@ -252,10 +258,11 @@ class Dispatcher:
 
     def _on_deadline(self) -> None:
         self._timer = None
-        for job in self.scheduler.expire(self.clock()):
+        now = self.clock()
+        for job in self.scheduler.expire(now):
             future = self._waiting.pop(job.id, None)
             if future is not None and not future.done():
-                future.set_exception(QueuedDeadline(job.id))
+                future.set_exception(QueuedDeadline(job.id, shed=now < job.deadline_at))
         self.pump()
 
     def close(self) -> None:

@@ -216,8 +216,10 @@ class _StateCollector(Collector):
             labels=["reason"])
         expiries = CounterMetricFamily(
             PREFIX + "deadline_expiries",
-            "TTS requests answered 408 because their deadline passed, by where: queued (still waiting for a slot) "
-            "or running (the backend was still working; its slot stays busy until it finishes).",
+            "TTS requests answered 408 because their deadline passed, by where: queued (still waiting for a slot), "
+            "shed (still waiting at their latest start, deadline less predicted service: answered then, before "
+            "the deadline, as they could no longer finish in time) or running (the backend was still working; "
+            "its slot stays busy until it finishes).",
             labels=["where"])
         orphaned = CounterMetricFamily(
             PREFIX + "orphaned_backend_seconds",
@@ -290,6 +292,7 @@ class _StateCollector(Collector):
         for reason, n in rejected.items():
             rejections.add_metric([reason], n)
         expiries.add_metric(["queued"], tally.expired_queued)
+        expiries.add_metric(["shed"], tally.shed)
         expiries.add_metric(["running"], tally.expired_running)
         orphaned.add_metric([], tally.orphaned_s)
         flagged = scheduler.cost.slow_backends()

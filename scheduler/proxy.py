@@ -32,7 +32,7 @@ from glmtts.text import units
 from scheduler.admission import Rejection
 from scheduler.config import SidecarConfig
 from scheduler.core import Scheduler
-from scheduler.deadlines import client_budget, timeout_message
+from scheduler.deadlines import client_budget, shed_message, timeout_message
 from scheduler.dispatcher import Dispatcher, QueuedDeadline
 from scheduler.errors import (
     BackendFailed,
@@ -374,7 +374,10 @@ class Proxy:
     async def _wait(self, job: Job, future: asyncio.Future[Backend]) -> Backend:
         try:
             return await future
-        except QueuedDeadline:
+        except QueuedDeadline as exc:
+            if exc.shed:
+                raise DeadlineExpired(shed_message(job.deadline_at - job.arrived_at, job.chars,
+                                                   job.predicted_s)) from None
             raise self._expired(job) from None
         except asyncio.CancelledError:
             self.dispatcher.withdraw(job, future)  # the client went away while queued

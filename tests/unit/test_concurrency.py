@@ -26,6 +26,9 @@ class Simulation:
     limit: AdaptiveLimit
     curve: Sequence[float]
     budget_factor: float = 20.0  # deadline budget = this x the job's solo estimate
+    # Late when it takes more than this x its solo estimate from its dispatch: what is left of its
+    # budget once it waited in line (None: never late).
+    slack: float | None = None
     seed: int = 0
     now: float = 0.0
     time_at: Counter[int] = field(default_factory=Counter)  # simulated seconds spent at each limit
@@ -35,6 +38,7 @@ class Simulation:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.running: dict[str, tuple[float, float]] = {}  # id -> (remaining solo work, solo estimate)
+        self.started: dict[str, float] = {}
         self.next_id = 0
 
     def fill(self) -> None:
@@ -44,6 +48,7 @@ class Simulation:
                 job = f"j{self.next_id}"
                 self.next_id += 1
                 self.running[job] = (estimate * self.rng.lognormvariate(0.0, 0.05), estimate)
+                self.started[job] = self.now
                 self.limit.dispatched(job, self.now, len(self.running))
             before = self.limit.limit
             self.limit.load(self.now, len(self.running), waiting=True)
@@ -64,9 +69,11 @@ class Simulation:
             for other, (left, estimate) in list(self.running.items()):
                 self.running[other] = (left - step * speed, estimate)
             _, estimate = self.running.pop(job)
+            took = self.now - self.started.pop(job)
             self.completed += 1
             self.limit.released(job, self.now, len(self.running), work_s=estimate,
-                                budget_s=estimate * self.budget_factor, ok=True)
+                                budget_s=estimate * self.budget_factor, ok=True,
+                                late=self.slack is not None and took > estimate * self.slack)
             self.fill()
 
     def settled_at(self, seconds: float) -> Counter[int]:
@@ -77,10 +84,11 @@ class Simulation:
         return Counter({level: t / total for level, t in self.time_at.items()})
 
 
-def simulate(curve: Sequence[float], *, seed: int = 0, budget_factor: float = 20.0, **knobs: float) -> Simulation:
+def simulate(curve: Sequence[float], *, seed: int = 0, budget_factor: float = 20.0, slack: float | None = None,
+             **knobs: float) -> Simulation:
     knobs = {"max_slots": 4, "min_gain": 0.1, "samples": 8, "reprobe_s": 600.0} | knobs
     limit = AdaptiveLimit(AdaptiveSettings(**knobs))  # type: ignore[arg-type]
-    return Simulation(limit=limit, curve=curve, budget_factor=budget_factor, seed=seed)
+    return Simulation(limit=limit, curve=curve, budget_factor=budget_factor, slack=slack, seed=seed)
 
 
 @pytest.mark.parametrize(("curve", "best"), [
@@ -109,6 +117,20 @@ def test_a_level_whose_latency_breaks_the_deadlines_is_not_kept() -> None:
     roomy = simulate((1.0, 1.5, 1.6), budget_factor=1.5)  # 1.33 <= 1.5: now it fits
     roomy.run(2000.0)
     assert roomy.settled_at(6000.0)[2] > 0.8
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_level_that_gains_throughput_but_makes_requests_late_is_not_kept(seed: int) -> None:
+    """Goodput, not throughput: x1.3 at 2 in flight, but each request then takes 2 / 1.3 = 1.54x
+    its solo time, past the 1.4x its deadline leaves once it waited in line. The budgets alone
+    (20x solo) would allow it; the requests that finish late do not count."""
+    sim = simulate((1.0, 1.3, 1.4, 1.5), seed=seed, slack=1.4)
+    sim.run(2000.0)
+    assert sim.settled_at(6000.0)[1] > 0.8, sim.limit.describe()
+    assert sim.limit.describe()["levels"]["2"]["in_time"] == 0.0
+    roomy = simulate((1.0, 1.3, 1.4, 1.5), seed=seed, slack=1.7)  # 1.54 <= 1.7: in time, kept
+    roomy.run(2000.0)
+    assert roomy.settled_at(6000.0)[2] > 0.6, roomy.limit.describe()
 
 
 def test_it_follows_a_change_of_curve() -> None:
@@ -222,4 +244,4 @@ def test_requests_beside_the_limit_share_the_throughput_but_not_the_level() -> N
     limit.released("b", 4.0, 0, work_s=1.0, budget_s=60.0, ok=True, beside=1)
     # Counted at level 1 (the limit's), with the backend's throughput shared by two: 2 / 2 = 1, a
     # flat curve; not 1 / 2, which would make level 1 look half as fast as it is.
-    assert limit.describe()["levels"]["1"] == {"samples": 2, "throughput": 1.0, "stretch": 2.0}
+    assert limit.describe()["levels"]["1"] == {"samples": 2, "throughput": 1.0, "stretch": 2.0, "in_time": 1.0}

@@ -61,6 +61,7 @@ class Track:
     requeues: int = 0
     answers: int = 0  # client answers: 408 from expire or answered_early, or the backend's answer
     early: bool = False  # answered_early was called while it ran
+    shed: bool = False  # expired at its latest start, before its deadline
     ok: bool = False
 
 
@@ -220,15 +221,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self._expire() or at < self.now
 
     def _expire(self) -> int:
-        due = {t.job.id for t in self.where("queued") if t.job.deadline_at <= self.now}
+        expiry = self.expiry
+        due = {t.job.id for t in self.where("queued") if expiry(t.job) <= self.now}
         got = self.scheduler.expire(self.now)
-        in_order = sorted(due, key=lambda i: (self.tracks[i].job.deadline_at, self.tracks[i].job.seq))
+        in_order = sorted(due, key=lambda i: (expiry(self.tracks[i].job), self.tracks[i].job.seq))
         assert [j.id for j in got] == in_order
         for job in got:
             track = self.tracks[job.id]
             track.where = "expired"
+            track.shed = self.now < job.deadline_at
             track.answers += 1
         return len(got)
+
+    def expiry(self, job: Job) -> float:
+        """The model of ``Scheduler.expires_at``: with deadlines enforced, a job predicted to fit
+        when it arrived leaves at its latest start; any other at its deadline."""
+        if self.scheduler.reject_unmeetable and job.arrived_at + job.predicted_s <= job.deadline_at:
+            return job.deadline_at - job.predicted_s
+        return job.deadline_at
 
     @precondition(lambda self: bool(self.tracks))
     @rule(pick=st.integers(0, 10**6))
@@ -302,9 +312,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         count = Counter(t.where for t in self.tracks.values())
         assert tally.admitted == len(self.tracks)
         assert tally.admitted == (len(self.scheduler.queue) + len(self.scheduler.running) + tally.cancelled
-                                  + tally.expired_queued + tally.completed + tally.failed)
+                                  + tally.expired_queued + tally.shed + tally.completed + tally.failed)
         assert tally.cancelled == count["cancelled"]
-        assert tally.expired_queued == count["expired"]
+        assert tally.expired_queued == sum(1 for t in self.where("expired") if not t.shed)
+        assert tally.shed == sum(1 for t in self.where("expired") if t.shed)
         assert tally.completed == sum(1 for t in self.where("finished") if t.ok)
         assert tally.failed == sum(1 for t in self.where("finished") if not t.ok)
         assert tally.expired_running == sum(1 for t in self.tracks.values() if t.early)
@@ -314,7 +325,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def next_deadline_is_the_earliest_queued_one(self) -> None:
-        deadlines = [t.job.deadline_at for t in self.where("queued")]
+        deadlines = [self.expiry(t.job) for t in self.where("queued")]
         assert self.scheduler.next_deadline() == (min(deadlines) if deadlines else None)
 
     @invariant()
@@ -450,6 +461,52 @@ def test_cancelled_and_dispatched_jobs_do_not_expire_and_next_deadline_skips_the
     assert scheduler.next_deadline() is None
     assert scheduler.tally.expired_queued == 3
     assert scheduler.tally.cancelled == 1
+
+
+def test_with_deadlines_enforced_a_queued_job_leaves_at_its_latest_start() -> None:
+    """Its deadline less its predicted service: started any later it would be predicted to finish
+    late even alone, so it is shed then (counted apart) and the slot goes to work that can make it."""
+    scheduler = make_scheduler(reject_unmeetable=True)
+    busy = scheduler.make_job(id="busy", chars=10, units=10.0, model_key=K24, now=0.0, client_budget_s=100.0)
+    assert scheduler.offer(busy, 0.0, [view("b")]) is None
+    assert [a.job.id for a in scheduler.schedule(0.0, [view("b")])] == ["busy"]
+    job = scheduler.make_job(id="j", chars=10, units=10.0, model_key=K24, now=0.0, client_budget_s=10.0)
+    assert 2 * job.predicted_s < 10.0  # fits after the running one: admitted
+    assert scheduler.offer(job, 0.0, [view("b")]) is None
+    latest = job.deadline_at - job.predicted_s
+    assert scheduler.expires_at(job) == latest == scheduler.next_deadline()
+    assert scheduler.expire(math.nextafter(latest, 0.0)) == []
+    assert scheduler.expire(latest) == [job]
+    assert (scheduler.tally.shed, scheduler.tally.expired_queued) == (1, 0)
+    assert scheduler.status(latest)["shed"] == 1
+    assert scheduler.next_deadline() is None
+
+
+def test_a_job_admitted_against_its_prediction_waits_until_its_deadline() -> None:
+    """Admitted although its prediction exceeds its budget (here: forced back in, as a task after a
+    restart; also a first request on an idle pool while a prior is still far off, admission's
+    ``_learns``): that prediction does not shed it. Nor is any job shed when deadlines are not
+    enforced."""
+    scheduler = make_scheduler(reject_unmeetable=True)
+    job = scheduler.make_job(id="j", chars=10, units=10.0, model_key=K24, now=0.0, client_budget_s=1.0)
+    assert job.predicted_s > 1.0
+    assert scheduler.offer(job, 0.0, STARTING, force=True) is None
+    assert scheduler.next_deadline() == job.deadline_at == 1.0
+    assert scheduler.expire(1.0) == [job] and scheduler.tally.expired_queued == 1
+    lenient = make_scheduler(reject_unmeetable=False)
+    fits = lenient.make_job(id="k", chars=10, units=10.0, model_key=K24, now=0.0, client_budget_s=100.0)
+    assert lenient.offer(fits, 0.0, STARTING) is None
+    assert lenient.next_deadline() == fits.deadline_at
+    assert lenient.expire(fits.deadline_at - fits.predicted_s) == []
+
+
+def test_a_reload_recomputes_expiries_under_the_new_rule() -> None:
+    old = make_scheduler(reject_unmeetable=False)
+    job = old.make_job(id="j", chars=10, units=10.0, model_key=K24, now=0.0, client_budget_s=100.0)
+    assert old.offer(job, 0.0, STARTING) is None
+    new = make_scheduler(reject_unmeetable=True)
+    new.adopt(old)
+    assert new.next_deadline() == job.deadline_at - job.predicted_s
 
 
 def test_the_client_budget_only_shortens_the_policy_deadline() -> None:

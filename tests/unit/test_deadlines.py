@@ -15,6 +15,7 @@ from scheduler.deadlines import (
     TiersPolicy,
     client_budget,
     make_policy,
+    shed_message,
     timeout_message,
 )
 
@@ -162,3 +163,9 @@ def test_deadline_remaining_and_expiry() -> None:
     assert not deadline.expired(159.999)
     assert deadline.expired(160.0)
     assert deadline.remaining(170.0) == 0.0
+
+
+def test_a_shed_request_is_told_upstreams_words_and_why_it_was_answered_early() -> None:
+    message = shed_message(2.5, 40, 1.25)
+    assert message.startswith(timeout_message(2.5, 40))
+    assert "1.250 seconds" in message and "not started" in message

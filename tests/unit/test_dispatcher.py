@@ -10,7 +10,7 @@ from scheduler.admission import Rejection
 from scheduler.build import build_scheduler
 from scheduler.concurrency import AdaptiveLimit, AdaptiveSettings, SlotPolicy
 from scheduler.config import SidecarConfig
-from scheduler.dispatcher import Dispatcher
+from scheduler.dispatcher import Dispatcher, QueuedDeadline
 
 AUTO = SlotPolicy(fixed=None, adaptive=AdaptiveSettings(samples=2, max_slots=3))
 
@@ -131,4 +131,28 @@ async def test_a_request_past_the_limit_on_an_extra_slot_is_not_what_the_limit_m
     assert limit._in_flight == 1 and backends[0].in_flight == 1
     dispatcher.finish(jobs[0], backends[0], ok=True)
     assert limit._in_flight == 0 and backends[0].in_flight == 0
+    dispatcher.close()
+
+
+async def test_a_job_still_queued_at_its_latest_start_is_answered_then_as_shed() -> None:
+    clock = Clock()
+    backends = pool(1)
+    scheduler = build_scheduler(SidecarConfig())
+    dispatcher = Dispatcher(scheduler, lambda: backends, slots=SlotPolicy(fixed=1), clock=clock)
+    jobs = [scheduler.make_job(id=f"j{i}", chars=300, units=300.0, model_key=(24000, False), now=clock.now,
+                               client_budget_s=250.0) for i in range(2)]
+    running = dispatcher.offer(jobs[0])
+    queued = dispatcher.offer(jobs[1])
+    assert not isinstance(running, Rejection) and not isinstance(queued, Rejection)
+    await running
+    latest = jobs[1].deadline_at - jobs[1].predicted_s
+    clock.now = latest - 0.001
+    dispatcher._on_deadline()
+    assert not queued.done()
+    clock.now = latest
+    dispatcher._on_deadline()
+    assert queued.done() and isinstance(queued.exception(), QueuedDeadline)
+    exc = queued.exception()
+    assert isinstance(exc, QueuedDeadline) and exc.shed
+    assert scheduler.tally.shed == 1 and scheduler.tally.expired_queued == 0
     dispatcher.close()

@@ -177,7 +177,7 @@ def test_an_unmeasured_level_counts_as_processor_sharing_without_gain() -> None:
 def test_the_adaptive_limit_reports_the_slowdown_it_measured() -> None:
     limit = AdaptiveLimit(AdaptiveSettings(max_slots=3))
     assert limit.slowdown() == (1.0, 2.0, 3.0, 4.0)  # nothing measured: k at k in flight
-    limit.measures[1] = Measure(throughput=1.0, spread=0.0, stretch=1.1, samples=8, at=0.0)
-    limit.measures[2] = Measure(throughput=1.3, spread=0.0, stretch=1.1 * 2 / 1.3, samples=8, at=0.0)
+    limit.measures[1] = Measure(throughput=1.0, spread=0.0, in_time=1.0, stretch=1.1, samples=8, at=0.0)
+    limit.measures[2] = Measure(throughput=1.3, spread=0.0, in_time=1.0, stretch=1.1 * 2 / 1.3, samples=8, at=0.0)
     # Past what was measured, no more gain than measured: 2 / 1.3 x k / 2.
     assert limit.slowdown() == pytest.approx((1.0, 2 / 1.3, 3 / 1.3, 4 / 1.3))
