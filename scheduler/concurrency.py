@@ -38,9 +38,16 @@ DEFAULT_MAX_SLOTS = 4
 BUDGET_WINDOW = 64  # recent completions whose deadline budgets the latency check looks at
 BUDGET_QUANTILE = 0.9  # the latency check must hold for this share of them
 LEVEL_TOLERANCE = 0.5  # a sample counts for the level nearest the average it ran at (an express slot blurs it)
+# A request teaches the slowdown at the total in flight nearest the average it ran with, only when
+# it is this near: one that ran half its time alone says little about either level.
+COMPANY_TOLERANCE = 0.25
+# The fixed part of a request's time (overhead_s) is told from its slowness only where the requests
+# that ran alone differ this much in size (largest solo estimate over smallest).
+OVERHEAD_SPREAD = 3.0
 CONFIDENCE = 2.0  # standard errors a step's gain must clear min_gain by
 POOLED_COHORTS = 4  # a level's measure pools this many of its latest cohorts
 PROBE_COHORTS = 4  # a probe that is neither clearly worth it nor clearly not is decided after this many cohorts
+BASELINE_COHORTS = 1  # a level is probed past only once measured over this many cohorts
 MAD_TO_SD = 1.4826  # median absolute deviation to standard deviation, for normal noise
 MEDIAN_SE = 1.2533  # standard error of a median over that of a mean, for normal noise
 
@@ -71,7 +78,8 @@ class SlotLimit(Protocol):
     @property
     def limit(self) -> int: ...
 
-    def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0) -> None: ...
+    def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0,
+                   extra: bool = False) -> None: ...
 
     def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
                  ok: bool, beside: int = 0, late: bool = False) -> None: ...
@@ -93,7 +101,8 @@ class FixedLimit:
     def __init__(self, slots: int) -> None:
         self.limit = slots
 
-    def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0) -> None:
+    def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0,
+                   extra: bool = False) -> None:
         pass
 
     def released(self, job_id: str, now: float, in_flight: int, *, work_s: float, budget_s: float,
@@ -138,6 +147,7 @@ class _Run:
     area_all: float  # ... and that of all in flight, those beside the limit included
     epoch: int
     cohort: bool  # one of the requests the current level is being measured with
+    extra: bool = False  # let past the limit by a class's extra slot: teaches the slowdown only
 
 
 @dataclass
@@ -155,20 +165,27 @@ class AdaptiveLimit:
     limit: int = 1
     probing: bool = False  # the limit is a step up still being judged
     measures: dict[int, Measure] = field(default_factory=dict)  # the latest measure of each level
-    # Recent cohorts' samples: (level, stretch, late).
-    _samples: dict[int, deque[tuple[float, float, bool]]] = field(default_factory=dict)
+    # Recent cohorts' samples: (level, solo estimate, seconds taken, late).
+    _samples: dict[int, deque[tuple[float, float, float, bool]]] = field(default_factory=dict)
     _fresh: bool = False  # the current limit was measured since it became the limit
-    _cohort: dict[str, tuple[float, float, bool] | None] = field(default_factory=dict)  # id -> a sample
+    _cohort: dict[str, tuple[float, float, float, bool] | None] = field(default_factory=dict)  # id -> a sample
     _cohort_open: bool = True  # still taking members
     _blocked_until: dict[int, float] = field(default_factory=dict)
     _ratios: deque[float] = field(default_factory=lambda: deque(maxlen=BUDGET_WINDOW))  # solo time / budget
     _runs: dict[str, _Run] = field(default_factory=dict)
+    # (Solo estimate, seconds taken) of recent requests by the total in flight they ran with (those
+    # beside the limit included, each request at whatever level): ``slowdown`` and ``overhead_s``.
+    _company: dict[int, deque[tuple[float, float]]] = field(default_factory=dict)
     _epoch: int = 0
     _in_flight: int = 0
     _area: float = 0.0  # integral of in-flight (within the limit) over time: which level a request ran at
     _beside: int = 0  # requests an extra slot let past the limit, running beside
     _area_all: float = 0.0  # integral of all in flight: what the backend's throughput is shared among
     _last: float = 0.0
+    # The first cohort after a (re)start is not measured: a process's first requests run on cold
+    # caches (on a GPU the first takes ~3x, measurements/h200-calibration.md) while its neighbours
+    # start too.
+    warming: bool = True
 
     mode = "auto"
 
@@ -177,8 +194,14 @@ class AdaptiveLimit:
 
     # --- events -------------------------------------------------------------------------------
 
-    def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0) -> None:
+    def dispatched(self, job_id: str, now: float, in_flight: int, *, beside: int = 0,
+                   extra: bool = False) -> None:
+        """``extra``: let past the limit by a class's extra slot (``beside`` counts it already)."""
         self._advance(now, in_flight, beside)
+        if extra:
+            self._runs[job_id] = _Run(started_at=now, area=self._area, area_all=self._area_all,
+                                      epoch=self._epoch, cohort=False, extra=True)
+            return
         member = self._cohort_open
         if member:
             self._cohort[job_id] = None
@@ -195,12 +218,20 @@ class AdaptiveLimit:
             return  # only work the backend did since its last restart teaches
         took = now - run.started_at
         if ok and took > 0 and work_s > 0:
+            company = (self._area_all - run.area_all) / took
+            level = round(company)
+            if level >= 1 and abs(company - level) <= COMPANY_TOLERANCE:
+                window = POOLED_COHORTS * self.settings.samples
+                self._company.setdefault(level, deque(maxlen=window)).append((work_s, took))
+        if run.extra:
+            return
+        if ok and took > 0 and work_s > 0:
             average = (self._area - run.area) / took
             if run.cohort and abs(average - self.limit) <= LEVEL_TOLERANCE:
                 # The level is that of the requests within the limit; the throughput is shared
                 # among all in flight, those beside included (leaving them out would make a level
                 # with express requests beside it look slower than it is).
-                self._cohort[job_id] = ((self._area_all - run.area_all) / took, took / work_s, late)
+                self._cohort[job_id] = ((self._area_all - run.area_all) / took, work_s, took, late)
             if budget_s > 0:
                 self._ratios.append(work_s / budget_s)
         if run.cohort:
@@ -214,9 +245,10 @@ class AdaptiveLimit:
     def reset(self, now: float) -> None:
         """The backend restarted: what was learned is about a process that is gone."""
         self._advance(now, self._in_flight, self._beside)
-        self.limit, self.probing, self._fresh = 1, False, False
+        self.limit, self.probing, self._fresh, self.warming = 1, False, False, True
         self.measures.clear()
         self._samples.clear()
+        self._company.clear()
         self._blocked_until.clear()
         self._ratios.clear()
         self._new_cohort()
@@ -236,20 +268,51 @@ class AdaptiveLimit:
 
     def slowdown(self) -> tuple[float, ...]:
         """How many times its time alone a request takes at 1, 2, ... in flight, up to
-        ``max_slots`` + 1 (a class's extra slot may go one past): measured where both the level
-        and level 1 were measured; past the last measured level ``m``, its slowdown times ``k / m``
-        (no more gain than measured: processor sharing without any gain when nothing is)."""
-        one = self.stretch(1)
+        ``max_slots`` + 1 (a class's extra slot may go one past): the median stretch of recent
+        requests that ran with that many in flight in all (``samples`` of them at least) over that
+        of requests that ran alone. Until requests alone were seen that often, from the levels'
+        measures (whose requests may have had an express request beside them: a slowdown that
+        comes out low). Past the last measured level ``m``, its slowdown times ``k / m`` (no
+        more gain than measured: processor sharing without any gain when nothing is)."""
+        overhead = self.overhead_s()
+        enough = {level: statistics.median(self._stretch(work, took, overhead) for work, took in seen)
+                  for level, seen in self._company.items() if len(seen) >= self.settings.samples}
+        stretch = enough.get if 1 in enough else self.stretch
+        one = stretch(1)
         curve = [1.0]
         last_level, last = 1, 1.0
         for level in range(2, self.settings.max_slots + 2):
-            at = self.stretch(level)
+            at = stretch(level)
             if one and at is not None:
                 last_level, last = level, max(1.0, at / one)
                 curve.append(last)
             else:
                 curve.append(last * level / last_level)
         return tuple(curve)
+
+    def overhead_s(self) -> float:
+        """Seconds of every request's time that do not stretch with company (the HTTP exchange,
+        parsing, sending the answer): the intercept of seconds taken against solo estimate over
+        recent requests that ran alone (a least-squares line), at most half the quickest of them.
+        0 until ``samples`` of them were seen, differing in size by OVERHEAD_SPREAD. Left in, it
+        makes a short request's stretch grow less than its share of the backend shrinks: a flat
+        curve looks like a gain, and every slowdown looks smaller than it is."""
+        alone = self._company.get(1)
+        if alone is None or len(alone) < self.settings.samples:
+            return 0.0
+        works = [work for work, _ in alone]
+        if max(works) < OVERHEAD_SPREAD * min(works):
+            return 0.0
+        tooks = [took for _, took in alone]
+        mean_work, mean_took = statistics.fmean(works), statistics.fmean(tooks)
+        spread = sum((work - mean_work) ** 2 for work in works)
+        slope = sum((work - mean_work) * (took - mean_took) for work, took in alone) / spread
+        return min(max(0.0, mean_took - slope * mean_work), 0.5 * min(tooks))
+
+    @staticmethod
+    def _stretch(work_s: float, took_s: float, overhead_s: float) -> float:
+        """Time taken over solo estimate, the fixed overhead taken out (never more than half)."""
+        return max(took_s - overhead_s, 0.5 * took_s) / work_s
 
     def fits(self, stretch: float) -> bool:
         """Whether requests slowed down ``stretch`` times still fit their deadline budgets."""
@@ -263,7 +326,8 @@ class AdaptiveLimit:
                            "in_time": round(m.in_time, 3)}
                   for k, m in sorted(self.measures.items())}
         return {"mode": self.mode, "slots": self.limit, "max_slots": self.settings.max_slots,
-                "probing": self.probing, "levels": levels}
+                "probing": self.probing, "levels": levels, "slowdown": [round(x, 3) for x in self.slowdown()],
+                "overhead_s": round(self.overhead_s(), 4)}
 
     # --- the rule -----------------------------------------------------------------------------
 
@@ -275,17 +339,22 @@ class AdaptiveLimit:
         self._new_cohort()
         if len(cohort) < max(2, self.settings.samples // 2):
             return  # mostly not at the limit (not saturated), or failures: nothing to judge
+        if self.warming:
+            self.warming = False
+            return
         # A level that stays the limit is measured over its last few cohorts: a steadier baseline.
         pooled = self._samples.setdefault(self.limit, deque(maxlen=POOLED_COHORTS * self.settings.samples))
         pooled.extend(cohort)
         samples = list(pooled)
-        values = [level / stretch for level, stretch, _ in samples]
+        overhead = self.overhead_s()
+        stretches = [self._stretch(work, took, overhead) for _, work, took, _ in samples]
+        values = [level / stretch for (level, *_), stretch in zip(samples, stretches, strict=True)]
         median = statistics.median(values)
         spread = MAD_TO_SD * statistics.median(abs(v - median) for v in values)
         self.measures[self.limit] = Measure(
             throughput=median, spread=spread / median,
             in_time=sum(1 for *_, late in samples if not late) / len(samples),
-            stretch=statistics.median(stretch for _, stretch, _ in samples), samples=len(samples), at=now)
+            stretch=statistics.median(stretches), samples=len(samples), at=now)
         self._fresh = True
         self._decide(now, saturated=False)
 
@@ -304,10 +373,7 @@ class AdaptiveLimit:
             if below is None or not self.fits(current.stretch):
                 self._step(now, -1)
                 return
-            # Both levels' noise is mostly that of the solo-time estimates: take the larger spread
-            # for both, so a cohort that happens to agree with itself does not look precise.
-            spread = max(current.spread, below.spread)
-            margin = CONFIDENCE * MEDIAN_SE * spread * math.sqrt(1 / current.samples + 1 / below.samples)
+            margin = self._margin(current, below)
             bar = below.goodput * (1 + s.min_gain)
             if current.goodput * (1 - margin) >= bar:
                 self.probing = False
@@ -319,12 +385,25 @@ class AdaptiveLimit:
                 else:
                     self._step(now, -1)
             return
-        if below is not None and (current.goodput < below.goodput or not self.fits(current.stretch)):
-            self._step(now, -1)  # conditions changed: this level no longer pays
+        # Conditions changed: this level no longer pays. It does not beat the level below, or it
+        # clearly misses the bar it had to clear to be kept (two standard errors above).
+        if below is not None and (current.goodput < below.goodput or not self.fits(current.stretch)
+                                  or current.goodput * (1 + self._margin(current, below))
+                                  < below.goodput * (1 + s.min_gain)):
+            self._step(now, -1)
             return
         if saturated and top < s.max_slots and now >= self._blocked_until.get(top + 1, -math.inf) \
+                and current.samples >= BASELINE_COHORTS * s.samples \
                 and self.fits(current.stretch):  # a request is never faster with more in flight
             self._step(now, +1)
+
+    @staticmethod
+    def _margin(current: Measure, below: Measure) -> float:
+        """Two standard errors of the ratio of two levels' measures, relative. Both levels' noise
+        is mostly that of the solo-time estimates: the larger spread counts for both, so a cohort
+        that happens to agree with itself does not look precise."""
+        spread = max(current.spread, below.spread)
+        return CONFIDENCE * MEDIAN_SE * spread * math.sqrt(1 / current.samples + 1 / below.samples)
 
     def _step(self, now: float, by: int) -> None:
         if by < 0:

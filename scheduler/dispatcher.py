@@ -205,6 +205,8 @@ class Dispatcher:
             backend.in_flight += 1
             if extra:
                 self._extra.setdefault(backend.id, set()).add(assignment.job.id)
+                limit.dispatched(assignment.job.id, self.clock(), self._within(backend), beside=self._beside(backend),
+                                 extra=True)
             else:
                 limit.dispatched(assignment.job.id, self.clock(), self._within(backend), beside=self._beside(backend))
             if assignment.reload and backend.model_key is not None:

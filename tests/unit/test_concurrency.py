@@ -162,7 +162,7 @@ def test_learned_throughput_and_stretch_are_normalised_by_solo_time() -> None:
 
 
 def test_only_successes_since_the_last_restart_teach_it() -> None:
-    limit = AdaptiveLimit(AdaptiveSettings(samples=2))
+    limit = AdaptiveLimit(AdaptiveSettings(samples=2), warming=False)
     for i in range(2):  # a cohort of failures: nothing measured
         limit.dispatched(f"a{i}", float(i), 1)
         limit.released(f"a{i}", i + 0.5, 0, work_s=1.0, budget_s=60.0, ok=False)
@@ -171,7 +171,11 @@ def test_only_successes_since_the_last_restart_teach_it() -> None:
     limit.reset(2.5)  # a new process: b ran on the old one
     limit.released("b", 3.0, 0, work_s=1.0, budget_s=60.0, ok=True)
     assert limit.describe()["levels"] == {}
-    for i, start in enumerate((4.0, 5.0)):
+    for i, start in enumerate((4.0, 5.0)):  # the new process's first cohort: its warm-up, not measured
+        limit.dispatched(f"w{i}", start, 1)
+        limit.released(f"w{i}", start + 0.5, 0, work_s=0.1, budget_s=60.0, ok=True)
+    assert limit.describe()["levels"] == {} and not limit.warming
+    for i, start in enumerate((6.0, 7.0)):
         limit.dispatched(f"c{i}", start, 1)
         limit.released(f"c{i}", start + 0.5, 0, work_s=0.25, budget_s=60.0, ok=True)
     assert limit.stretch(1) == 2.0 and limit.throughput(1) == 0.5
@@ -186,7 +190,7 @@ def test_a_restart_starts_again_at_one() -> None:
 
 
 def test_a_request_counts_at_its_time_weighted_level_only_if_it_stayed_near_it() -> None:
-    limit = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=4))
+    limit = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=4), warming=False)
     limit.limit = 2
     limit.dispatched("a", 0.0, 1)
     limit.dispatched("b", 0.0, 2)
@@ -194,14 +198,14 @@ def test_a_request_counts_at_its_time_weighted_level_only_if_it_stayed_near_it()
     limit.dispatched("c", 2.0, 2)  # not in the cohort of 2
     limit.released("b", 4.0, 1, work_s=1.0, budget_s=60.0, ok=True)  # 4 s at 2 (with a, then c): stretch 4
     assert limit.stretch(2) == 3.0 and limit.throughput(2) == 0.75  # medians of (2, 4) and (2/2, 2/4)
-    other = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=4))
+    other = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=4), warming=False)
     other.limit = 2
     other.dispatched("a", 0.0, 1)
     other.dispatched("b", 0.0, 2)
     other.released("a", 3.0, 1, work_s=1.0, budget_s=60.0, ok=True)  # 3 s at 2: counts
     other.released("b", 7.0, 0, work_s=2.0, budget_s=60.0, ok=True)  # average 1.43: nearer level 1 than 2
     assert other.describe()["levels"] == {}  # one clean sample of two is too few to measure
-    near = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=4))
+    near = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=4), warming=False)
     near.limit = 2
     near.dispatched("a", 0.0, 1)
     near.dispatched("b", 0.0, 2)
@@ -236,7 +240,7 @@ def test_the_limit_stays_within_one_and_max_slots(curve: list[float], max_slots:
 
 
 def test_requests_beside_the_limit_share_the_throughput_but_not_the_level() -> None:
-    limit = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=4))
+    limit = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=4), warming=False)
     limit.load(0.0, 0, waiting=False, beside=1)  # an express request runs beside the whole time
     limit.dispatched("a", 0.0, 1, beside=1)
     limit.released("a", 2.0, 0, work_s=1.0, budget_s=60.0, ok=True, beside=1)  # 2 s for 1 s of work

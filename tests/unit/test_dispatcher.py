@@ -71,7 +71,7 @@ async def test_completions_teach_the_backends_limit() -> None:
     scheduler = build_scheduler(SidecarConfig())
     dispatcher = Dispatcher(scheduler, lambda: backends, slots=AUTO, clock=clock)
     priors = scheduler.cost.priors
-    for i in range(2):  # one at a time, each taking twice its solo estimate by the prior line
+    for i in range(4):  # a warm-up cohort, then one at a time, each twice its solo estimate by the prior line
         job = scheduler.make_job(id=f"j{i}", chars=20, units=20.0, model_key=(24000, False), now=clock.now)
         future = dispatcher.offer(job)
         assert not isinstance(future, Rejection)
@@ -125,7 +125,9 @@ async def test_a_request_past_the_limit_on_an_extra_slot_is_not_what_the_limit_m
         assert not isinstance(future, Rejection)
         await future
     assert backends[0].in_flight == 2  # the second on the short class's extra slot
-    assert set(limit._runs) == {"j0"} and limit._in_flight == 1
+    # Both teach the slowdown with company; only j0 is a member of the level's cohort.
+    assert set(limit._runs) == {"j0", "j1"} and limit._in_flight == 1 and limit._beside == 1
+    assert limit._runs["j1"].extra and not limit._runs["j1"].cohort and set(limit._cohort) == {"j0"}
     clock.now += 1.0
     dispatcher.finish(jobs[1], backends[0], ok=True)
     assert limit._in_flight == 1 and backends[0].in_flight == 1

@@ -174,6 +174,54 @@ def test_an_unmeasured_level_counts_as_processor_sharing_without_gain() -> None:
     assert start(s2, "not-at-2x", 1.0, 100.0, shared((1.0,))) == []  # 4 s > 3.9 s
 
 
+def test_the_slowdown_is_learned_by_company_express_requests_included() -> None:
+    """A level-1 request with an express one beside it all along ran with 2 in flight: it teaches
+    the slowdown at 2, not at 1 (counted at 1, the slowdown at 2 would come out low)."""
+    limit = AdaptiveLimit(AdaptiveSettings(samples=2, max_slots=2))
+    for i, t in enumerate((0.0, 2.0)):  # alone: as fast as their solo estimates
+        limit.dispatched(f"a{i}", t, 1)
+        limit.released(f"a{i}", t + 1.0, 0, work_s=1.0, budget_s=60.0, ok=True)
+    for i, t in enumerate((10.0, 20.0)):  # the limit's one and an express one, together: 1.5x each
+        limit.dispatched(f"m{i}", t, 1)
+        limit.dispatched(f"x{i}", t, 1, beside=1, extra=True)
+        limit.released(f"x{i}", t + 1.5, 1, work_s=1.0, budget_s=60.0, ok=True)
+        limit.released(f"m{i}", t + 1.5, 0, work_s=1.0, budget_s=60.0, ok=True)
+    # 3 in flight was never seen: 1.5 x 3 / 2, no more gain than measured.
+    assert limit.slowdown() == pytest.approx((1.0, 1.5, 2.25))
+    assert limit.describe()["slowdown"] == [1.0, 1.5, 2.25]
+    limit.reset(30.0)
+    assert limit.slowdown() == (1.0, 2.0, 3.0)
+
+
+def test_a_fixed_overhead_per_request_does_not_make_a_flat_curve_look_like_a_gain() -> None:
+    """20 ms of every request's time (the HTTP exchange) does not stretch with company. Left in,
+    a 70 ms request alone takes 1.29x its solo time and next to another 2.29x: a slowdown of 1.78
+    where the backend is twice as slow, a gain that is not there."""
+    limit = AdaptiveLimit(AdaptiveSettings(samples=8, max_slots=2))
+    overhead, t = 0.02, 0.0
+    for i in range(8):  # alone, short and long texts
+        work = (0.07, 1.6)[i % 2]
+        limit.dispatched(f"a{i}", t, 1)
+        t += overhead + work
+        limit.released(f"a{i}", t, 0, work_s=work, budget_s=60.0, ok=True)
+    assert limit.overhead_s() == pytest.approx(overhead)
+    for i in range(4):  # two at a time on a flat curve: each at half speed
+        work = (0.07, 1.6)[i % 2]
+        limit.dispatched(f"p{i}", t, 1)
+        limit.dispatched(f"q{i}", t, 1, beside=1, extra=True)
+        t += overhead + 2 * work
+        limit.released(f"q{i}", t, 1, work_s=work, budget_s=60.0, ok=True)
+        limit.released(f"p{i}", t, 0, work_s=work, budget_s=60.0, ok=True)
+    assert limit.slowdown()[1] == pytest.approx(2.0)
+    assert limit.describe()["overhead_s"] == pytest.approx(overhead)
+    # Alone requests all of one size cannot tell the overhead from slowness: none is assumed.
+    same = AdaptiveLimit(AdaptiveSettings(samples=2))
+    for i in range(2):
+        same.dispatched(f"s{i}", float(i), 1)
+        same.released(f"s{i}", i + 0.5, 0, work_s=0.25, budget_s=60.0, ok=True)
+    assert same.overhead_s() == 0.0
+
+
 def test_the_adaptive_limit_reports_the_slowdown_it_measured() -> None:
     limit = AdaptiveLimit(AdaptiveSettings(max_slots=3))
     assert limit.slowdown() == (1.0, 2.0, 3.0, 4.0)  # nothing measured: k at k in flight

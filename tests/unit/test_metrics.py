@@ -193,7 +193,7 @@ def test_slot_limits_fixed_and_learned(world: World, registry: CollectorRegistry
     first.state = BackendState.READY
     limit = dispatcher.limit(first)
     assert isinstance(limit, AdaptiveLimit)
-    for i in range(limit.settings.samples):  # one at a time, each twice as long as its solo estimate
+    for i in range(2 * limit.settings.samples):  # a warm-up cohort, then one at a time, each twice its solo estimate
         limit.dispatched(f"j{i}", world.now + i, 1)
         limit.released(f"j{i}", world.now + i + 0.5, 0, work_s=0.25, budget_s=60.0, ok=True)
     assert value("glmtts_sidecar_backend_slots", {"backend": first.id}) == 1
