@@ -47,7 +47,6 @@ OVERHEAD_SPREAD = 3.0
 CONFIDENCE = 2.0  # standard errors a step's gain must clear min_gain by
 POOLED_COHORTS = 4  # a level's measure pools this many of its latest cohorts
 PROBE_COHORTS = 4  # a probe that is neither clearly worth it nor clearly not is decided after this many cohorts
-BASELINE_COHORTS = 1  # a level is probed past only once measured over this many cohorts
 MAD_TO_SD = 1.4826  # median absolute deviation to standard deviation, for normal noise
 MEDIAN_SE = 1.2533  # standard error of a median over that of a mean, for normal noise
 
@@ -176,6 +175,9 @@ class AdaptiveLimit:
     # (Solo estimate, seconds taken) of recent requests by the total in flight they ran with (those
     # beside the limit included, each request at whatever level): ``slowdown`` and ``overhead_s``.
     _company: dict[int, deque[tuple[float, float]]] = field(default_factory=dict)
+    _company_added: int = 0  # samples ever added to _company (with _epoch and the measures: the curve's key)
+    # The last ``slowdown`` and what it was computed from: the dispatcher asks for it on every pass.
+    _curve: tuple[Any, tuple[float, ...]] | None = None
     _epoch: int = 0
     _in_flight: int = 0
     _area: float = 0.0  # integral of in-flight (within the limit) over time: which level a request ran at
@@ -218,22 +220,21 @@ class AdaptiveLimit:
             return  # only work the backend did since its last restart teaches
         took = now - run.started_at
         if ok and took > 0 and work_s > 0:
-            company = (self._area_all - run.area_all) / took
+            company = (self._area_all - run.area_all) / took  # all in flight, on average, while it ran
             level = round(company)
             if level >= 1 and abs(company - level) <= COMPANY_TOLERANCE:
                 window = POOLED_COHORTS * self.settings.samples
                 self._company.setdefault(level, deque(maxlen=window)).append((work_s, took))
-        if run.extra:
-            return
-        if ok and took > 0 and work_s > 0:
-            average = (self._area - run.area) / took
-            if run.cohort and abs(average - self.limit) <= LEVEL_TOLERANCE:
-                # The level is that of the requests within the limit; the throughput is shared
-                # among all in flight, those beside included (leaving them out would make a level
-                # with express requests beside it look slower than it is).
-                self._cohort[job_id] = ((self._area_all - run.area_all) / took, work_s, took, late)
-            if budget_s > 0:
-                self._ratios.append(work_s / budget_s)
+                self._company_added += 1
+            if not run.extra:  # one an extra slot let past the limit teaches the slowdown only
+                average = (self._area - run.area) / took
+                if run.cohort and abs(average - self.limit) <= LEVEL_TOLERANCE:
+                    # The level is that of the requests within the limit; the throughput is shared
+                    # among all in flight, those beside included (leaving them out would make a
+                    # level with express requests beside it look slower than it is).
+                    self._cohort[job_id] = (company, work_s, took, late)
+                if budget_s > 0:
+                    self._ratios.append(work_s / budget_s)
         if run.cohort:
             self._cohort.setdefault(job_id, None)
             self._close_cohort(now)
@@ -274,6 +275,9 @@ class AdaptiveLimit:
         measures (whose requests may have had an express request beside them: a slowdown that
         comes out low). Past the last measured level ``m``, its slowdown times ``k / m`` (no
         more gain than measured: processor sharing without any gain when nothing is)."""
+        key = (self._epoch, self._company_added, tuple(self.measures.items()))
+        if self._curve is not None and self._curve[0] == key:
+            return self._curve[1]
         overhead = self.overhead_s()
         enough = {level: statistics.median(self._stretch(work, took, overhead) for work, took in seen)
                   for level, seen in self._company.items() if len(seen) >= self.settings.samples}
@@ -288,7 +292,8 @@ class AdaptiveLimit:
                 curve.append(last)
             else:
                 curve.append(last * level / last_level)
-        return tuple(curve)
+        self._curve = (key, tuple(curve))
+        return self._curve[1]
 
     def overhead_s(self) -> float:
         """Seconds of every request's time that do not stretch with company (the HTTP exchange,
@@ -392,9 +397,10 @@ class AdaptiveLimit:
                                   < below.goodput * (1 + s.min_gain)):
             self._step(now, -1)
             return
+        # Probed past only once measured over a whole cohort's worth of requests (a cohort may
+        # close with half), and only while its requests fit (none is faster with more in flight).
         if saturated and top < s.max_slots and now >= self._blocked_until.get(top + 1, -math.inf) \
-                and current.samples >= BASELINE_COHORTS * s.samples \
-                and self.fits(current.stretch):  # a request is never faster with more in flight
+                and current.samples >= s.samples and self.fits(current.stretch):
             self._step(now, +1)
 
     @staticmethod

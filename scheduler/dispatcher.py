@@ -205,10 +205,8 @@ class Dispatcher:
             backend.in_flight += 1
             if extra:
                 self._extra.setdefault(backend.id, set()).add(assignment.job.id)
-                limit.dispatched(assignment.job.id, self.clock(), self._within(backend), beside=self._beside(backend),
-                                 extra=True)
-            else:
-                limit.dispatched(assignment.job.id, self.clock(), self._within(backend), beside=self._beside(backend))
+            limit.dispatched(assignment.job.id, self.clock(), self._within(backend), beside=self._beside(backend),
+                             extra=extra)
             if assignment.reload and backend.model_key is not None:
                 backend.model_reloads += 1  # for metrics: it switches from another configuration
             future.set_result(backend)

@@ -375,16 +375,16 @@ class Proxy:
         try:
             return await future
         except QueuedDeadline as exc:
-            if exc.shed:
-                raise DeadlineExpired(shed_message(job.deadline_at - job.arrived_at, job.chars,
-                                                   job.predicted_s)) from None
-            raise self._expired(job) from None
+            raise self._expired(job, shed=exc.shed) from None
         except asyncio.CancelledError:
             self.dispatcher.withdraw(job, future)  # the client went away while queued
             raise
 
-    def _expired(self, job: Job) -> DeadlineExpired:
+    def _expired(self, job: Job, *, shed: bool = False) -> DeadlineExpired:
+        """Upstream's 408; ``shed``: taken out of the queue at its latest start, said why."""
         budget = job.deadline_at - job.arrived_at
+        if shed:
+            return DeadlineExpired(shed_message(budget, job.chars, job.predicted_s))
         return DeadlineExpired(timeout_message(budget, job.chars))
 
     async def _send(self, backend: Backend, job: Job, body: bytes, headers: dict[str, str],
