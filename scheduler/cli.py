@@ -96,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     was, now = raise_open_files_limit()
     if now != was:
         log.info("open files: soft limit raised from %d to %d (the hard limit)", was, now)
-    from scheduler.app import build_app
-    from scheduler.sdnotify import Notifier, ServiceStatus
+    from scheduler.http.app import build_app
+    from scheduler.runtime.sdnotify import Notifier, ServiceStatus
 
     # unset: the backends inherit our environment and must not talk to systemd as us.
     systemd = ServiceStatus(Notifier.from_environ(unset=True))
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         systemd.listening()
 
     try:
-        # Our own signal handlers drain first (scheduler.control); run_app's would stop at once.
+        # Our own signal handlers drain first (scheduler.runtime.control); run_app's would stop at once.
         web.run_app(app, host=config.listen.host, port=config.listen.port, loop=new_event_loop(),
                     shutdown_timeout=config.shutdown.drain_timeout_s, handler_cancellation=True,
                     keepalive_timeout=config.limits.idle_timeout_s,

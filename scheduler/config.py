@@ -40,8 +40,8 @@ from pydantic import (
     model_validator,
 )
 
-from scheduler import callbacks
-from scheduler.concurrency import DEFAULT_MAX_SLOTS, AdaptiveSettings, SlotPolicy
+from scheduler.core.concurrency import DEFAULT_MAX_SLOTS, AdaptiveSettings, SlotPolicy
+from scheduler.runtime import callbacks
 
 __all__ = [
     "HIGHEST_BAND",
@@ -241,7 +241,7 @@ class BackendSpec:
 
 
 class AdaptiveConfig(ConfigSection):
-    """How `backends.slots: auto` learns each backend's limit (scheduler/concurrency.py)."""
+    """How `backends.slots: auto` learns each backend's limit (scheduler/core/concurrency.py)."""
 
     min_gain: StrictFloat = Field(default=0.1, ge=0, le=10)
     samples: StrictInt = Field(default=8, ge=2, le=1000)
@@ -753,7 +753,7 @@ class AdminConfig(ConfigSection):
 
 
 class CallbacksConfig(ConfigSection):
-    """Where finished async tasks may be announced: an allow-list checked by scheduler.callbacks, so
+    """Where finished async tasks may be announced: an allow-list checked by scheduler.runtime.callbacks, so
     the sidecar never becomes a way to make requests to addresses a client could not reach."""
 
     # Allowed receivers: scheme://host[:port][/path]; a callback URL needs the same scheme, host and

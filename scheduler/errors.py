@@ -5,7 +5,7 @@
     ├── QueueFull         429    the queue is at its bound (Retry-After: predicted drain time)
     ├── NoBackend         503    no backend can serve: all down or starting
     ├── Draining          503    shutting down: no new work
-    ├── Rejected          429/503  admission said no (scheduler.admission names the reason)
+    ├── Rejected          429/503  admission said no (scheduler.core.admission names the reason)
     ├── DeadlineExpired   408    upstream's wording
     ├── BackendFailed     502    the backend went away before answering, retries exhausted
     ├── Unauthorized      401    admin token missing or wrong
@@ -79,7 +79,7 @@ class BackendFailed(SidecarError):
 
 
 class Rejected(SidecarError):
-    """Turned away by admission; status and reason come from scheduler.admission."""
+    """Turned away by admission; status and reason come from scheduler.core.admission."""
 
     def __init__(self, status: int, reason: str, detail: str, *, retry_after: float | None) -> None:
         super().__init__(detail, retry_after=retry_after)

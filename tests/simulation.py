@@ -1,6 +1,6 @@
 """A discrete-event simulation of the dispatcher around the real scheduling core.
 
-What scheduler.dispatcher does in real time, done here over simulated time with the real
+What scheduler.runtime.dispatcher does in real time, done here over simulated time with the real
 ``Scheduler``: a job arrives (``offer``, then ``schedule``); a dispatched job holds its slot for
 exactly its predicted service time, plus the predicted reload when it switched its backend's model
 configuration, then ends (``finish``); a queued job whose deadline passes leaves (``expire``); the
@@ -15,8 +15,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from scheduler.core import BackendView, Scheduler
-from scheduler.queue import Job
+from scheduler.core.queue import Job
+from scheduler.core.scheduler import BackendView, Scheduler
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import scheduler.app
+import scheduler.http.app
 from tests.support import (
     ROOT,
     backend_details,
@@ -136,7 +136,8 @@ def fake_systemd(url: str) -> Iterator[FakeSystemd]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.mark.skipif(not hasattr(scheduler.app, "SYSTEMD"), reason="scheduler.app does not report to systemd yet")
+@pytest.mark.skipif(not hasattr(scheduler.http.app, "SYSTEMD"),
+                    reason="scheduler.http.app does not report to systemd yet")
 def test_the_sidecar_reports_ready_reload_and_stop(tmp_path: Path) -> None:
     text, port = sidecar_config(backends=2)
     config = tmp_path / "sidecar.yaml"

@@ -1,6 +1,6 @@
 """The fuzzing targets: raw Content-Type + body bytes to a validated request or an error answer.
 
-``tts`` is the sidecar's request parsing path (scheduler.proxy's intake): ``parse_form``, then
+``tts`` is the sidecar's request parsing path (scheduler.http.proxy's intake): ``parse_form``, then
 ``parse_tts_form``, then ``check_tts`` without the prompt lookup, then the text's cost units.
 ``prompt_add`` and ``prompt_update`` are the emulator's admin forms (glmtts.contract).
 
@@ -71,7 +71,7 @@ def _error(exc: HTTPDetailError) -> Answer:
 
 
 def tts(content_type: str | None, body: bytes) -> Answer:
-    """scheduler.proxy's intake up to the job: parse, validate, check, cost units."""
+    """scheduler.http.proxy's intake up to the job: parse, validate, check, cost units."""
     try:
         request = parse_tts_form(parse_form(content_type, body))
         check_tts(request, prompts=None)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.callbacks import parse_url, post_pinned
+from scheduler.runtime.callbacks import parse_url, post_pinned
 from tests.contract_cases import multipart
 from tests.reliability.support import assert_loop_lag_ok, record
 from tests.support import Service, get_json, http, sidecar_config, start_sidecar

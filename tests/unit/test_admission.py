@@ -1,4 +1,4 @@
-"""Admission (scheduler.admission) and the outlook the scheduler builds for it (scheduler.core)."""
+"""Admission (scheduler.core.admission) and the outlook the scheduler builds for it (scheduler.core.scheduler)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.admission import LEARN_FACTOR, STATUS, Outlook, Reason, admit
-from scheduler.core import BackendView, ClassRule, LengthClasses, Scheduler
-from scheduler.cost import CostModel
-from scheduler.deadlines import Tier, TiersPolicy
-from scheduler.queue import ModelKey, make_queue
+from scheduler.core.admission import LEARN_FACTOR, STATUS, Outlook, Reason, admit
+from scheduler.core.cost import CostModel
+from scheduler.core.deadlines import Tier, TiersPolicy
+from scheduler.core.queue import ModelKey, make_queue
+from scheduler.core.scheduler import BackendView, ClassRule, LengthClasses, Scheduler
 
 K24: ModelKey = (24000, False)
 

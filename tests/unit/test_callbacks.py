@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 import aiohttp
 import pytest
 
-from scheduler.callbacks import (
+from scheduler.config import CallbacksConfig, ConfigError, parse_config
+from scheduler.runtime.callbacks import (
     MAX_URL_CHARS,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -31,7 +32,6 @@ from scheduler.callbacks import (
     parse_url,
     sign,
 )
-from scheduler.config import CallbacksConfig, ConfigError, parse_config
 
 SECRET = "callback-secret-0123456789"
 

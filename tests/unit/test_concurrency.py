@@ -1,4 +1,4 @@
-"""scheduler.concurrency: the adaptive slot limit against a simulated processor-sharing backend.
+"""scheduler.core.concurrency: the adaptive slot limit against a simulated processor-sharing backend.
 
 The simulated backend runs k jobs at once, each at T(k)/k of its solo speed; a closed loop keeps
 it saturated with jobs whose solo times differ 20x (1 s and 20 s, with 5 % noise around what the
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.concurrency import AdaptiveLimit, AdaptiveSettings, FixedLimit, SlotPolicy
+from scheduler.core.concurrency import AdaptiveLimit, AdaptiveSettings, FixedLimit, SlotPolicy
 
 
 @dataclass

@@ -8,8 +8,6 @@ import pydantic
 import pytest
 
 from scheduler import config as config_module
-from scheduler.build import build_scheduler
-from scheduler.concurrency import AdaptiveSettings, SlotPolicy
 from scheduler.config import (
     BackendSpec,
     ClassConfig,
@@ -25,7 +23,9 @@ from scheduler.config import (
     load_config,
     parse_config,
 )
-from scheduler.control import Control
+from scheduler.core.concurrency import AdaptiveSettings, SlotPolicy
+from scheduler.runtime.build import build_scheduler
+from scheduler.runtime.control import Control
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = [REPO / "config" / "sidecar.yaml", REPO / "config" / "glmtts-production.yaml"]

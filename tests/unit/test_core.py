@@ -1,4 +1,4 @@
-"""The scheduler as one pure state machine (scheduler.core), driven with a hand-advanced clock.
+"""The scheduler as one pure state machine (scheduler.core.scheduler), driven with a hand-advanced clock.
 
 Shown here: no admitted job is lost or answered twice (a hypothesis state machine, both queue
 policies); a class cap is never exceeded; a queued deadline fires at exactly its time.
@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from scheduler.core import BackendView, ClassRule, LengthClasses, Scheduler
-from scheduler.cost import CostModel
-from scheduler.deadlines import Tier, TiersPolicy
-from scheduler.queue import Job, ModelKey, make_queue
+from scheduler.core.cost import CostModel
+from scheduler.core.deadlines import Tier, TiersPolicy
+from scheduler.core.queue import Job, ModelKey, make_queue
+from scheduler.core.scheduler import BackendView, ClassRule, LengthClasses, Scheduler
 
 K24: ModelKey = (24000, False)
 KEYS: tuple[ModelKey, ...] = (K24, (32000, False), (24000, True))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PURE = ("queue", "dispatch", "admission", "core", "cost", "deadlines", "tenants", "retry", "concurrency")
+PURE = ("queue", "dispatch", "admission", "scheduler", "cost", "deadlines", "tenants", "retry", "concurrency")
 CHECK = """
 import importlib, sys
 importlib.import_module({module!r})
@@ -19,7 +19,7 @@ print(",".join(name for name in ("asyncio", "aiohttp") if name in sys.modules))
 
 @pytest.mark.parametrize("name", PURE)
 def test_importing_the_core_pulls_in_no_event_loop(name: str) -> None:
-    module = f"scheduler.{name}"
+    module = f"scheduler.core.{name}"
     done = subprocess.run([sys.executable, "-c", CHECK.format(module=module)], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.cost import REFIT_EVERY, CostModel, CostPriors
+from scheduler.core.cost import REFIT_EVERY, CostModel, CostPriors
 
 KEY = (24000, False)
 OTHER = (32000, True)
@@ -291,6 +291,7 @@ def test_priors_are_validated() -> None:
 
 
 def test_the_pure_core_imports_neither_asyncio_nor_aiohttp() -> None:
-    code = "import scheduler.cost, scheduler.deadlines, sys; print('asyncio' in sys.modules, 'aiohttp' in sys.modules)"
+    code = ("import scheduler.core.cost, scheduler.core.deadlines, sys; "
+            "print('asyncio' in sys.modules, 'aiohttp' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False False"

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.cost import Prediction
-from scheduler.deadlines import (
+from scheduler.core.cost import Prediction
+from scheduler.core.deadlines import (
     SEED_TIERS,
     Deadline,
     LearnedPolicy,

@@ -1,4 +1,4 @@
-"""Backend choice (scheduler.dispatch) and what affinity buys through Scheduler.schedule."""
+"""Backend choice (scheduler.core.dispatch) and what affinity buys through Scheduler.schedule."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.core import BackendView, ClassRule, LengthClasses, Scheduler
-from scheduler.cost import CostModel, CostPriors
-from scheduler.deadlines import Tier, TiersPolicy
-from scheduler.dispatch import Candidate, Choice, choose_backend
-from scheduler.queue import FifoQueue, ModelKey
+from scheduler.core.cost import CostModel, CostPriors
+from scheduler.core.deadlines import Tier, TiersPolicy
+from scheduler.core.dispatch import Candidate, Choice, choose_backend
+from scheduler.core.queue import FifoQueue, ModelKey
+from scheduler.core.scheduler import BackendView, ClassRule, LengthClasses, Scheduler
 
 K24: ModelKey = (24000, False)
 K32: ModelKey = (32000, False)

@@ -1,4 +1,4 @@
-"""scheduler.dispatcher: each backend's slot limit, fixed or learned, kept through restarts and reloads."""
+"""scheduler.runtime.dispatcher: each backend's slot limit, fixed or learned, kept through restarts and reloads."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from backend.pool import Backend
 from backend.state import BackendState
-from scheduler.admission import Rejection
-from scheduler.build import build_scheduler
-from scheduler.concurrency import AdaptiveLimit, AdaptiveSettings, SlotPolicy
 from scheduler.config import SidecarConfig
-from scheduler.dispatcher import Dispatcher, QueuedDeadline
+from scheduler.core.admission import Rejection
+from scheduler.core.concurrency import AdaptiveLimit, AdaptiveSettings, SlotPolicy
+from scheduler.runtime.build import build_scheduler
+from scheduler.runtime.dispatcher import Dispatcher, QueuedDeadline
 
 AUTO = SlotPolicy(fixed=None, adaptive=AdaptiveSettings(samples=2, max_slots=3))
 

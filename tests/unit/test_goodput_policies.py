@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler import core
-from scheduler.build import build_scheduler
-from scheduler.concurrency import AdaptiveLimit, AdaptiveSettings, Measure
 from scheduler.config import ConfigError, parse_config
-from scheduler.core import BackendView, ClassRule, ClassShares, LengthClasses, Scheduler
-from scheduler.cost import CostModel, CostPriors
-from scheduler.deadlines import Tier, TiersPolicy
-from scheduler.queue import ModelKey, make_queue
+from scheduler.core import scheduler as core
+from scheduler.core.concurrency import AdaptiveLimit, AdaptiveSettings, Measure
+from scheduler.core.cost import CostModel, CostPriors
+from scheduler.core.deadlines import Tier, TiersPolicy
+from scheduler.core.queue import ModelKey, make_queue
+from scheduler.core.scheduler import BackendView, ClassRule, ClassShares, LengthClasses, Scheduler
+from scheduler.runtime.build import build_scheduler
 from tests.simulation import DispatchSimulation
 
 K24: ModelKey = (24000, False)

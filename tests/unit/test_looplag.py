@@ -9,7 +9,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from scheduler.looplag import LAG_BUCKETS, LoopLagCollector, LoopLagProbe
+from scheduler.runtime.looplag import LAG_BUCKETS, LoopLagCollector, LoopLagProbe
 
 
 def test_observe_keeps_max_sum_and_buckets() -> None:

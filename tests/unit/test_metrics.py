@@ -1,4 +1,4 @@
-"""scheduler.metrics: driven with fake events and a real (pure) scheduler, read from a fresh registry."""
+"""scheduler.runtime.metrics: driven with fake events and a real (pure) scheduler, read from a fresh registry."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backend.pool import Backend
 from backend.state import BackendState
-from scheduler.admission import Rejection
-from scheduler.build import build_scheduler
-from scheduler.concurrency import AdaptiveLimit, SlotPolicy
 from scheduler.config import ClassConfig, SidecarConfig
-from scheduler.core import BackendView, Scheduler
-from scheduler.dispatcher import Dispatcher
-from scheduler.metrics import Metrics, Outcome, Sources, classify
-from scheduler.queue import Job
+from scheduler.core.admission import Rejection
+from scheduler.core.concurrency import AdaptiveLimit, SlotPolicy
+from scheduler.core.queue import Job
+from scheduler.core.scheduler import BackendView, Scheduler
+from scheduler.runtime.build import build_scheduler
+from scheduler.runtime.dispatcher import Dispatcher
+from scheduler.runtime.metrics import Metrics, Outcome, Sources, classify
 
 BANDS = ("interactive", "standard", "batch")
 

@@ -1,4 +1,4 @@
-"""The waiting room (scheduler.queue): bounds, FIFO, and the fair policy's three layers.
+"""The waiting room (scheduler.core.queue): bounds, FIFO, and the fair policy's three layers.
 
 Time is a plain float advanced by hand; every property has a stated, checked bound.
 """
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.queue import (
+from scheduler.core.queue import (
     FairQueue,
     FifoQueue,
     Job,

@@ -1,11 +1,11 @@
-"""The retry budget (scheduler.retry): a floor of concurrent retries, a ratio of recent requests."""
+"""The retry budget (scheduler.core.retry): a floor of concurrent retries, a ratio of recent requests."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.retry import RetryBudget
+from scheduler.core.retry import RetryBudget
 
 
 def test_min_concurrent_is_always_allowed() -> None:

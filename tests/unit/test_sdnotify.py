@@ -1,4 +1,4 @@
-"""scheduler.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
+"""scheduler.runtime.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.sdnotify import Notifier, ServiceStatus, watchdog_interval, watchdog_loop
+from scheduler.runtime.sdnotify import Notifier, ServiceStatus, watchdog_interval, watchdog_loop
 
 
 @contextlib.contextmanager

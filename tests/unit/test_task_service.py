@@ -1,4 +1,4 @@
-"""scheduler.tasks.TaskService in process: the real proxy, dispatcher and task store over an
+"""scheduler.runtime.tasks.TaskService in process: the real proxy, dispatcher and task store over an
 in-process backend. Whatever ends a request (store errors, the client leaving at any await,
 admission refusing it, backend errors, DELETE), no backend slot, queue place or stored task is
 left behind."""
@@ -27,14 +27,14 @@ from backend.client import BackendUnavailable
 from backend.pool import Backend
 from backend.state import BackendState
 from glmtts.wav import write_wav
-from scheduler.build import build_scheduler, build_tenants
 from scheduler.config import SidecarConfig, parse_config
-from scheduler.dispatcher import Dispatcher
-from scheduler.metrics import Metrics
-from scheduler.prompts import PromptCatalogue
-from scheduler.proxy import Proxy
-from scheduler.tasks import TaskService
-from scheduler.taskstore import StoreError, Task, TaskState, TaskStore
+from scheduler.http.proxy import Proxy
+from scheduler.runtime.build import build_scheduler, build_tenants
+from scheduler.runtime.dispatcher import Dispatcher
+from scheduler.runtime.metrics import Metrics
+from scheduler.runtime.prompts import PromptCatalogue
+from scheduler.runtime.tasks import TaskService
+from scheduler.runtime.taskstore import StoreError, Task, TaskState, TaskStore
 
 # The proxy keeps its request id under a string key, as the app does (the middleware sets it).
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")

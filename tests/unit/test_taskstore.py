@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from scheduler import taskstore
-from scheduler.taskstore import FINISHED, StoreError, Task, TaskState, TaskStore
+from scheduler.runtime import taskstore
+from scheduler.runtime.taskstore import FINISHED, StoreError, Task, TaskState, TaskStore
 
 T0 = 1_700_000_000.0
 RESULT: dict[str, Any] = {

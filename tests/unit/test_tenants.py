@@ -1,12 +1,12 @@
-"""Who is asking, at which priority (scheduler.tenants)."""
+"""Who is asking, at which priority (scheduler.core.tenants)."""
 
 from __future__ import annotations
 
 import pytest
 
-from scheduler.build import build_tenants
 from scheduler.config import parse_config
-from scheduler.tenants import DEFAULT_TENANT, Tenant, TenantDirectory, TenantError
+from scheduler.core.tenants import DEFAULT_TENANT, Tenant, TenantDirectory, TenantError
+from scheduler.runtime.build import build_tenants
 
 BANDS = ("interactive", "standard", "batch")
 ACME = Tenant(name="acme", weight=3.0, bands=(0, 1, 2), max_queued=20)

@@ -17,14 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glmtts.text import units
-from scheduler import core
-from scheduler.admission import Reason
-from scheduler.build import build_scheduler
 from scheduler.config import TierConfig, load_config
-from scheduler.core import BackendView, ClassRule, LengthClasses, Scheduler
-from scheduler.cost import CostModel, CostPriors
-from scheduler.deadlines import Tier, TiersPolicy
-from scheduler.queue import ModelKey, make_queue
+from scheduler.core import scheduler as core
+from scheduler.core.admission import Reason
+from scheduler.core.cost import CostModel, CostPriors
+from scheduler.core.deadlines import Tier, TiersPolicy
+from scheduler.core.queue import ModelKey, make_queue
+from scheduler.core.scheduler import BackendView, ClassRule, LengthClasses, Scheduler
+from scheduler.runtime.build import build_scheduler
 from tests.simulation import DispatchSimulation
 
 K24: ModelKey = (24000, False)

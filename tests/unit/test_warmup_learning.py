@@ -11,10 +11,10 @@ from backend.pool import Backend, BackendPool
 from backend.state import BackendState
 from backend.warmup import WarmupRun
 from glmtts.text import units
-from scheduler.build import build_scheduler
 from scheduler.config import SidecarConfig
-from scheduler.cost import CostModel
-from scheduler.dispatcher import Dispatcher
+from scheduler.core.cost import CostModel
+from scheduler.runtime.build import build_scheduler
+from scheduler.runtime.dispatcher import Dispatcher
 
 CONFIG = SidecarConfig()  # GPU-scale priors: the warm-up text is predicted ~2.6 s
 WARMUP = CONFIG.backends.warmup

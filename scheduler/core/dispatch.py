@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from scheduler.queue import ModelKey
+from scheduler.core.queue import ModelKey
 
 
 @dataclass(frozen=True, kw_only=True)

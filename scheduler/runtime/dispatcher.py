@@ -1,11 +1,11 @@
 """The async edge of the scheduling core: where requests wait and timers fire.
 
-scheduler.core.Scheduler decides (pure); this module owns what it cannot: the futures that wake
+scheduler.core.scheduler.Scheduler decides (pure); this module owns what it cannot: the futures that wake
 a waiting request with its backend, and one timer for the earliest queued deadline, so a job
 expires on time even when no backend frees up. It runs the scheduler after every change: a job
 arrives or leaves, a slot frees, a backend changes state.
 
-It also keeps each backend's slot limit (scheduler.concurrency): fixed, or learned from what the
+It also keeps each backend's slot limit (scheduler.core.concurrency): fixed, or learned from what the
 backend completes; it tells the limit every dispatch and release, and resets it when the backend
 restarts. And it hands each backend's warm-up synthesis (timed by the pool) to the cost model,
 before the backend's first dispatch.
@@ -22,11 +22,11 @@ from backend.pool import Backend
 from backend.state import BackendState
 from backend.warmup import WarmupRun
 from glmtts.text import units
-from scheduler.admission import Reason, Rejection
-from scheduler.concurrency import SlotLimit, SlotPolicy
-from scheduler.core import BackendView, Scheduler
-from scheduler.cost import CostModel
-from scheduler.queue import Job
+from scheduler.core.admission import Reason, Rejection
+from scheduler.core.concurrency import SlotLimit, SlotPolicy
+from scheduler.core.cost import CostModel
+from scheduler.core.queue import Job
+from scheduler.core.scheduler import BackendView, Scheduler
 
 # States of a backend whose process is (re)starting: what its slot limit learned no longer holds.
 FRESH = (BackendState.STARTING, BackendState.RESTARTING)

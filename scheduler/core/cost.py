@@ -49,7 +49,7 @@ from statistics import median
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from scheduler.queue import ModelKey
+    from scheduler.core.queue import ModelKey
 
 REFIT_EVERY = 8  # a key's line is fitted from this many completions on, then after every this many more
 ANCHOR_UNITS = (20.0, 500.0)  # where the prior's pseudo-observations sit: the seed's short and long texts

@@ -4,7 +4,7 @@
 attributed to a tenant and a priority band, given a deadline, admitted or turned away with a
 reason, queued until the scheduler gives it a backend slot, and forwarded with the client's
 original body bytes; the backend's answer streams back without being held whole. The other
-upstream endpoints are in scheduler.admin.
+upstream endpoints are in scheduler.http.admin.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ from glmtts.errors import HTTPDetailError
 from glmtts.form import parse_form
 from glmtts.responses import json_response
 from glmtts.text import units
-from scheduler.admission import Rejection
 from scheduler.config import SidecarConfig
-from scheduler.core import Scheduler
-from scheduler.deadlines import client_budget, shed_message, timeout_message
-from scheduler.dispatcher import Dispatcher, QueuedDeadline
+from scheduler.core.admission import Rejection
+from scheduler.core.deadlines import client_budget, shed_message, timeout_message
+from scheduler.core.queue import Job
+from scheduler.core.retry import RetryBudget
+from scheduler.core.scheduler import Scheduler
+from scheduler.core.tenants import DEFAULT_TENANT, TenantDirectory, TenantError
 from scheduler.errors import (
     BackendFailed,
     DeadlineExpired,
@@ -43,11 +45,9 @@ from scheduler.errors import (
     Rejected,
     SidecarError,
 )
-from scheduler.metrics import UNKNOWN_CLASS, Metrics, classify
-from scheduler.prompts import PromptCatalogue
-from scheduler.queue import Job
-from scheduler.retry import RetryBudget
-from scheduler.tenants import DEFAULT_TENANT, TenantDirectory, TenantError
+from scheduler.runtime.dispatcher import Dispatcher, QueuedDeadline
+from scheduler.runtime.metrics import UNKNOWN_CLASS, Metrics, classify
+from scheduler.runtime.prompts import PromptCatalogue
 
 log = logging.getLogger("glmtts_sidecar.proxy")
 access_log = logging.getLogger("glmtts_sidecar.access")

@@ -31,8 +31,8 @@ from prometheus_client.registry import Collector
 from backend.pool import Backend
 from backend.state import BackendState
 from glmtts import __version__
-from scheduler.admission import Reason
-from scheduler.core import Scheduler
+from scheduler.core.admission import Reason
+from scheduler.core.scheduler import Scheduler
 
 log = logging.getLogger("glmtts_sidecar.metrics")
 
@@ -82,7 +82,7 @@ class Sources:
     draining: Callable[[], bool]
     reloads: Callable[[], tuple[int, int]]  # configuration reloads applied, refused
     clock: Callable[[], float]  # the scheduler's clock (monotonic seconds)
-    # Each backend's slot limit as scheduler.concurrency describes it (what slots: auto learned).
+    # Each backend's slot limit as scheduler.core.concurrency describes it (what slots: auto learned).
     slots: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
 
 

@@ -22,10 +22,10 @@ from typing import Any
 from aiohttp import web
 
 from backend.pool import BackendPool
-from scheduler.build import build_scheduler, build_tenants
 from scheduler.config import ConfigError, SidecarConfig, load_config
-from scheduler.proxy import Proxy
-from scheduler.sdnotify import ServiceStatus
+from scheduler.http.proxy import Proxy
+from scheduler.runtime.build import build_scheduler, build_tenants
+from scheduler.runtime.sdnotify import ServiceStatus
 
 log = logging.getLogger("glmtts_sidecar.control")
 

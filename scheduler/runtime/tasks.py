@@ -2,7 +2,7 @@
 
 A task goes through the same validation, attribution, admission, fair queueing and dispatch as a
 synchronous request, under its own, longer deadline (``tasks.deadline_s``). It is persisted
-(scheduler.taskstore: SQLite, request body and audio as files) before the 202 goes out, so a
+(scheduler.runtime.taskstore: SQLite, request body and audio as files) before the 202 goes out, so a
 sidecar that is killed and restarted re-queues every task still queued or running (in its
 priority band) and resumes the callbacks it had not finished: nothing accepted is lost. Only the
 tenant that created a task can see, fetch or cancel it (404 to others).
@@ -35,8 +35,9 @@ from glmtts.form import parse_form
 from glmtts.responses import json_response
 from glmtts.text import units
 from glmtts.wav import WavError, read_wav
-from scheduler.callbacks import deliver
 from scheduler.config import TasksConfig
+from scheduler.core.queue import Job
+from scheduler.core.tenants import TenantError
 from scheduler.errors import (
     DeadlineExpired,
     DiskSpaceLow,
@@ -45,9 +46,9 @@ from scheduler.errors import (
     StoreUnavailable,
     TaskQuotaExceeded,
 )
-from scheduler.proxy import REQUEST_ID, Intake, Outcome, Proxy, error_response
-from scheduler.queue import Job
-from scheduler.taskstore import (
+from scheduler.http.proxy import REQUEST_ID, Intake, Outcome, Proxy, error_response
+from scheduler.runtime.callbacks import deliver
+from scheduler.runtime.taskstore import (
     DiskLow,
     Quota,
     QuotaExceeded,
@@ -57,7 +58,6 @@ from scheduler.taskstore import (
     TaskStore,
     request_digest,
 )
-from scheduler.tenants import TenantError
 
 log = logging.getLogger("glmtts_sidecar.tasks")
 
@@ -458,7 +458,7 @@ class TaskService:
         log.info("task %s re-queued after a restart (%.0f s of its deadline left)", task.id, left)
 
     async def _announce(self, submitted: Task) -> None:
-        """POST the finished task to its callback URL (scheduler.callbacks.deliver); never fails the task.
+        """POST the finished task to its callback URL (scheduler.runtime.callbacks.deliver); never fails the task.
 
         The task's ``callback`` says only pending, delivered or failed; why an attempt failed is logged."""
         if submitted.callback_url is None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from scheduler.config import HIGHEST_BAND, SidecarConfig, TenantPolicy
-from scheduler.core import ClassRule, LengthClasses, Scheduler
-from scheduler.cost import CostModel, CostPriors
-from scheduler.deadlines import Tier, make_policy
-from scheduler.queue import make_queue
-from scheduler.tenants import DEFAULT_TENANT, Tenant, TenantDirectory
+from scheduler.core.cost import CostModel, CostPriors
+from scheduler.core.deadlines import Tier, make_policy
+from scheduler.core.queue import make_queue
+from scheduler.core.scheduler import ClassRule, LengthClasses, Scheduler
+from scheduler.core.tenants import DEFAULT_TENANT, Tenant, TenantDirectory
 
 
 def build_scheduler(config: SidecarConfig, *, cost: CostModel | None = None) -> Scheduler:

@@ -151,7 +151,7 @@ async def watchdog_loop(notifier: Notifier, interval: float, healthy: Callable[[
 
 class ServiceStatus:
     """The sidecar's lifecycle, told to systemd. Called by the CLI (``listening``), the app
-    (``backends`` on every backend change) and ``scheduler.control`` (``reloading``/``reloaded``,
+    (``backends`` on every backend change) and ``scheduler.runtime.control`` (``reloading``/``reloaded``,
     ``stopping``). READY=1 goes out once, when the sidecar listens and a backend is ready; a
     reload before that, or after ``stopping``, sends nothing."""
 

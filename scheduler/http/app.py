@@ -18,17 +18,17 @@ from aiohttp import web, web_response
 
 from backend.client import BackendClient
 from backend.pool import BackendPool
-from scheduler.admin import Admin, fetch_prompt_indexes
-from scheduler.build import build_scheduler, build_tenants
 from scheduler.config import SidecarConfig
-from scheduler.control import Control
-from scheduler.dispatcher import Dispatcher
-from scheduler.looplag import LoopLagCollector, LoopLagProbe
-from scheduler.metrics import PREFIX, Metrics, Sources
-from scheduler.prompts import PromptCatalogue
-from scheduler.proxy import Proxy
-from scheduler.sdnotify import ServiceStatus, watchdog_loop
-from scheduler.tasks import TaskService
+from scheduler.http.admin import Admin, fetch_prompt_indexes
+from scheduler.http.proxy import Proxy
+from scheduler.runtime.build import build_scheduler, build_tenants
+from scheduler.runtime.control import Control
+from scheduler.runtime.dispatcher import Dispatcher
+from scheduler.runtime.looplag import LoopLagCollector, LoopLagProbe
+from scheduler.runtime.metrics import PREFIX, Metrics, Sources
+from scheduler.runtime.prompts import PromptCatalogue
+from scheduler.runtime.sdnotify import ServiceStatus, watchdog_loop
+from scheduler.runtime.tasks import TaskService
 
 log = logging.getLogger("glmtts_sidecar")
 

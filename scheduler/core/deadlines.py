@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from scheduler.cost import Prediction
+    from scheduler.core.cost import Prediction
 
 POLICIES = ("tiers", "learned")
 TIMEOUT_HEADER = "X-Request-Timeout"

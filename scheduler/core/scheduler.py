@@ -1,6 +1,6 @@
 """The scheduler: admission, the queue, class caps and dispatch, as one pure state machine.
 
-No I/O and no clock of its own: the async edge (scheduler.dispatcher) calls in with ``now`` and
+No I/O and no clock of its own: the async edge (scheduler.runtime.dispatcher) calls in with ``now`` and
 a snapshot of the backends, and applies what comes back. Every admitted job ends in exactly one
 of: taken back by ``cancel`` (client gone), returned by ``expire`` (deadline passed while
 queued), or dispatched by ``schedule`` and later closed by ``finish``. A dispatched job holds its
@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from scheduler.admission import Outlook, Rejection, admit
-from scheduler.cost import CostModel
-from scheduler.deadlines import DeadlinePolicy
-from scheduler.dispatch import Candidate, choose_backend
-from scheduler.queue import FairQueue, Job, JobQueue, ModelKey, QueueFullError
+from scheduler.core.admission import Outlook, Rejection, admit
+from scheduler.core.cost import CostModel
+from scheduler.core.deadlines import DeadlinePolicy
+from scheduler.core.dispatch import Candidate, choose_backend
+from scheduler.core.queue import FairQueue, Job, JobQueue, ModelKey, QueueFullError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,10 +26,10 @@ from backend.state import BackendState
 from glmtts.contract import LONG_TEXT_THRESHOLD, upstream_length_class
 from glmtts.errors import HTTPDetailError
 from glmtts.responses import json_response
-from scheduler.control import Control
 from scheduler.errors import NoBackend
-from scheduler.prompts import written_audio_path
-from scheduler.proxy import REQUEST_ID, Proxy, error_response
+from scheduler.http.proxy import REQUEST_ID, Proxy, error_response
+from scheduler.runtime.control import Control
+from scheduler.runtime.prompts import written_audio_path
 
 log = logging.getLogger("glmtts_sidecar.admin")
 
