@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from scheduler.core.queue import Job
-from scheduler.core.scheduler import BackendView, Scheduler
+from scheduler.core.running import BackendView
+from scheduler.core.scheduler import Scheduler
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -71,7 +71,8 @@ _REL_TOL = 1e-7
 
 @dataclass(frozen=True, kw_only=True)
 class CostPriors:
-    """Starting line and learning knobs. The defaults are the seed's measurements."""
+    """Starting line and learning knobs. The defaults are the seed's measurements, written only here:
+    the `cost` section of the configuration takes its defaults from this class."""
 
     base_s: float = 0.3125  # intercept a: 0.3125 + 0.159375·20 = 3.5 s, ·500 = 80 s
     per_unit_s: float = 0.159375  # slope b, seconds per cost unit

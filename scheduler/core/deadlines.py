@@ -42,6 +42,7 @@ class Tier:
         return self.timeout_s + self.per_char_s * chars
 
 
+# The seed's fixed timeouts by length: the default `deadlines.tiers` of the configuration too.
 SEED_TIERS = (
     Tier(max_chars=50, timeout_s=60.0),
     Tier(max_chars=200, timeout_s=300.0),

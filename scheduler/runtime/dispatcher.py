@@ -7,8 +7,10 @@ arrives or leaves, a slot frees, a backend changes state.
 
 It also keeps each backend's slot limit (scheduler.core.concurrency): fixed, or learned from what the
 backend completes; it tells the limit every dispatch and release, and resets it when the backend
-restarts. And it hands each backend's warm-up synthesis (timed by the pool) to the cost model,
-before the backend's first dispatch.
+restarts. A limit changes only on those events and on a pump (the pool's change notice, a reload);
+reading it (``limit``, ``views``, ``slot_states``: metrics scrapes, status pages) changes nothing.
+And it hands each backend's warm-up synthesis (timed by the pool) to the cost model, before the
+backend's first dispatch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from scheduler.core.admission import Reason, Rejection
 from scheduler.core.concurrency import SlotLimit, SlotPolicy
 from scheduler.core.cost import CostModel
 from scheduler.core.queue import Job
-from scheduler.core.scheduler import BackendView, Scheduler
+from scheduler.core.running import BackendView
+from scheduler.core.scheduler import Scheduler
 
 # States of a backend whose process is (re)starting: what its slot limit learned no longer holds.
 FRESH = (BackendState.STARTING, BackendState.RESTARTING)
@@ -77,10 +80,32 @@ class Dispatcher:
         if policy != self._policy:
             self._policy = policy
             self._limits.clear()
+            self._refresh()
 
     def limit(self, backend: Backend) -> SlotLimit:
-        """The backend's slot limit, reset when its process restarted."""
+        """The backend's slot limit as it stands; reading it changes nothing (``_track`` keeps it up
+        to date). A backend not seen yet (it joined the pool since the last event) gets a fresh
+        one, kept nowhere: what its limit will be once tracked."""
+        limit = self._limits.get(backend.id)
+        return limit if limit is not None else self._policy.new_limit(self.clock())
+
+    def _refresh(self) -> None:
+        """Bring every backend's slot limit up to date with its backend (``_track``) and forget
+        those of backends that left the pool."""
+        backends = self._backends()
+        for gone in set(self._limits) - {b.id for b in backends}:
+            del self._limits[gone]
+            self._identity.pop(gone, None)
+            self._warmups.pop(gone, None)
+            self._extra.pop(gone, None)
         now = self.clock()
+        for backend in backends:
+            self._track(backend, now)
+
+    def _track(self, backend: Backend, now: float) -> SlotLimit:
+        """The backend's slot limit, made current: created for a backend first seen, reset when its
+        process (re)starts (what was learned is about a process that is gone), and shown on the
+        backend (``slots``, ``slot_mode``: its status)."""
         limit = self._limits.get(backend.id)
         if limit is None:
             limit = self._limits[backend.id] = self._policy.new_limit(now)
@@ -88,8 +113,12 @@ class Dispatcher:
         if backend.state in FRESH or self._identity.get(backend.id, identity) != identity:
             limit.reset(now)
         self._identity[backend.id] = identity
-        backend.slots, backend.slot_mode = limit.limit, limit.mode
+        self._show(backend, limit)
         return limit
+
+    @staticmethod
+    def _show(backend: Backend, limit: SlotLimit) -> None:
+        backend.slots, backend.slot_mode = limit.limit, limit.mode
 
     def _within(self, backend: Backend) -> int:
         """The backend's requests in flight within its limit: those a class's extra slot let past
@@ -101,17 +130,12 @@ class Dispatcher:
         return len(self._extra.get(backend.id, ()))
 
     def slot_states(self) -> dict[str, dict[str, Any]]:
-        """Each backend's slot limit and what it learned (for metrics and status)."""
+        """Each backend's slot limit and what it learned (for metrics and status; a read)."""
         return {b.id: self.limit(b).describe() for b in self._backends()}
 
     def views(self) -> list[BackendView]:
-        backends = self._backends()
-        for gone in set(self._limits) - {b.id for b in backends}:
-            del self._limits[gone]
-            self._identity.pop(gone, None)
-            self._warmups.pop(gone, None)
-            self._extra.pop(gone, None)
-        return [self._view(b, self.limit(b)) for b in backends]
+        """The backends as the scheduler sees them, with their slot limits as they stand (a read)."""
+        return [self._view(b, self.limit(b)) for b in self._backends()]
 
     @staticmethod
     def _view(backend: Backend, limit: SlotLimit) -> BackendView:
@@ -121,6 +145,7 @@ class Dispatcher:
     def offer(self, job: Job, *, force: bool = False) -> Rejection | asyncio.Future[Backend]:
         """Admit a job: a future resolving to the backend whose slot it holds; or why not.
         ``force``: skip admission (a job admitted before a restart)."""
+        self._refresh()
         rejection = self.scheduler.offer(job, self.clock(), self.views(), force=force)
         if rejection is not None:
             return rejection
@@ -162,13 +187,17 @@ class Dispatcher:
         # The limit measures against the cost model's prior line: the learned prediction follows the
         # slowdown that concurrency itself causes, so it would hide what the limit must see.
         priors = self.scheduler.cost.priors
-        self.limit(backend).released(job.id, self.clock(), self._within(backend), beside=self._beside(backend),
-                                     work_s=priors.base_s + priors.per_unit_s * job.units,
-                                     budget_s=job.deadline_at - job.arrived_at, ok=ok,
-                                     late=self.clock() > job.deadline_at)
+        limit = self._track(backend, self.clock())
+        limit.released(job.id, self.clock(), self._within(backend), beside=self._beside(backend),
+                       work_s=priors.base_s + priors.per_unit_s * job.units,
+                       budget_s=job.deadline_at - job.arrived_at, ok=ok, late=self.clock() > job.deadline_at)
+        self._show(backend, limit)
 
     def pump(self) -> None:
-        """Run the scheduler and wake the requests it dispatched; again when a limit rose."""
+        """Run the scheduler and wake the requests it dispatched; again when a limit rose. First,
+        every backend's slot limit is brought up to date: a pump follows every change of a
+        backend (the pool's change notice) and every change of the queue."""
+        self._refresh()
         self._learn_warmups()
         while True:
             self._assign()
@@ -200,7 +229,7 @@ class Dispatcher:
             if future is None or future.done():  # its client is gone: nobody will use the slot
                 self.scheduler.finish(assignment.job.id, self.clock(), ok=False)
                 continue
-            limit = self.limit(backend)
+            limit = self._track(backend, self.clock())
             extra = backend.in_flight >= limit.limit  # a class's extra slot: not what the limit measures
             backend.in_flight += 1
             if extra:
@@ -224,9 +253,10 @@ class Dispatcher:
         for backend in self._backends():
             if backend.state is not BackendState.READY:
                 continue
-            limit = self.limit(backend)
+            limit = self._track(backend, self.clock())
             before = limit.limit
             limit.load(self.clock(), self._within(backend), waiting=waiting, beside=self._beside(backend))
+            self._show(backend, limit)
             rose = rose or limit.limit > before
         return rose
 

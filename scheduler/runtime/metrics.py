@@ -74,7 +74,8 @@ def classify(status: int, proxy_outcome: str) -> Outcome:
 
 @dataclass(frozen=True, kw_only=True)
 class Sources:
-    """Where the scrape-time collector reads the sidecar's state; each is called at every scrape."""
+    """Where the scrape-time collector reads the sidecar's state; each is called at every scrape
+    and only reads (a scrape changes nothing: e.g. ``Dispatcher.slot_states`` for ``slots``)."""
 
     scheduler: Callable[[], Scheduler]  # the current one (a reload replaces it)
     bands: Callable[[], Sequence[str]]  # priority band names, index = band number

@@ -10,10 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.core.admission import LEARN_FACTOR, STATUS, Outlook, Reason, admit
+from scheduler.core.classes import ClassRule, LengthClasses
 from scheduler.core.cost import CostModel
 from scheduler.core.deadlines import Tier, TiersPolicy
 from scheduler.core.queue import ModelKey, make_queue
-from scheduler.core.scheduler import BackendView, ClassRule, LengthClasses, Scheduler
+from scheduler.core.running import BackendView
+from scheduler.core.scheduler import Scheduler
 
 K24: ModelKey = (24000, False)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -16,10 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from scheduler.core.classes import ClassRule, LengthClasses
 from scheduler.core.cost import CostModel
 from scheduler.core.deadlines import Tier, TiersPolicy
 from scheduler.core.queue import Job, ModelKey, make_queue
-from scheduler.core.scheduler import BackendView, ClassRule, LengthClasses, Scheduler
+from scheduler.core.running import BackendView
+from scheduler.core.scheduler import Scheduler
 
 K24: ModelKey = (24000, False)
 KEYS: tuple[ModelKey, ...] = (K24, (32000, False), (24000, True))
@@ -552,6 +554,82 @@ def test_finish_learns_only_from_successes_and_counts_orphaned_time() -> None:
     assert scheduler.cost.samples(K24) == 1
     assert (scheduler.tally.completed, scheduler.tally.failed, scheduler.tally.expired_running) == (1, 1, 1)
 
+
+
+# Every job-out call names its job by id and acts only on a job where it expects it; any other id
+# (unknown, or already closed, or elsewhere) changes nothing: a late or repeated call is harmless.
+
+
+def busy_scheduler() -> tuple[Scheduler, Job, Job]:
+    """One backend of one slot running ``r``; ``q`` waiting behind it."""
+    scheduler = make_scheduler()
+    running, queued = (scheduler.make_job(id=i, chars=10, units=10.0, model_key=K24, now=0.0) for i in "rq")
+    for job in (running, queued):
+        assert scheduler.offer(job, 0.0, [view("b")]) is None
+    assert [a.job.id for a in scheduler.schedule(0.0, [view("b")])] == ["r"]
+    return scheduler, running, queued
+
+
+def held(scheduler: Scheduler) -> tuple[Any, ...]:
+    """Everything a job-out call could change: the queue, the running jobs, the counters, the cost model."""
+    return ([j.id for j in scheduler.queue.jobs()], {i: replace(r) for i, r in scheduler.running.items()},
+            scheduler.status(1.0), scheduler.cost.samples(K24), scheduler.next_deadline())
+
+
+def test_finish_closes_a_running_job_once_and_ignores_any_other_id() -> None:
+    scheduler, running, queued = busy_scheduler()
+    before = held(scheduler)
+    for job_id in ("nobody", queued.id):  # never admitted; still queued (it leaves only by cancel or expire)
+        for ok in (True, False):
+            assert scheduler.finish(job_id, 1.0, ok=ok) is None
+    assert held(scheduler) == before
+    done = scheduler.finish(running.id, 1.0, ok=True)
+    assert done is not None and done.job is running
+    after = held(scheduler)
+    assert after[2]["completed"] == 1 and after[3] == 1 and running.id not in scheduler.running
+    for ok in (True, False):  # a second finish, either way: nothing more is counted or learned
+        assert scheduler.finish(running.id, 2.0, ok=ok) is None
+    assert held(scheduler) == after
+
+
+def test_requeue_takes_back_only_a_running_job_not_answered_early() -> None:
+    scheduler, running, queued = busy_scheduler()
+    before = held(scheduler)
+    for job_id in ("nobody", queued.id):
+        assert not scheduler.requeue(job_id, 1.0)
+    assert held(scheduler) == before
+    scheduler.answered_early(running.id)  # its client has its 408: nothing to redo, its slot stays busy
+    answered = held(scheduler)
+    assert not scheduler.requeue(running.id, 1.0)
+    assert held(scheduler) == answered and scheduler.schedule(1.0, [view("b")]) == []
+    assert scheduler.finish(running.id, 2.0, ok=False) is not None
+    finished = held(scheduler)
+    assert not scheduler.requeue(running.id, 2.0)  # finished: it does not come back
+    assert held(scheduler) == finished
+
+
+def test_cancel_takes_out_only_a_queued_job() -> None:
+    scheduler, running, queued = busy_scheduler()
+    before = held(scheduler)
+    for job_id in ("nobody", running.id):  # never admitted; running (it holds its slot until finish)
+        assert scheduler.cancel(job_id) is None
+    assert held(scheduler) == before
+    assert scheduler.cancel(queued.id) is queued
+    after = held(scheduler)
+    assert after[2]["cancelled"] == 1 and after[0] == []
+    assert scheduler.cancel(queued.id) is None  # a second cancel
+    assert held(scheduler) == after
+
+
+def test_answered_early_counts_a_running_job_once_and_ignores_any_other_id() -> None:
+    scheduler, running, queued = busy_scheduler()
+    before = held(scheduler)
+    for job_id in ("nobody", queued.id):
+        scheduler.answered_early(job_id)
+    assert held(scheduler) == before and not scheduler.running[running.id].answered_early
+    for _ in range(2):
+        scheduler.answered_early(running.id)
+    assert scheduler.tally.expired_running == 1
 
 def test_a_job_whose_class_a_reload_renamed_is_still_dispatched() -> None:
     old = make_scheduler(rules=[ClassRule(name="huge", max_chars=None, max_in_service=1)])

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PURE = ("queue", "dispatch", "admission", "scheduler", "cost", "deadlines", "tenants", "retry", "concurrency")
+PURE = ("queue", "dispatch", "admission", "scheduler", "cost", "deadlines", "tenants", "retry", "concurrency",
+        "classes", "running", "dispatch_step", "forecast")
 CHECK = """
 import importlib, sys
 importlib.import_module({module!r})
@@ -30,3 +31,8 @@ def test_the_check_notices_asyncio() -> None:
     done = subprocess.run([sys.executable, "-c", CHECK.format(module="asyncio")], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.stdout.strip() == "asyncio"
+
+
+def test_every_module_of_the_core_is_checked() -> None:
+    modules = {path.stem for path in (REPO / "scheduler" / "core").glob("*.py") if path.stem != "__init__"}
+    assert modules == set(PURE)

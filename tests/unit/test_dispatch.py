@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scheduler.core.classes import ClassRule, LengthClasses
 from scheduler.core.cost import CostModel, CostPriors
 from scheduler.core.deadlines import Tier, TiersPolicy
 from scheduler.core.dispatch import Candidate, Choice, choose_backend
 from scheduler.core.queue import FifoQueue, ModelKey
-from scheduler.core.scheduler import BackendView, ClassRule, LengthClasses, Scheduler
+from scheduler.core.running import BackendView
+from scheduler.core.scheduler import Scheduler
 
 K24: ModelKey = (24000, False)
 K32: ModelKey = (32000, False)

@@ -33,6 +33,7 @@ def pool(n: int = 2) -> list[Backend]:
 def test_fixed_slots_are_the_same_for_every_backend() -> None:
     backends = pool()
     dispatcher = Dispatcher(build_scheduler(SidecarConfig()), lambda: backends, slots=3)
+    dispatcher.pump()  # the pool's first change notice: the dispatcher tracks its backends
     assert [v.slots for v in dispatcher.views()] == [3, 3]
     assert [(b.slots, b.slot_mode) for b in backends] == [(3, "fixed"), (3, "fixed")]
 
@@ -40,22 +41,53 @@ def test_fixed_slots_are_the_same_for_every_backend() -> None:
 def test_auto_starts_at_one_and_a_restart_starts_it_again() -> None:
     backends = pool()
     dispatcher = Dispatcher(build_scheduler(SidecarConfig()), lambda: backends, slots=AUTO)
+    dispatcher.pump()  # the pool's first change notice: the dispatcher tracks its backends
     assert [v.slots for v in dispatcher.views()] == [1, 1]
     limit = dispatcher.limit(backends[0])
     assert isinstance(limit, AdaptiveLimit)
     limit.limit = 3  # as if learned
+    dispatcher.pump()  # the next event shows it on the backend
     assert [v.slots for v in dispatcher.views()] == [3, 1]
     assert backends[0].as_json()["slots"] == 3 and backends[0].as_json()["slot_mode"] == "auto"
     backends[0].pid = 999  # a new process
+    dispatcher.pump()  # the pool's change notice
     assert [v.slots for v in dispatcher.views()] == [1, 1]
     limit.limit = 2
     backends[0].state = BackendState.RESTARTING
+    dispatcher.pump()
     assert dispatcher.views()[0].slots == 1
+
+
+def test_reading_the_limits_changes_nothing() -> None:
+    """Metrics scrapes and status pages read the limits: only the dispatcher's events change them."""
+    first, joined = pool(2)
+    backends = [first]
+    dispatcher = Dispatcher(build_scheduler(SidecarConfig()), lambda: backends, slots=AUTO)
+    dispatcher.pump()  # the pool's first change notice: the dispatcher tracks its backends
+    limit = dispatcher.limit(first)
+    assert isinstance(limit, AdaptiveLimit)
+    limit.limit = 3  # as if learned
+    dispatcher.pump()
+    epoch = limit._epoch
+    first.pid, first.state = 999, BackendState.RESTARTING  # a new process, not noticed yet
+    backends.append(joined)  # a backend that joined the pool, not noticed yet
+    for _ in range(2):
+        states = dispatcher.slot_states()
+        assert states[first.id]["slots"] == 3 and states[joined.id]["slots"] == 1
+        assert [v.slots for v in dispatcher.views()] == [3, 1]
+        assert dispatcher.limit(first) is limit
+        assert dispatcher.limit(joined) is not dispatcher.limit(joined)  # a fresh one each time, kept nowhere
+    assert (limit.limit, limit._epoch) == (3, epoch)
+    assert first.slots == 3 and joined.slot_mode == "fixed"  # as the last event showed them
+    dispatcher.pump()  # the pool's change notice
+    assert limit.limit == 1 and limit._epoch > epoch and first.slots == 1
+    assert dispatcher.limit(joined) is dispatcher.limit(joined) and joined.slot_mode == "auto"
 
 
 def test_a_reload_keeps_what_was_learned_unless_the_policy_changed() -> None:
     backends = pool(1)
     dispatcher = Dispatcher(build_scheduler(SidecarConfig()), lambda: backends, slots=AUTO)
+    dispatcher.pump()  # the pool's first change notice: the dispatcher tracks its backends
     limit = dispatcher.limit(backends[0])
     dispatcher.slots = SlotPolicy(fixed=None, adaptive=AdaptiveSettings(samples=2, max_slots=3))  # equal
     assert dispatcher.limit(backends[0]) is limit
@@ -115,6 +147,7 @@ async def test_a_request_past_the_limit_on_an_extra_slot_is_not_what_the_limit_m
     config = SidecarConfig()  # the short class has one extra slot
     scheduler = build_scheduler(config)
     dispatcher = Dispatcher(scheduler, lambda: backends, slots=AUTO, clock=clock)
+    dispatcher.pump()  # the pool's first change notice: the dispatcher tracks its backends
     limit = dispatcher.limit(backends[0])
     assert isinstance(limit, AdaptiveLimit) and limit.limit == 1
     jobs = [scheduler.make_job(id=f"j{i}", chars=20, units=20.0, model_key=(24000, False), now=clock.now)

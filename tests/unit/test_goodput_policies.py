@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 
 from scheduler.config import ConfigError, parse_config
-from scheduler.core import scheduler as core
+from scheduler.core.classes import RATE_WINDOW_S, ClassRule, ClassShares, LengthClasses
 from scheduler.core.concurrency import AdaptiveLimit, AdaptiveSettings, Measure
 from scheduler.core.cost import CostModel, CostPriors
 from scheduler.core.deadlines import Tier, TiersPolicy
 from scheduler.core.queue import ModelKey, make_queue
-from scheduler.core.scheduler import BackendView, ClassRule, ClassShares, LengthClasses, Scheduler
+from scheduler.core.running import BackendView, shared_finish_s
+from scheduler.core.scheduler import Scheduler
 from scheduler.runtime.build import build_scheduler
 from tests.simulation import DispatchSimulation
 
@@ -76,7 +77,7 @@ def test_a_waiting_class_earns_its_share_of_backend_time_and_pays_for_what_it_is
     assert shares.starved(["a"]) == set()
     assert copy.starved(["a"]) == {"a"}  # a copy (a forecast's) is its own
     shares.advance(1000.0, ["a"], classes, 2)  # owed at most RATE_WINDOW_S of its share
-    assert shares.credit["a"] == pytest.approx(0.25 * 2 * core.RATE_WINDOW_S)
+    assert shares.credit["a"] == pytest.approx(0.25 * 2 * RATE_WINDOW_S)
     shares.advance(1001.0, ["b"], classes, 2)  # a stopped waiting: what it was owed is gone
     assert shares.starved(["a"]) == set()
     shares.note("a", 1.0, classes, 2)
@@ -84,7 +85,7 @@ def test_a_waiting_class_earns_its_share_of_backend_time_and_pays_for_what_it_is
     assert shares.credit["a"] == pytest.approx(-10_000.0)
     shares.note("a", 1.0, classes, 2)
     shares.note("a", 1.0, classes, 2)
-    assert shares.credit["a"] == pytest.approx(-max(0.25 * 2 * core.RATE_WINDOW_S, 1.0))
+    assert shares.credit["a"] == pytest.approx(-max(0.25 * 2 * RATE_WINDOW_S, 1.0))
 
 
 def test_the_minimum_shares_add_up_to_at_most_one_and_a_reload_keeps_what_was_served() -> None:
@@ -144,12 +145,12 @@ def test_shared_finish_times_follow_processor_sharing() -> None:
     def flat(k: int) -> float:
         return float(k)  # each of k jobs at 1/k
 
-    assert core.shared_finish_s([], flat) == []
-    assert core.shared_finish_s([3.0], flat) == [3.0]
+    assert shared_finish_s([], flat) == []
+    assert shared_finish_s([3.0], flat) == [3.0]
     # 1 s and 3 s together: both at half speed until the first is done at 2 s, then the other alone.
-    assert core.shared_finish_s([3.0, 1.0], flat) == pytest.approx([4.0, 2.0])
+    assert shared_finish_s([3.0, 1.0], flat) == pytest.approx([4.0, 2.0])
     gain = (1.0, 2 / 1.3, 3 / 1.4)
-    assert core.shared_finish_s([2.0, 2.0, 2.0], lambda k: gain[k - 1]) == pytest.approx([2 * 3 / 1.4] * 3)
+    assert shared_finish_s([2.0, 2.0, 2.0], lambda k: gain[k - 1]) == pytest.approx([2 * 3 / 1.4] * 3)
 
 
 def test_a_job_late_either_way_shares_when_that_ends_it_sooner_than_waiting() -> None:

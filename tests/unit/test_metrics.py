@@ -15,7 +15,8 @@ from scheduler.config import ClassConfig, SidecarConfig
 from scheduler.core.admission import Rejection
 from scheduler.core.concurrency import AdaptiveLimit, SlotPolicy
 from scheduler.core.queue import Job
-from scheduler.core.scheduler import BackendView, Scheduler
+from scheduler.core.running import BackendView
+from scheduler.core.scheduler import Scheduler
 from scheduler.runtime.build import build_scheduler
 from scheduler.runtime.dispatcher import Dispatcher
 from scheduler.runtime.metrics import Metrics, Outcome, Sources, classify
@@ -191,6 +192,7 @@ def test_slot_limits_fixed_and_learned(world: World, registry: CollectorRegistry
                             clock=lambda: world.now)
     metrics.watch(dataclasses.replace(metrics.sources, slots=dispatcher.slot_states))
     first.state = BackendState.READY
+    dispatcher.pump()  # the pool's change notice
     limit = dispatcher.limit(first)
     assert isinstance(limit, AdaptiveLimit)
     for i in range(2 * limit.settings.samples):  # a warm-up cohort, then one at a time, each twice its solo estimate
@@ -202,6 +204,23 @@ def test_slot_limits_fixed_and_learned(world: World, registry: CollectorRegistry
     assert value("glmtts_sidecar_backend_stretch_ratio", {"backend": first.id, "level": "1"}) == 2.0
     assert value("glmtts_sidecar_backend_stretch_ratio", {"backend": first.id, "level": "2"}) is None
     assert first.as_json()["slots"] == 1 and first.as_json()["slot_mode"] == "auto"
+
+
+def test_a_scrape_changes_no_slot_limit(world: World, registry: CollectorRegistry, metrics: Metrics) -> None:
+    first, second = world.backends
+    first.state = BackendState.READY  # the second is starting: a limit the dispatcher resets on its events
+    dispatcher = Dispatcher(world.scheduler, lambda: world.backends, slots=SlotPolicy(fixed=None),
+                            clock=lambda: world.now)
+    metrics.watch(dataclasses.replace(metrics.sources, slots=dispatcher.slot_states))
+    dispatcher.pump()  # the pool's change notice
+    learned, starting = dispatcher.limit(first), dispatcher.limit(second)
+    assert isinstance(learned, AdaptiveLimit) and isinstance(starting, AdaptiveLimit)
+    epochs = (learned._epoch, starting._epoch)
+    first.restarts += 1  # restarted, not noticed yet
+    for _ in range(3):
+        generate_latest(registry)
+    assert (learned._epoch, starting._epoch) == epochs
+    assert dispatcher.limit(first) is learned and dispatcher.limit(second) is starting
 
 
 def test_reloads_draining_and_build_info(world: World, registry: CollectorRegistry) -> None:
