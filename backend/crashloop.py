@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from scheduler.config import CrashLoopConfig
+from backend.settings import CrashLoopConfig
 
 __all__ = ["CrashLoop"]
 

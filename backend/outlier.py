@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from scheduler.config import OutlierConfig
+from backend.settings import OutlierConfig
 
 __all__ = ["OutlierDetector"]
 

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from scheduler.config import BackendsConfig, BackendSpec
+from backend.settings import BackendsConfig, BackendSpec
 
 __all__ = ["MAX_LINE_BYTES", "BackendProcess", "LineSplitter", "describe_exit"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scheduler.config import BackendsConfig, BackendSpec
+from backend.settings import BackendsConfig, BackendSpec
 
 __all__ = ["Identity", "Member", "Plan", "Start", "Step", "Stop", "launch_identity", "plan_changes"]
 

@@ -43,6 +43,7 @@ from bench import procs
 from bench.closedloop import cpu_seconds, measure, tts_form, warm
 from bench.nginx import nginx_binary, start_nginx
 from bench.summary import percentile
+from scheduler.core.cost import CostPriors
 
 REPORT = "proxy-overhead.md"
 LATENCY_PLOT = "proxy-overhead-latency.png"
@@ -190,7 +191,8 @@ backends:
   external: [{backend_url}]
   slots: {BACKEND_SLOTS}
   health: {{interval_s: 1.0, timeout_s: 2.0, start_timeout_s: 60.0}}
-cost: {{base_s: {0.3125 * s!r}, per_unit_s: {0.159375 * s!r}, reload_s: {20.0 * s!r}}}
+cost: {{base_s: {CostPriors().base_s * s!r}, per_unit_s: {CostPriors().per_unit_s * s!r},
+       reload_s: {CostPriors().reload_s * s!r}}}
 logging: {{level: WARNING}}
 """, port
 

@@ -22,6 +22,7 @@ from typing import Any
 from bench import procs
 from bench.closedloop import tts_form
 from bench.procs import memory_kib
+from scheduler.core.cost import CostPriors
 
 TEXT = "从前有一座山，山上有一座庙，庙里有一个老和尚在给小和尚讲故事。"
 
@@ -53,7 +54,8 @@ backends:
   health: {{interval_s: 0.5, timeout_s: 2.0, start_timeout_s: 60.0}}
   warmup: {{enabled: false}}
   stop_grace_s: 5.0
-cost: {{base_s: {0.3125 * time_scale!r}, per_unit_s: {0.159375 * time_scale!r}, reload_s: {20.0 * time_scale!r}}}
+cost: {{base_s: {CostPriors().base_s * time_scale!r}, per_unit_s: {CostPriors().per_unit_s * time_scale!r},
+       reload_s: {CostPriors().reload_s * time_scale!r}}}
 """, port
 
 

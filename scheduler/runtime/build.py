@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from scheduler.config import HIGHEST_BAND, SidecarConfig, TenantPolicy
+from scheduler.core.classes import ClassRule, LengthClasses
 from scheduler.core.cost import CostModel, CostPriors
 from scheduler.core.deadlines import Tier, make_policy
 from scheduler.core.queue import make_queue
-from scheduler.core.scheduler import ClassRule, LengthClasses, Scheduler
+from scheduler.core.scheduler import Scheduler
 from scheduler.core.tenants import DEFAULT_TENANT, Tenant, TenantDirectory
 
 
@@ -14,10 +15,8 @@ def build_scheduler(config: SidecarConfig, *, cost: CostModel | None = None) -> 
     """``cost``: keep a learned model across a reload of the policies."""
     c, d, q = config.cost, config.deadlines, config.queue
     if cost is None:
-        cost = CostModel(CostPriors(base_s=c.base_s, per_unit_s=c.per_unit_s, p95_ratio=c.p95_ratio,
-                                    prior_weight=c.prior_weight, window=c.window, reload_s=c.reload_s,
-                                    slow_ratio=c.slow_ratio, slow_min_samples=c.slow_min_samples))
-    tiers = [Tier(max_chars=t.max_chars, timeout_s=t.timeout_s, per_char_s=t.per_char_s) for t in d.tiers]
+        cost = CostModel(CostPriors(**c.model_dump()))  # the same keys: CostConfig takes its defaults from it
+    tiers = [Tier(**t.model_dump()) for t in d.tiers]
     policy = make_policy(d.policy, tiers=tiers,
                          factor=d.learned.factor, buffer_s=d.learned.buffer_s, min_s=d.learned.min_s,
                          max_s=d.learned.max_s)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pydantic
 import pytest
 
-from scheduler import config as config_module
+from scheduler import default_config as config_module
 from scheduler.config import (
     BackendSpec,
     ClassConfig,
