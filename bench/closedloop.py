@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.summary import percentile
+from glmtts.form import encode_multipart, multipart_content_type
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,7 @@ def tts_form(text: str, *, seed: int = 1) -> tuple[str, bytes]:
     """A multipart ``POST /api/v1/tts`` body with `text` and the exampleA prompt."""
     boundary = uuid.uuid4().hex
     fields = {"input_text": text, "index": "exampleA", "seed": str(seed)}
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()]
-    return f"multipart/form-data; boundary={boundary}", ("".join(parts) + f"--{boundary}--\r\n").encode()
+    return multipart_content_type(boundary), encode_multipart(fields.items(), boundary=boundary)
 
 
 def _ok(status: int, body: bytes) -> bool:

@@ -31,6 +31,7 @@ from typing import TextIO
 
 import aiohttp
 
+from glmtts.form import encode_multipart, multipart_content_type
 from glmtts.text import units
 
 # The same sentence bench/stream_memory.py uses; texts are windows of it repeated.
@@ -150,10 +151,7 @@ def make_trace(*, seed: int, rate: float, duration_s: float, tenants: Sequence[T
 
 def _multipart(fields: dict[str, str]) -> tuple[str, bytes]:
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-             for name, value in fields.items()]
-    body = "".join(parts) + f"--{boundary}--\r\n"
-    return f"multipart/form-data; boundary={boundary}", body.encode()
+    return multipart_content_type(boundary), encode_multipart(fields.items(), boundary=boundary)
 
 
 def _error_reason(status: int, body: bytes) -> str | None:

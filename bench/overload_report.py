@@ -19,7 +19,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no disp
 
 from bench.loadgen import MIXES, TIMEOUT_REASON
 from bench.nginx import nginx_conf
-from bench.overload import (
+from bench.overload_spec import (
     ARMS,
     CAP_MARGIN_S,
     HIGH,

@@ -1,14 +1,20 @@
-"""Processes and ports for the benchmarks: start a sidecar, emulators or nginx on loopback, stop them.
+"""Processes and ports on loopback, for the benchmarks and the tests alike: free ports, start a
+sidecar, emulators or nginx, wait until they answer, stop them.
 
 Every process starts in its own process group with its output in a file, and is stopped by
-signalling that group (never by name). A benchmark gives each run its own ``XDG_RUNTIME_DIR``
-(`isolated_env`) so the emulators' shared-GPU bookkeeping (glmtts.emulator.gpu) only ever sees the
-processes of that run, not those of anything else running on the machine.
+signalling that group (never by name): SIGTERM, then SIGKILL after a grace period, then SIGKILL
+again for anything the leader left in its group. A benchmark gives each run its own
+``XDG_RUNTIME_DIR`` (`isolated_env`) so the emulators' shared-GPU bookkeeping
+(glmtts.emulator.gpu) only ever sees the processes of that run, not those of anything else
+running on the machine. Ports come from blocks this process holds a lock on (`free_ports`), so
+parallel test workers and benchmarks never hand out the same one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import http.client as httpclient
 import json
 import os
 import random
@@ -17,13 +23,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 # A benchmark sidecar's admin token (unless its config sets one): /api/v1/health and /api/v1/queue
@@ -32,31 +40,146 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 
 
-def free_port() -> int:
+class WaitTimeout(RuntimeError):
+    """A condition did not come true in time."""
+
+
+class ProcessFailed(RuntimeError):
+    """A process we started exited, or never answered, while we waited for it."""
+
+
+class StatusError(OSError):
+    """An HTTP answer other than the one expected: an OSError, as urllib's HTTPError is, so that
+    callers treating "cannot be had" alike catch one type."""
+
+
+# --- ports ------------------------------------------------------------------------------------
+
+PORT_BLOCK = 128  # ports per reserved block: the most one `free_ports` call hands out
+_PORT_FLOOR = 20000  # below: well-known and registered services, and the sidecar's own defaults
+_LOCK_DIR = Path(tempfile.gettempdir()) / f"glmtts-ports-{os.getuid()}"
+
+
+def _port_range() -> tuple[int, int]:
+    """[low, high) of the ports to reserve from: below the kernel's ephemeral range, where no port
+    is handed out by bind(0) or taken by an outgoing connection; above it when that leaves more."""
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    below, above = (_PORT_FLOOR, low), (high + 1, 65536)
+    return below if below[1] - below[0] >= above[1] - above[0] else above
+
+
+class _PortBlocks:
+    """The blocks of ports this process holds, and the next port to hand out.
+
+    A block is held with an exclusive flock(2) on a per-user lock file; the kernel releases it when
+    the process exits (however it exits), so a block is never held by two live processes and
+    comes free again when its holder is gone. Ports are handed out in order and never twice.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[int] = []  # the lock files' descriptors, open for the life of the process
+        self._next = self._end = 0
+
+    def take(self, count: int) -> int:
+        """The first of `count` consecutive ports, each free when checked, none handed out before."""
+        if not 0 < count <= PORT_BLOCK:
+            raise ValueError(f"1 to {PORT_BLOCK} consecutive ports at a time, not {count}")
+        with self._lock:
+            while True:
+                if self._end - self._next < count:
+                    self._next, self._end = self._reserve()
+                base = self._next
+                blocker = next((p for p in range(base, base + count) if not _bindable(p)), None)
+                if blocker is None:
+                    self._next = base + count
+                    return base
+                self._next = blocker + 1  # something outside this scheme holds it: skip past
+
+    def _reserve(self) -> tuple[int, int]:
+        low, high = _port_range()
+        starts = list(range(low, high - PORT_BLOCK + 1, PORT_BLOCK))
+        random.shuffle(starts)  # independent processes rarely try the same block first
+        _LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+        for start in starts:
+            fd = os.open(_LOCK_DIR / f"block-{start}", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._held.append(fd)
+            return start, start + PORT_BLOCK
+        raise RuntimeError(f"every block of {PORT_BLOCK} ports in {low}..{high - 1} is held by another process")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+_BLOCKS = _PortBlocks()
 
 
 def free_ports(count: int) -> int:
-    """A base port with base .. base+count-1 all free now (the sidecar numbers backends that way)."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise RuntimeError(f"no {count} consecutive free ports")
+    """A base port with base .. base+count-1 free (the sidecar numbers its backends that way).
+
+    The guarantee: no two live processes that take ports here (pytest-xdist workers, parallel
+    test sessions, benchmarks) are ever handed the same port, and one process is never handed a
+    port twice; each port was also free when handed out. What remains is the race with programs
+    outside this scheme, which is small: the ports lie outside the kernel's ephemeral range, so
+    nothing that binds port 0 or connects out takes them. At most `PORT_BLOCK` at a time.
+    """
+    return _BLOCKS.take(count)
 
 
-def get_json(url: str, timeout: float = 10.0, *, token: str | None = None) -> Any:
-    """GET ``url``; ``token``: sent as ``Authorization: Bearer`` (a sidecar's admin token)."""
+def free_port() -> int:
+    """One loopback port, with `free_ports`' guarantee."""
+    return _BLOCKS.take(1)
+
+
+# --- HTTP and waiting -------------------------------------------------------------------------
+
+
+def http(method: str, url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """One blocking HTTP exchange with exactly these headers (no default Content-Type added, no proxy)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = httpclient.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.request(method, path or "/", body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(url: str, timeout: float = 10.0, *, token: str | None = None, statuses: Sequence[int] = (200,)) -> Any:
+    """The JSON of GET `url`. ``token``: sent as ``Authorization: Bearer`` (a sidecar's admin
+    token); ``statuses``: the answers accepted, any other raises StatusError."""
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
-        return json.loads(resp.read())
+    status, _, body = http("GET", url, headers=headers, timeout=timeout)
+    if status not in statuses:
+        raise StatusError(f"GET {url}: HTTP {status} {body[:300]!r}")
+    return json.loads(body)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, *, interval: float = 0.05) -> None:
+    """Poll `predicate` every `interval` seconds until it holds; WaitTimeout after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def pid_gone(pid: int) -> bool:
@@ -72,13 +195,7 @@ def pid_gone(pid: int) -> bool:
         return True
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+# --- processes --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -87,50 +204,56 @@ class Proc:
 
     argv: list[str]
     url: str
-    popen: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes]
     log_path: Path
-    admin_token: str | None = None  # a sidecar's
+    admin_token: str | None = None  # a sidecar's, from its config
+    keep_log: bool = False  # `stop` leaves the log file (for reading after the process is gone)
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.proc.pid
 
-    def output(self, tail: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-tail:]
+    def output(self, tail: int | None = None) -> str:
+        """What it wrote so far (the last `tail` characters)."""
+        text = self.log_path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self.proc.poll() is None
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the group, SIGKILL it after `grace`; also removes the log file."""
-        if self.popen.poll() is None:
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 10.0) -> int | None:
+        """Signal the group with `sig`, SIGKILL it after `grace`; returns the exit status."""
+        if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
+                os.killpg(self.pid, sig)
             try:
-                self.popen.wait(grace)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.pid, signal.SIGKILL)
-                self.popen.wait(10)
+                self.proc.wait(10)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)  # anything the leader left in its group
-        with contextlib.suppress(OSError):
-            self.log_path.unlink()
+        if not self.keep_log:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+        return self.proc.returncode
 
     def wait_http(self, path: str, timeout: float = 60.0) -> None:
+        """Until GET `path` answers 200; ProcessFailed (with the output) if it exits or never does."""
+
         def answers() -> bool:
             if not self.alive():
-                raise RuntimeError(f"{self.argv} exited {self.popen.returncode}:\n{self.output()}")
+                raise ProcessFailed(f"{self.argv} exited {self.proc.returncode}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(self.url + path, timeout=2.0) as resp:
-                    return bool(resp.status == 200)
-            except (OSError, urllib.error.URLError):
+                return http("GET", self.url + path, timeout=2.0)[0] == 200
+            except OSError:
                 return False
 
         try:
             wait_for(answers, timeout, f"{self.url}{path}")
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n{self.output()}") from None
+        except WaitTimeout:
+            raise ProcessFailed(f"{self.argv} not answering {path} after {timeout:g} s:\n{self.output()}") from None
 
 
 def isolated_env(runtime_dir: Path, **extra: str) -> dict[str, str]:
@@ -139,27 +262,45 @@ def isolated_env(runtime_dir: Path, **extra: str) -> dict[str, str]:
     return {"XDG_RUNTIME_DIR": str(runtime_dir), **extra}
 
 
-def spawn(argv: Sequence[str], url: str, *, env: dict[str, str] | None = None) -> Proc:
-    log = tempfile.NamedTemporaryFile(prefix="glmtts-bench-", suffix=".log", delete=False)  # noqa: SIM115
+def spawn(argv: Sequence[str], url: str, *, env: dict[str, str] | None = None, cwd: Path | None = None,
+          unset: Sequence[str] = (), keep_log: bool = False, log_prefix: str = "glmtts-bench-") -> Proc:
+    """Start `argv` in a new process group (cwd: the checkout unless given), stdout and stderr to a
+    temporary file. Its environment: ours without `unset`, the checkout first on PYTHONPATH (its
+    packages win wherever it runs and whatever is installed), then `env`."""
+    log = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False)  # noqa: SIM115
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    inherited = {k: v for k, v in os.environ.items() if k not in unset}
     popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             cwd=ROOT, env={**os.environ, "PYTHONPATH": path, **(env or {})},
+                             cwd=cwd or ROOT, env={**inherited, "PYTHONPATH": path, **(env or {})},
                              start_new_session=True)
     log.close()
-    return Proc(argv=list(argv), url=url, popen=popen, log_path=Path(log.name))
+    return Proc(argv=list(argv), url=url, proc=popen, log_path=Path(log.name), keep_log=keep_log)
+
+
+def start_emulator(args: Sequence[str], *, timeout: float = 60.0, wait: bool = True, **spawn_args: Any) -> Proc:
+    """`python -m glmtts.emulator --port P *args` on a free port (`spawn_args`: as `spawn`'s);
+    with `wait`, returns once it answers its health check (stopped if it never does)."""
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "glmtts.emulator", "--port", str(port), *args], f"http://127.0.0.1:{port}",
+                 **spawn_args)
+    if wait:
+        try:
+            proc.wait_http("/api/v1/health", timeout)
+        except BaseException:
+            proc.stop()
+            raise
+    return proc
 
 
 def start_emulators(count: int, args: Sequence[str], *, gpus: Sequence[str], env: dict[str, str],
                     timeout: float = 120.0) -> list[Proc]:
-    """`count` emulators (`python -m glmtts.emulator --port P *args`), emulator i on GPU id
-    gpus[i % len(gpus)] (CUDA_VISIBLE_DEVICES, as the sidecar's `env` template gives its own)."""
+    """`count` emulators (`--seed i *args`), emulator i on GPU id gpus[i % len(gpus)]
+    (CUDA_VISIBLE_DEVICES, as the sidecar's `env` template gives its own), started together."""
     procs: list[Proc] = []
     try:
         for i in range(count):
-            port = free_port()
-            argv = [sys.executable, "-m", "glmtts.emulator", "--port", str(port), "--seed", str(i), *args]
-            procs.append(spawn(argv, f"http://127.0.0.1:{port}",
-                               env={**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}))
+            procs.append(start_emulator(["--seed", str(i), *args], wait=False,
+                                        env={**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}))
         for proc in procs:
             proc.wait_http("/api/v1/health", timeout)
     except BaseException:
@@ -169,42 +310,73 @@ def start_emulators(count: int, args: Sequence[str], *, gpus: Sequence[str], env
     return procs
 
 
-def start_sidecar(config_text: str, port: int, work_dir: Path, *, env: dict[str, str] | None = None,
-                  timeout: float = 120.0) -> Proc:
-    """`python -m scheduler --config FILE` with `config_text`; returns once every backend is ready.
-    A config without an ``admin:`` section gets ``ADMIN_TOKEN``."""
-    config = work_dir / f"sidecar-{port}.yaml"
-    if "\ntasks:" not in config_text:
-        config_text += f"\ntasks: {{state_dir: {json.dumps(str(work_dir / f'tasks-{port}'))}}}\n"
-    token = None
-    if not config_text.startswith("admin:") and "\nadmin:" not in config_text:
-        config_text += f"\nadmin: {{token: {ADMIN_TOKEN}}}\n"
-        token = ADMIN_TOKEN
-    config.write_text(config_text)
-    proc = spawn([sys.executable, "-m", "scheduler", "--config", str(config)], f"http://127.0.0.1:{port}", env=env)
-    proc.admin_token = token
+# --- sidecars ---------------------------------------------------------------------------------
+
+
+def config_sections(config_text: str) -> dict[str, Any]:
+    """A sidecar config's top-level sections ({} for a file that is not YAML: the sidecar will say
+    what is wrong with it)."""
     try:
-        proc.wait_http("/readyz", timeout)
-        wait_for(lambda: all(b["state"] == "ready" for b in backend_states(proc)), timeout,
-                 "every backend to be ready")
-    except BaseException:
-        proc.stop()
-        raise
+        data = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def configured_admin_token(config_text: str) -> str | None:
+    """The admin token a sidecar config sets (``env:NAME`` read from this environment), or None."""
+    admin = config_sections(config_text).get("admin")
+    token = admin.get("token") if isinstance(admin, dict) else None
+    if isinstance(token, str) and token.startswith("env:"):
+        return os.environ.get(token[len("env:"):])
+    return token if isinstance(token, str) else None
+
+
+def start_sidecar(config_text: str, port: int, work_dir: Path, *, env: dict[str, str] | None = None,
+                  timeout: float = 120.0, wait_ready: bool = True, admin_token: str | None = ADMIN_TOKEN,
+                  **spawn_args: Any) -> Proc:
+    """`python -m scheduler --config FILE` with `config_text` (FILE and the task state in `work_dir`);
+    with `wait_ready`, returns once /readyz answers and then every backend is ready, each within
+    `timeout` (stopped otherwise). A config without an ``admin`` section gets ``admin_token``
+    (None: none); the returned process knows the token its config ends up with."""
+    config = work_dir / f"sidecar-{port}.yaml"
+    if "\ntasks:" not in config_text:  # task state goes to the run's own directory
+        config_text += f"\ntasks: {{state_dir: {json.dumps(str(work_dir / f'tasks-{port}'))}}}\n"
+    if admin_token is not None and "admin" not in config_sections(config_text):
+        config_text += f"\nadmin: {{token: {admin_token}}}\n"
+    config.write_text(config_text)
+    proc = spawn([sys.executable, "-m", "scheduler", "--config", str(config)], f"http://127.0.0.1:{port}", env=env,
+                 **spawn_args)
+    proc.admin_token = configured_admin_token(config_text)
+    if wait_ready:
+        try:
+            proc.wait_http("/readyz", timeout)
+            wait_for(lambda: all(b["state"] == "ready" for b in backend_states(proc)), timeout,
+                     "every backend to be ready")
+        except BaseException:
+            proc.stop()
+            raise
     return proc
 
 
-def backend_states(sidecar: Proc) -> list[dict[str, Any]]:
-    backends: list[dict[str, Any]] = get_json(sidecar.url + "/api/v1/health", token=sidecar.admin_token)["backends"]
+def backend_states(sidecar: Proc, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Each backend's state, pid and counters, from /api/v1/health with the sidecar's admin token
+    (answered also while no backend is ready, with 503)."""
+    if sidecar.admin_token is None:
+        raise ValueError("this sidecar has no admin token: nobody sees its details")
+    health = get_json(sidecar.url + "/api/v1/health", timeout, token=sidecar.admin_token, statuses=(200, 503))
+    backends: list[dict[str, Any]] = health["backends"]
     return backends
 
 
 def backend_pids(sidecar: Proc) -> list[int]:
+    """The pids of the sidecar's running backends."""
     return [int(b["pid"]) for b in backend_states(sidecar) if b.get("pid")]
 
 
 def reap(pids: Sequence[int], timeout: float = 15.0) -> None:
     """Wait for `pids` (children of a sidecar we stopped) to be gone; SIGKILL any straggler."""
-    with contextlib.suppress(RuntimeError):
+    with contextlib.suppress(WaitTimeout):
         wait_for(lambda: all(pid_gone(p) for p in pids), timeout, "backends to exit")
     for pid in pids:
         if not pid_gone(pid):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
@@ -295,3 +295,61 @@ def _decode(data: bytes, charset: str, what: str) -> str:
     except UnicodeError:
         raise FormError(f"Invalid {charset} in {what}.") from None
     return text
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+# What a multipart part may carry: text (encoded in the form's charset), bytes as they are, or a
+# file: an UploadedFile, or (filename, data) for the API's one kind of upload, a WAV.
+PartValue = str | bytes | UploadedFile | tuple[str, bytes]
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def multipart_content_type(boundary: str, charset: str | None = None) -> str:
+    """The Content-Type of a body from `encode_multipart` (the boundary quoted when it must be)."""
+    shown = boundary if _TOKEN.fullmatch(boundary) else _quote(boundary)
+    return f"multipart/form-data; boundary={shown}" + (f"; charset={charset}" if charset else "")
+
+
+def encode_multipart(fields: Iterable[tuple[str, PartValue]], *, boundary: str, charset: str = "utf-8") -> bytes:
+    """A multipart/form-data body that `parse_form` and python-multipart read back as `fields`.
+
+    Names and filenames are quoted (backslash and double quote escaped) and encoded in `charset`,
+    as are text values. Raises ValueError for what could not be read back: a boundary that is not
+    1 to 70 ASCII characters, a name or filename with CR or LF or ending in a backslash (upstream
+    reads its escaped backslash and the closing quote as an escaped quote), or a value holding the
+    delimiter (choose another boundary).
+    """
+    if not 0 < len(boundary) <= MAX_BOUNDARY_LENGTH or "\r" in boundary or "\n" in boundary:
+        raise ValueError(f"a multipart boundary is 1 to {MAX_BOUNDARY_LENGTH} characters on one line")
+    delimiter = b"--" + boundary.encode("ascii")
+    out: list[bytes] = []
+    for name, value in fields:
+        head = f"Content-Disposition: form-data; name={_header_param(name)}"
+        if isinstance(value, tuple):
+            value = UploadedFile(filename=value[0], content_type="audio/wav", data=value[1])
+        if isinstance(value, UploadedFile):
+            head += f"; filename={_header_param(value.filename)}"
+            if value.content_type is not None:
+                head += f"\r\nContent-Type: {_header_param(value.content_type, quoted=False)}"
+            data = value.data
+        else:
+            data = value.encode(charset) if isinstance(value, str) else value
+        if b"\r\n" + delimiter in data:
+            raise ValueError(f"the value of {name!r} holds the delimiter of boundary {boundary!r}")
+        out += [delimiter, b"\r\n", head.encode(charset), b"\r\n\r\n", data, b"\r\n"]
+    out += [delimiter, b"--\r\n"]
+    return b"".join(out)
+
+
+def _header_param(text: str, *, quoted: bool = True) -> str:
+    if "\r" in text or "\n" in text:
+        raise ValueError(f"a multipart header value cannot hold CR or LF: {text!r}")
+    if quoted and text.endswith("\\"):
+        raise ValueError(f"a quoted multipart parameter cannot end in a backslash: {text!r}")
+    return _quote(text) if quoted else text
+
+
+def _quote(text: str) -> str:
+    """An RFC 7230 quoted-string, as python-multipart unquotes it."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

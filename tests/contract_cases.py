@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glmtts.emulator.prompts import DEFAULT_PROMPTS
+from glmtts.form import encode_multipart, multipart_content_type
 
 EXAMPLE_A = DEFAULT_PROMPTS["exampleA"]
 EXAMPLE_B = DEFAULT_PROMPTS["exampleB"]
@@ -42,21 +43,10 @@ class Case:
 
 
 def multipart(*parts: tuple[str, Any], boundary: str = BOUNDARY) -> tuple[str, bytes]:
-    """Encode parts; a value of (filename, bytes) makes a file part."""
-    out = io.BytesIO()
-    for name, value in parts:
-        out.write(f"--{boundary}\r\n".encode())
-        if isinstance(value, tuple):
-            filename, data = value
-            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-                      "Content-Type: audio/wav\r\n\r\n".encode())
-            out.write(data)
-        else:
-            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
-            out.write(value if isinstance(value, bytes) else str(value).encode())
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return f"multipart/form-data; boundary={boundary}", out.getvalue()
+    """(Content-Type, body) of the parts; a value of (filename, bytes) makes a WAV file part, and
+    a value that is neither text nor bytes is sent as its str()."""
+    fields = [(name, value if isinstance(value, (str, bytes, tuple)) else str(value)) for name, value in parts]
+    return multipart_content_type(boundary), encode_multipart(fields, boundary=boundary)
 
 
 URLENCODED = "application/x-www-form-urlencoded"

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from bench.loadgen import BIMODAL_MIX, LENGTH_MIX, MIXES, Record, Tenant, make_trace
-from bench.overload import (
+from bench.overload import make_plan, parser, sidecar_yaml
+from bench.overload_report import GE, LE, Verdict, arm_verdicts, cell_classes, flat_verdicts, judge, oracle
+from bench.overload_spec import (
     ARMS,
     FLAT_ARMS,
     HIGH,
@@ -22,12 +24,8 @@ from bench.overload import (
     Cell,
     Setup,
     arrival_rate,
-    make_plan,
-    parser,
-    sidecar_yaml,
     slo_s,
 )
-from bench.overload_report import GE, LE, Verdict, arm_verdicts, cell_classes, flat_verdicts, judge, oracle
 from bench.summary import RunSummary, length_class, summarize
 from glmtts.emulator.timing import BASE_S, PER_UNIT_S, ServiceModel
 

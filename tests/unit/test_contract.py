@@ -34,7 +34,7 @@ from glmtts.contract import (
     validate_fields,
 )
 from glmtts.errors import HTTPDetailError, ValidationFailed
-from glmtts.form import FormData, FormValue, UploadedFile
+from glmtts.form import FormData, FormValue, UploadedFile, encode_multipart
 
 B = "contract-unit-boundary"
 MP = f"multipart/form-data; boundary={B}"
@@ -61,15 +61,7 @@ def quote(text: str) -> str:
 
 def multipart(*parts: tuple[str, Any], boundary: str = B) -> bytes:
     """Encode parts; a value of (filename, bytes) makes a file part."""
-    out = b""
-    for name, value in parts:
-        out += f"--{boundary}\r\nContent-Disposition: form-data; name={quote(name)}".encode()
-        if isinstance(value, tuple):
-            out += f"; filename={quote(value[0])}\r\nContent-Type: audio/wav\r\n\r\n".encode() + value[1]
-        else:
-            out += b"\r\n\r\n" + (value if isinstance(value, bytes) else str(value).encode())
-        out += b"\r\n"
-    return out + f"--{boundary}--\r\n".encode()
+    return encode_multipart(parts, boundary=boundary)
 
 
 def one(kind: Kind, raw: FormValue, *, required: bool = False, default: Any = None) -> Any:

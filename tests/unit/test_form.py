@@ -21,8 +21,11 @@ from glmtts.form import (
     MAX_PART_HEADER_BYTES,
     FormData,
     FormError,
+    PartValue,
     UploadedFile,
+    encode_multipart,
     media_type,
+    multipart_content_type,
     parse_form,
 )
 
@@ -45,6 +48,8 @@ def quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# The parser is tested on bytes built here, piece by piece (many deliberately malformed), not on
+# encode_multipart's output: the encoder is checked against the parser below, not the other way round.
 def field_part(name: str, value: bytes | str, *, boundary: str = B, raw_name: bool = False) -> bytes:
     shown = name if raw_name else quote(name)
     data = value.encode() if isinstance(value, str) else value
@@ -851,3 +856,127 @@ def test_urlencoded_agrees_with_python_multipart(text: str) -> None:
         theirs = None  # Starlette would substitute U+FFFD where we answer 400
     assume(theirs is not None)
     assert list(items(URLENC, body)) == theirs
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+def test_encoded_bytes() -> None:
+    body = encode_multipart([("input_text", "你好"), ("seed", b"7"), ("prompt_audio", ("v.wav", b"RIFF")),
+                             ("f", UploadedFile(filename='a"b.bin', content_type=None, data=b"\x00"))], boundary=B)
+    assert body == (f'--{B}\r\nContent-Disposition: form-data; name="input_text"\r\n\r\n你好\r\n'
+                    f'--{B}\r\nContent-Disposition: form-data; name="seed"\r\n\r\n7\r\n'
+                    f'--{B}\r\nContent-Disposition: form-data; name="prompt_audio"; filename="v.wav"\r\n'
+                    f"Content-Type: audio/wav\r\n\r\nRIFF\r\n"
+                    f'--{B}\r\nContent-Disposition: form-data; name="f"; filename="a\\"b.bin"\r\n\r\n\x00\r\n'
+                    f"--{B}--\r\n").encode()
+    assert encode_multipart([], boundary=B) == f"--{B}--\r\n".encode()
+    assert comparable(parse_form(MP, body)) == [("input_text", "你好"), ("seed", "7"),
+                                                ("prompt_audio", ("file", "v.wav", "audio/wav", b"RIFF")),
+                                                ("f", ("file", 'a"b.bin', None, b"\x00"))]
+
+
+@pytest.mark.parametrize(
+    ("boundary", "charset", "expected"),
+    [
+        (B, None, f"multipart/form-data; boundary={B}"),
+        ("abc", "latin-1", "multipart/form-data; boundary=abc; charset=latin-1"),
+        ("a b:c", None, 'multipart/form-data; boundary="a b:c"'),
+        ("'()+_,-./:=?", None, "multipart/form-data; boundary=\"'()+_,-./:=?\""),
+    ],
+)
+def test_content_type(boundary: str, charset: str | None, expected: str) -> None:
+    content_type = multipart_content_type(boundary, charset)
+    assert content_type == expected
+    assert media_type(content_type) == ("multipart/form-data", {"boundary": boundary} | (
+        {"charset": charset} if charset else {}))
+
+
+def test_latin1_names_filenames_and_values() -> None:
+    fields: list[tuple[str, PartValue]] = [("café", "été"), ("f", ("é.wav", b"\xff"))]
+    body = encode_multipart(fields, boundary=B, charset="latin-1")
+    assert b'name="caf\xe9"' in body and b"\r\n\r\n\xe9t\xe9\r\n" in body
+    form = parse_form(multipart_content_type(B, "latin-1"), body)
+    assert comparable(form) == [("café", "été"), ("f", ("file", "é.wav", "audio/wav", b"\xff"))]
+
+
+@pytest.mark.parametrize(
+    ("fields", "boundary", "problem"),
+    [
+        ([("a", "1")], "", "1 to 70 characters"),
+        ([("a", "1")], "x" * 71, "1 to 70 characters"),
+        ([("a", "1")], "a\r\nb", "1 to 70 characters"),
+        ([("a", "1")], "é", "ascii"),
+        ([("a\r\nX-Injected: 1", "1")], B, "CR or LF"),
+        ([("a\n", "1")], B, "CR or LF"),
+        ([("f", ("x\r.wav", b""))], B, "CR or LF"),
+        ([("f", UploadedFile(filename="v.wav", content_type="audio/wav\r\nX: 1", data=b""))], B, "CR or LF"),
+        ([("a\\", "1")], B, "backslash"),
+        ([("f", ("dir\\", b""))], B, "backslash"),
+        ([("a", f"x\r\n--{B}--\r\n")], B, "holds the delimiter"),
+        ([("f", ("v.wav", f"\r\n--{B}".encode()))], B, "holds the delimiter"),
+    ],
+)
+def test_what_could_not_be_read_back_is_refused(fields: list[tuple[str, Any]], boundary: str,
+                                                problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        encode_multipart(fields, boundary=boundary)
+
+
+def test_text_the_charset_cannot_write_is_refused() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        encode_multipart([("a", "é")], boundary=B, charset="us-ascii")
+    with pytest.raises(UnicodeEncodeError):
+        encode_multipart([("é", "a")], boundary=B, charset="us-ascii")
+
+
+def test_values_near_the_delimiter_are_kept() -> None:
+    fields = [("a", f"--{B}"), ("b", f"\r\n--{B[:-1]}"), ("c", "\r\n"), ("d", "x\r")]
+    body = encode_multipart(fields, boundary=B)
+    assert items(MP, body) == tuple(fields)
+
+
+part_values = st.one_of(texts, st.binary(max_size=40),
+                        st.builds(lambda f, d, t: UploadedFile(filename=f, content_type=t, data=d),
+                                  names.filter(bool), st.binary(max_size=40),
+                                  st.sampled_from([None, "audio/wav", "application/octet-stream"])))
+
+
+def expected_items(fields: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """What a parser gives back for `fields` (bytes values are read as UTF-8 text)."""
+    return [(name, value if isinstance(value, str) else value.decode() if isinstance(value, bytes)
+             else ("file", value.filename, value.content_type, value.data)) for name, value in fields]
+
+
+def readable(fields: list[tuple[str, Any]], boundary: str) -> bool:
+    """No value holds the delimiter, and bytes values are UTF-8 text (as a field's must be)."""
+    for _, value in fields:
+        data = value.data if isinstance(value, UploadedFile) else value.encode() if isinstance(value, str) else value
+        if f"\r\n--{boundary}".encode() in data:
+            return False
+        if isinstance(value, bytes):
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                return False
+    return True
+
+
+@SETTINGS
+@given(st.one_of(st.just(B), boundaries), st.lists(st.tuples(names, part_values), max_size=6))
+def test_encode_round_trips_through_our_parser(boundary: str, fields: list[tuple[str, Any]]) -> None:
+    assume(readable(fields, boundary))
+    body = encode_multipart(fields, boundary=boundary)
+    assert comparable(parse_form(multipart_content_type(boundary), body)) == expected_items(fields)
+
+
+@SETTINGS
+@given(st.one_of(st.just(B), boundaries),
+       st.lists(st.tuples(plain_names, st.one_of(texts, st.builds(
+           lambda f, d: UploadedFile(filename=f, content_type="audio/wav", data=d), plain_names,
+           st.binary(max_size=40)))), max_size=6))
+def test_encode_round_trips_through_python_multipart(boundary: str, fields: list[tuple[str, Any]]) -> None:
+    pytest.importorskip("python_multipart")
+    assume(readable(fields, boundary))
+    body = encode_multipart(fields, boundary=boundary)
+    assert python_multipart_items(boundary, body) == expected_items(fields)
