@@ -12,6 +12,8 @@ import pytest
 
 from scheduler.runtime import taskstore
 from scheduler.runtime.taskstore import FINISHED, StoreError, Task, TaskState, TaskStore
+from scheduler.runtime.taskstore import schema as taskstore_schema
+from scheduler.runtime.taskstore import store as taskstore_store
 
 T0 = 1_700_000_000.0
 RESULT: dict[str, Any] = {
@@ -127,13 +129,13 @@ def test_cancel_while_running_discards_audio(store: TaskStore) -> None:
 def test_cancel_between_check_and_update_discards_audio(store: TaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
     task = new(store)
     store.mark_running(task.id, T0 + 1)
-    real_write = taskstore._write_atomically
+    real_write = taskstore_store.write_atomically
 
     def write_then_cancel(path: Path, data: bytes) -> None:
         real_write(path, data)
         store.cancel(task.id, tenant="acme", now=T0 + 2)
 
-    monkeypatch.setattr(taskstore, "_write_atomically", write_then_cancel)
+    monkeypatch.setattr(taskstore_store, "write_atomically", write_then_cancel)
     assert store.succeed(task.id, wav=WAV, result=RESULT, now=T0 + 3) is None
     assert not list((store.directory / "results").iterdir())
 
@@ -613,7 +615,7 @@ def test_a_failed_migration_leaves_version_1_untouched(tmp_path: Path, monkeypat
     def unreadable(content_type: str, body: bytes) -> str:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(taskstore, "request_digest", unreadable)
+    monkeypatch.setattr(taskstore_schema, "request_digest", unreadable)
     with pytest.raises(StoreError, match="Input/output"):
         TaskStore(tmp_path)
     db = sqlite3.connect(tmp_path / "tasks.sqlite3")
