@@ -3,14 +3,12 @@ rise/fall hysteresis that turns a series of probes into in or out of rotation.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
-from scheduler.config import HealthConfig
+from backend.settings import HealthConfig
+from backend.transport import BackendTimeout, BackendUnavailable, Transport
 
 __all__ = ["HealthResult", "HealthTracker", "ModelKey", "parse_health", "probe_health"]
 
@@ -50,21 +48,24 @@ def _model_key(data: dict[str, Any]) -> ModelKey | None:
     return None
 
 
-async def probe_health(session: aiohttp.ClientSession, base_url: str, config: HealthConfig) -> HealthResult:
-    """One probe, bounded by `config.timeout_s`; never raises for network or protocol failures."""
-    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+async def probe_health(transport: Transport, base_url: str, config: HealthConfig) -> HealthResult:
+    """One probe, bounded by `config.timeout_s`, on a connection of its own; never raises for
+    network or protocol failures."""
     try:
-        async with session.get(base_url + config.path, timeout=timeout, allow_redirects=False) as resp:
+        reply = await transport.open("GET", base_url + config.path, timeout=config.timeout_s, fresh=True)
+        try:
             body = bytearray()
-            while chunk := await resp.content.read(_MAX_BODY_BYTES + 1 - len(body)):
+            async for chunk in reply.iter_chunked(_MAX_BODY_BYTES + 1):
                 body += chunk
                 if len(body) > _MAX_BODY_BYTES:
                     return HealthResult(healthy=False, error="health answer is too large")
-            return parse_health(resp.status, bytes(body))
-    except asyncio.TimeoutError:
+            return parse_health(reply.status, bytes(body))
+        finally:
+            reply.release()
+    except BackendTimeout:
         return HealthResult(healthy=False, error=f"health timed out after {config.timeout_s:g} s")
-    except aiohttp.ClientError as exc:
-        return HealthResult(healthy=False, error=f"health failed: {_describe(exc)}")
+    except BackendUnavailable as exc:
+        return HealthResult(healthy=False, error=f"health failed: {_describe(exc.__cause__ or exc)}")
 
 
 def _describe(exc: BaseException) -> str:

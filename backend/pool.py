@@ -19,18 +19,16 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
 
 from backend.outlier import OutlierDetector
 from backend.process import describe_exit
+from backend.record import Backend
+from backend.settings import BackendsConfig, BackendSpec
 from backend.state import BackendState
 from backend.supervisor import Supervisor
 from backend.topology import Start, Step, launch_identity, plan_changes
+from backend.transport import AiohttpTransport, Transport
 from backend.warmup import WarmupRun
-from scheduler.config import BackendsConfig, BackendSpec
 
 __all__ = ["Backend", "BackendPool"]
 
@@ -38,55 +36,6 @@ log = logging.getLogger("glmtts_sidecar.pool")
 
 _DRAIN_POLL_S = 0.05  # in_flight is the proxy's plain counter: draining polls it
 _SETTLED = (BackendState.READY, BackendState.FAILED, BackendState.STOPPING, BackendState.STOPPED)
-
-
-@dataclass(eq=False)
-class Backend:
-    """Live state of one backend, mutated only by the pool (and in_flight/served by the proxy)."""
-
-    spec: BackendSpec
-    state: BackendState = BackendState.STARTING
-    pid: int | None = None
-    in_flight: int = 0  # maintained by the proxy
-    served: int = 0  # maintained by the proxy
-    restarts: int = 0
-    health_failures: int = 0  # failed health checks while up; maintained by the supervisor
-    model_reloads: int = 0  # dispatches that switch its model configuration; maintained by the dispatcher
-    slots: int = 1  # requests it may hold at once now; maintained by the dispatcher
-    slot_mode: str = "fixed"  # fixed (backends.slots: N) or auto (learned); maintained by the dispatcher
-    model_key: tuple[int, bool] | None = None  # (model_sample_rate, model_use_phoneme); None: not loaded
-    last_error: str | None = None
-    outlier: str | None = None  # why outlier detection flags it: ejected, or kept as the last ready backend
-    warmup: WarmupRun | None = None  # its latest successful warm-up; set by the pool
-    since: float = field(default_factory=time.monotonic)  # monotonic time of the last state change
-
-    @property
-    def url(self) -> str:
-        return self.spec.url
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
-
-    def as_json(self) -> dict[str, Any]:
-        model = None
-        if self.model_key is not None:
-            model = {"sample_rate": self.model_key[0], "use_phoneme": self.model_key[1]}
-        return {
-            "id": self.id,
-            "url": self.url,
-            "state": self.state.value,
-            "pid": self.pid,
-            "in_flight": self.in_flight,
-            "slots": self.slots,
-            "slot_mode": self.slot_mode,
-            "served": self.served,
-            "restarts": self.restarts,
-            "model": model,
-            "last_error": self.last_error,
-            "outlier": self.outlier,
-            "managed": self.spec.managed,
-        }
 
 
 class BackendPool:
@@ -99,7 +48,10 @@ class BackendPool:
         python: str = sys.executable,
         on_change: Callable[[], None] | None = None,
         log_output: bool = True,
+        transport: Transport | None = None,
     ) -> None:
+        """``transport``: what health probes and warm-ups go through (the caller's, which it
+        starts and closes); None: the pool's own, over the network."""
         self.config = config
         self.backends = [Backend(spec) for spec in config.layout()]
         self._by_id = {backend.id: backend for backend in self.backends}
@@ -109,7 +61,8 @@ class BackendPool:
         self._log_output = log_output
         self._supervisors: dict[Backend, Supervisor] = {}
         self._tasks: dict[Backend, asyncio.Task[None]] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._transport: Transport = transport if transport is not None else AiohttpTransport()
+        self._owns_transport = transport is None
         self._waiters: set[asyncio.Future[None]] = set()
         self._started = False
         self._spawned = asyncio.Event()
@@ -122,9 +75,8 @@ class BackendPool:
             raise RuntimeError("a BackendPool can be started once, and not after stop()")
         self._started = True
         try:
-            # One connection per probe: a pooled one may lead to a process that has since died.
-            connector = aiohttp.TCPConnector(force_close=True, limit=0)
-            self._session = aiohttp.ClientSession(connector=connector)
+            if self._owns_transport:
+                await self._transport.start()
             for backend in self.backends:
                 self._supervisors[backend] = self._new_supervisor(backend)
             for supervisor in self._supervisors.values():
@@ -292,8 +244,8 @@ class BackendPool:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(self._stop_backend(backend) for backend in list(self.backends)))
-        if self._session is not None:
-            await self._session.close()
+        if self._owns_transport and self._started:
+            await self._transport.close()
 
     async def _stop_backend(self, backend: Backend) -> None:
         self._set_state(backend, BackendState.STOPPED, await self._end_process(backend))
@@ -317,8 +269,7 @@ class BackendPool:
     # -- supervision and membership ---------------------------------------------------------
 
     def _new_supervisor(self, backend: Backend) -> Supervisor:
-        assert self._session is not None
-        return Supervisor(backend, self.config, self._session, python=self._python, log_output=self._log_output,
+        return Supervisor(backend, self.config, self._transport, python=self._python, log_output=self._log_output,
                           set_state=self._set_state, notify=self._changed, outlier=self._outliers[backend])
 
     def _run(self, backend: Backend) -> None:

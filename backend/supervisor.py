@@ -19,21 +19,18 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
-
-import aiohttp
+from typing import TypeVar
 
 from backend.backoff import Backoff
 from backend.crashloop import CrashLoop
 from backend.health import HealthResult, HealthTracker, ModelKey, probe_health
 from backend.outlier import OutlierDetector
 from backend.process import BackendProcess, describe_exit
+from backend.record import Backend
+from backend.settings import BackendsConfig
 from backend.state import BackendState
+from backend.transport import Transport
 from backend.warmup import warm_up
-from scheduler.config import BackendsConfig
-
-if TYPE_CHECKING:
-    from backend.pool import Backend
 
 __all__ = ["Supervisor"]
 
@@ -42,7 +39,7 @@ log = logging.getLogger("glmtts_sidecar.pool")
 _FIRST_POLL_S = 0.1  # while starting, health is polled this soon, then ever less often up to interval_s
 _T = TypeVar("_T")
 
-SetState = Callable[["Backend", BackendState, str], None]
+SetState = Callable[[Backend, BackendState, str], None]
 
 
 class Supervisor:
@@ -52,7 +49,7 @@ class Supervisor:
         self,
         backend: Backend,
         config: BackendsConfig,
-        session: aiohttp.ClientSession,
+        transport: Transport,
         *,
         python: str,
         log_output: bool,
@@ -64,7 +61,7 @@ class Supervisor:
         self.process: BackendProcess | None = None
         self.outlier = outlier  # shared with the pool, which records outcomes and ejects
         self._config = config
-        self._session = session
+        self._transport = transport  # health probes and warm-ups
         self._python = python
         self._log_output = log_output
         self._set_state = set_state
@@ -258,7 +255,7 @@ class Supervisor:
         self._warmups += 1
         request_id = f"warmup-{self.backend.id}-{self._warmups}"
         outcome = await self._unless_exited(
-            warm_up(self._session, self.backend.url, warmup, request_id=request_id), exited)
+            warm_up(self._transport, self.backend.url, warmup, request_id=request_id), exited)
         if exited.done():
             return self._exit_reason(exited)
         if outcome is not None:
@@ -348,7 +345,7 @@ class Supervisor:
 
     async def _probe(self, exited: asyncio.Future[int]) -> HealthResult | None:
         """One health probe, abandoned when the process exits first (None)."""
-        return await self._unless_exited(probe_health(self._session, self.backend.url, self._config.health), exited)
+        return await self._unless_exited(probe_health(self._transport, self.backend.url, self._config.health), exited)
 
     async def _unless_exited(self, work: Awaitable[_T], exited: asyncio.Future[int]) -> _T | None:
         """The result of `work`, or None when the process exits first (the work is then cancelled)."""

@@ -7,20 +7,18 @@ real users never do, and leaves the backend with a known model configuration loa
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
+from backend.settings import WarmupConfig
+from backend.transport import BackendTimeout, BackendUnavailable, Transport
+from glmtts.form import encode_multipart, multipart_content_type
+from glmtts.responses import succeeded
 
-from scheduler.config import WarmupConfig
-
-__all__ = ["SUCCESS_PREFIX", "TTS_PATH", "WarmupRun", "warm_up", "warmup_error", "warmup_request"]
+__all__ = ["TTS_PATH", "WarmupRun", "warm_up", "warmup_error", "warmup_request"]
 
 TTS_PATH = "/api/v1/tts"
-# FastAPI serialises TTSResponse in field order, so a success starts with exactly this.
-SUCCESS_PREFIX = b'{"success":true'
 _BOUNDARY = "glmtts-sidecar-warmup-7d3f2a"  # never inside the fields: they are short config strings
 
 
@@ -43,17 +41,12 @@ def warmup_request(config: WarmupConfig) -> tuple[str, bytes]:
         "sample_rate": str(config.sample_rate),
         "use_phoneme": "true" if config.use_phoneme else "false",
     }
-    parts = [
-        f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-        for name, value in fields.items()
-    ]
-    body = ("".join(parts) + f"--{_BOUNDARY}--\r\n").encode("utf-8")
-    return f"multipart/form-data; boundary={_BOUNDARY}", body
+    return multipart_content_type(_BOUNDARY), encode_multipart(fields.items(), boundary=_BOUNDARY)
 
 
 def warmup_error(status: int, body: bytes) -> str | None:
     """None when the answer is upstream's success, else why the warm-up failed."""
-    if status == 200 and body.startswith(SUCCESS_PREFIX):
+    if succeeded(status, body):
         return None
     detail = _detail(body)
     if status == 200:
@@ -61,21 +54,24 @@ def warmup_error(status: int, body: bytes) -> str | None:
     return f"warm-up answered HTTP {status}: {detail}"
 
 
-async def warm_up(session: aiohttp.ClientSession, base_url: str, config: WarmupConfig, *,
-                  request_id: str) -> str | None:
+async def warm_up(transport: Transport, base_url: str, config: WarmupConfig, *, request_id: str) -> str | None:
     """POST the warm-up within `config.timeout_s`; None on success, else why not. Never raises
     for network or protocol failures."""
     content_type, body = warmup_request(config)
     headers = {"Content-Type": content_type, "X-Request-ID": request_id}
     try:
-        async with session.post(base_url + TTS_PATH, data=body, headers=headers, allow_redirects=False,
-                                timeout=aiohttp.ClientTimeout(total=config.timeout_s)) as resp:
-            return warmup_error(resp.status, await resp.read())
-    except asyncio.TimeoutError:
+        reply = await transport.open("POST", base_url + TTS_PATH, body=body, headers=headers,
+                                     timeout=config.timeout_s, fresh=True)
+        try:
+            return warmup_error(reply.status, await reply.read())
+        finally:
+            reply.release()
+    except BackendTimeout:
         return f"warm-up timed out after {config.timeout_s:g} s"
-    except aiohttp.ClientError as exc:
-        text = str(exc)
-        return f"warm-up failed: {type(exc).__name__}" + (f": {text}" if text else "")
+    except BackendUnavailable as exc:
+        cause = exc.__cause__ or exc
+        text = str(cause)
+        return f"warm-up failed: {type(cause).__name__}" + (f": {text}" if text else "")
 
 
 def _detail(body: bytes) -> str:

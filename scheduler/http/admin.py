@@ -20,14 +20,15 @@ from typing import Any
 
 from aiohttp import web
 
-from backend.client import Answer, BackendTimeout, BackendUnavailable
-from backend.pool import Backend
+from backend.record import Backend
 from backend.state import BackendState
+from backend.transport import Answer, BackendTimeout, BackendUnavailable
 from glmtts.contract import LONG_TEXT_THRESHOLD, upstream_length_class
-from glmtts.errors import HTTPDetailError
 from glmtts.responses import json_response
-from scheduler.errors import NoBackend
-from scheduler.http.proxy import REQUEST_ID, Proxy, error_response
+from scheduler.errors import InvalidConfig, NoBackend, PartialFailure, PromptPathNotAllowed, UnknownBackend
+from scheduler.http.auth import is_admin, require_admin
+from scheduler.http.middleware import REQUEST_ID
+from scheduler.runtime.context import Runtime
 from scheduler.runtime.control import Control
 from scheduler.runtime.prompts import written_audio_path
 
@@ -41,73 +42,50 @@ PUBLIC_QUEUE = ("depth", "max_size", "oldest_wait_s", "by_band", "by_class", "in
 
 
 class Admin:
-    def __init__(self, proxy: Proxy, control: Control) -> None:
-        self.proxy = proxy
+    def __init__(self, runtime: Runtime, control: Control) -> None:
+        self.runtime = runtime
         self.control = control
 
     # --- reads: one ready backend -------------------------------------------------------------
 
     async def forward_read(self, request: web.Request) -> web.Response:
-        try:
-            backend = self.proxy.pick_ready()
-        except NoBackend as exc:
-            return error_response(exc)
+        backend = self.runtime.pick_ready()
         try:
             answer = await self._exchange(backend, request.method, request.path_qs, None, request)
         except (BackendUnavailable, BackendTimeout) as exc:
-            self.proxy.pool.report_failure(backend, str(exc))  # the why (with its URL) is the operator's
-            return error_response(NoBackend(f"Backend {backend.id} did not answer", retry_after=1.0))
+            self.runtime.pool.report_failure(backend, str(exc))  # the why (with its URL) is the operator's
+            raise NoBackend(f"Backend {backend.id} did not answer", retry_after=1.0) from None
         return self._relay(answer, backend.id)
 
     # --- writes: every backend ----------------------------------------------------------------
 
-    def refusal(self, request: web.Request) -> web.Response | None:
-        """The answer that turns a request for an admin action away, or None when it may proceed."""
-        authorization = request.headers.get("Authorization")
-        if authorization is not None and not authorization.isascii():
-            return json_response({"detail": "The Authorization header must be ASCII: 'Bearer <token>'",
-                                  "reason": "bad_authorization"}, 400)
-        if not self.proxy.config.admin.allows(authorization):
-            return unauthorized()
-        return None
-
-    def privileged(self, request: web.Request) -> bool:
-        """Whether the request presents the admin token (none configured: nobody does)."""
-        return self.proxy.config.admin.authenticates(request.headers.get("Authorization"))
-
     async def fan_out(self, request: web.Request) -> web.Response:
-        if (refused := self.refusal(request)) is not None:
-            return refused
+        require_admin(request, self.runtime.config.admin)
         return await self._fan_out(request, await request.read())
 
     async def write_prompt(self, request: web.Request) -> web.Response:
         """POST /api/v1/prompts, PUT /api/v1/prompts/{index}: fanned out once the file it names
         passes ``prompts.allowed_dirs``."""
-        if (refused := self.refusal(request)) is not None:
-            return refused
+        require_admin(request, self.runtime.config.admin)
         body = await request.read()
-        prompts = self.proxy.config.prompts
+        prompts = self.runtime.config.prompts
         if prompts.allowed_dirs:
-            cwd = self.proxy.config.backends.cwd or Path.cwd()  # where a managed backend runs
+            cwd = self.runtime.config.backends.cwd or Path.cwd()  # where a managed backend runs
             content_type = request.headers.get("Content-Type")
 
             def permitted() -> bool:  # parsing a large form and resolving a path: off the loop
                 return prompts.permits(written_audio_path(request.method, content_type, body), cwd)
 
-            try:
-                allowed = await asyncio.to_thread(permitted)
-            except HTTPDetailError as exc:
-                return error_response(exc)  # upstream's answer to an invalid form
-            if not allowed:
+            # An invalid form raises upstream's answer (glmtts.errors.HTTPDetailError).
+            if not await asyncio.to_thread(permitted):
                 # The same answer whether or not the file exists: no probing of the server's files.
-                return json_response({"detail": "prompt_audio_path is outside the directories prompts.allowed_dirs "
-                                                "permits", "reason": "prompt_path_not_allowed"}, 403)
+                raise PromptPathNotAllowed("prompt_audio_path is outside the directories prompts.allowed_dirs permits")
         return await self._fan_out(request, body)
 
     async def _fan_out(self, request: web.Request, body: bytes) -> web.Response:
-        targets = [b for b in self.proxy.pool.backends if b.state in WRITABLE]
+        targets = [b for b in self.runtime.pool.backends if b.state in WRITABLE]
         if not targets:
-            return error_response(NoBackend("No backend is running to apply this change", retry_after=1.0))
+            raise NoBackend("No backend is running to apply this change", retry_after=1.0)
         results = await asyncio.gather(
             *(self._exchange(b, request.method, request.path_qs, body, request) for b in targets),
             return_exceptions=True)
@@ -117,31 +95,29 @@ class Admin:
             if isinstance(result, Answer):
                 answers[backend.id] = result
             elif isinstance(result, BaseException):
-                self.proxy.pool.report_failure(backend, str(result))
+                self.runtime.pool.report_failure(backend, str(result))
                 failures[backend.id] = str(result)
         if request.path == "/api/v1/clear_cache":
             for backend in targets:
                 if backend.id in answers and answers[backend.id].status == 200:
                     backend.model_key = None
-        await self.proxy.prompts.refresh()
+        await self.runtime.prompts.refresh()
         distinct = {(a.status, a.body) for a in answers.values()}
         if not failures and len(distinct) == 1:
             return self._relay(next(iter(answers.values())), ",".join(answers))
         log.error("%s %s: backends disagree or failed: %s", request.method, request.path,
                   {**{k: a.status for k, a in answers.items()}, **failures})
-        return json_response({
-            "detail": "Backends gave different answers; their prompt caches may now differ",
-            "reason": "partial_failure",
-            "backends": [*({"id": k, "status": a.status, "body": _maybe_json(a.body)} for k, a in answers.items()),
-                         *({"id": k, "status": None, "error": e} for k, e in failures.items())],
-        }, 502)
+        raise PartialFailure(
+            "Backends gave different answers; their prompt caches may now differ",
+            backends=[*({"id": k, "status": a.status, "body": _maybe_json(a.body)} for k, a in answers.items()),
+                      *({"id": k, "status": None, "error": e} for k, e in failures.items())])
 
     async def _exchange(self, backend: Backend, method: str, path: str, body: bytes | None,
                         request: web.Request) -> Answer:
         headers = {REQUEST_ID: request["request_id"]}
         if "Content-Type" in request.headers:
             headers["Content-Type"] = request.headers["Content-Type"]
-        return await self.proxy.client.exchange(method, backend.url + path, body=body, headers=headers,
+        return await self.runtime.transport.exchange(method, backend.url + path, body=body, headers=headers,
                                                 timeout=ADMIN_TIMEOUT_S)
 
     @staticmethod
@@ -157,16 +133,16 @@ class Admin:
     async def health(self, request: web.Request) -> web.Response:
         """Upstream's shape, aggregated over the pool: healthy while any backend is ready; with the
         admin token, plus each backend's state."""
-        return self._health(details=self.privileged(request))
+        return self._health(details=is_admin(request, self.runtime.config.admin))
 
     async def health_details(self, request: web.Request) -> web.Response:
         """/api/v1/health with each backend's state (the metrics listener's)."""
         return self._health(details=True)
 
     def _health(self, *, details: bool) -> web.Response:
-        ready = self.proxy.ready_backends()
+        ready = self.runtime.ready_backends()
         loaded = next((b for b in ready if b.model_key is not None), None)
-        indexes = self.proxy.prompts.indexes
+        indexes = self.runtime.prompts.indexes
         payload: dict[str, Any] = {
             "status": "healthy" if ready else "unhealthy",
             "model_loaded": loaded is not None,
@@ -175,25 +151,24 @@ class Admin:
             "prompt_cache_count": len(indexes) if indexes is not None else 0,
         }
         if details:
-            payload["backends"] = [b.as_json() for b in self.proxy.pool.backends]
+            payload["backends"] = [b.as_json() for b in self.runtime.pool.backends]
         return json_response(payload, 200 if ready else 503)
 
     async def concurrency(self, request: web.Request) -> web.Response:
         """Upstream's shape for the pool: upstream's short/long split at 200 characters, limits from
         backend slots and the length classes' caps; plus the queue."""
-        proxy = self.proxy
-        scheduler = proxy.scheduler
-        proxy.dispatcher.views()  # brings every backend's slot limit up to date
-        slots = sum(b.slots for b in proxy.ready_backends())
+        runtime = self.runtime
+        scheduler = runtime.scheduler
+        slots = sum(b.slots for b in runtime.ready_backends())
         long_cap = scheduler.classes.cap(scheduler.classes.of(LONG_TEXT_THRESHOLD + 1).name, slots)
         limits = {"short_text": slots, "long_text": slots if long_cap is None else long_cap}
         active = {"short_text": 0, "long_text": 0}
         for run in scheduler.running.values():
             active[upstream_length_class(run.job.chars)] += 1
-        stats = {cls: {"active": active[cls], "total": proxy.served[cls], "limit": limits[cls],
+        stats = {cls: {"active": active[cls], "total": runtime.served[cls], "limit": limits[cls],
                        "available": max(0, limits[cls] - active[cls])} for cls in active}
-        tiers = proxy.config.deadlines
-        backends = len(proxy.pool.backends)
+        tiers = runtime.config.deadlines
+        backends = len(runtime.pool.backends)
         return json_response({
             "success": True,
             "stats": stats,
@@ -205,95 +180,91 @@ class Admin:
                 "queue": {"max_size": scheduler.queue.max_size, "worker_count": backends, "enabled": True},
                 "workers": backends,
             },
-            "queue": self._queue_state(details=self.privileged(request)),
+            "queue": self._queue_state(details=is_admin(request, runtime.config.admin)),
         })
 
     async def queue_status(self, request: web.Request) -> web.Response:
         """Queue depth by band and class, and predicted waits for a new request; with the admin
         token, plus tenants, counters, the cost model, slots and backends."""
-        return self._queue(details=self.privileged(request))
+        return self._queue(details=is_admin(request, self.runtime.config.admin))
 
     async def queue_details(self, request: web.Request) -> web.Response:
         """/api/v1/queue with every detail (the metrics listener's)."""
         return self._queue(details=True)
 
     def _queue_state(self, *, details: bool) -> dict[str, Any]:
-        proxy = self.proxy
-        status = proxy.scheduler.status(proxy.dispatcher.clock())
-        status["by_band"] = {proxy.tenants.band_names[b]: n for b, n in status["by_band"].items()}
+        runtime = self.runtime
+        status = runtime.scheduler.status(runtime.dispatcher.clock())
+        status["by_band"] = {runtime.tenants.band_names[b]: n for b, n in status["by_band"].items()}
         return status if details else {key: status[key] for key in PUBLIC_QUEUE}
 
     def _queue(self, *, details: bool) -> web.Response:
-        proxy = self.proxy
-        scheduler = proxy.scheduler
-        now = proxy.dispatcher.clock()
+        runtime = self.runtime
+        scheduler = runtime.scheduler
+        now = runtime.dispatcher.clock()
         status = self._queue_state(details=details)
-        views = proxy.dispatcher.views()
+        views = runtime.dispatcher.views()
         estimates = {}
         for name, chars, units in (("short", 20, 20.0), ("long", 500, 500.0)):
             job = scheduler.make_job(id="~estimate", chars=chars, units=units, model_key=(24000, False), now=now,
-                                     band=proxy.tenants.default_band)
+                                     band=runtime.tenants.default_band)
             outlook = scheduler.outlook(job, now, views)
             estimates[name] = {"chars": chars, "wait_s": round(outlook.wait_s, 3),
                                "service_s": round(outlook.service_s, 3), "deadline_s": round(outlook.budget_s, 3)}
         if not details:
-            return json_response({**status, "policy": {"bands": list(proxy.tenants.band_names)},
+            return json_response({**status, "policy": {"bands": list(runtime.tenants.band_names)},
                                   "estimates": estimates})
         return json_response({
             **status,
-            "policy": {"order": proxy.config.queue.order, "deadlines": proxy.config.deadlines.policy,
-                       "bands": list(proxy.tenants.band_names), "tenants": proxy.tenants.names},
+            "policy": {"order": runtime.config.queue.order, "deadlines": runtime.config.deadlines.policy,
+                       "bands": list(runtime.tenants.band_names), "tenants": runtime.tenants.names},
             "estimates": estimates,
             "cost": scheduler.cost.describe(),
             "slow_backends": sorted(scheduler.cost.slow_backends()),
-            "slots": proxy.dispatcher.slot_states(),
-            "backends": [b.as_json() for b in proxy.pool.backends],
+            "slots": runtime.dispatcher.slot_states(),
+            "backends": [b.as_json() for b in runtime.pool.backends],
         })
 
     # --- /admin ---------------------------------------------------------------------------------
 
     async def reload(self, request: web.Request) -> web.Response:
-        if (refused := self.refusal(request)) is not None:
-            return refused
+        require_admin(request, self.runtime.config.admin)
         result = await self.control.reload("POST /admin/reload")
         if not result.ok:
-            return json_response({"detail": "The configuration file is invalid; the running one is kept",
-                                  "reason": "invalid_config", "problems": result.problems}, 400)
+            raise InvalidConfig("The configuration file is invalid; the running one is kept", problems=result.problems)
         return json_response({"reloaded": True, "changed": result.changed, "needs_restart": result.ignored})
 
     async def drain(self, request: web.Request) -> web.Response:
-        if (refused := self.refusal(request)) is not None:
-            return refused
+        require_admin(request, self.runtime.config.admin)
         self.control.drain("POST /admin/drain")
-        scheduler = self.proxy.scheduler
+        scheduler = self.runtime.scheduler
         return json_response({"draining": True, "queued": len(scheduler.queue), "running": len(scheduler.running),
-                              "drain_timeout_s": self.proxy.config.shutdown.drain_timeout_s}, 202)
+                              "drain_timeout_s": self.runtime.config.shutdown.drain_timeout_s}, 202)
 
     async def restart_backend(self, request: web.Request) -> web.Response:
-        if (refused := self.refusal(request)) is not None:
-            return refused
+        require_admin(request, self.runtime.config.admin)
         backend_id = request.match_info["backend_id"]
         try:
             self.control.restart_backend(backend_id)
         except KeyError:
-            return json_response({"detail": f"No backend {backend_id!r}", "reason": "unknown_backend"}, 404)
+            raise UnknownBackend(f"No backend {backend_id!r}") from None
         return json_response({"restarting": backend_id}, 202)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready = len(self.proxy.ready_backends())
-        ok = ready > 0 and not self.proxy.draining
-        return json_response({"ready": ok, "ready_backends": ready, "draining": self.proxy.draining},
+        ready = len(self.runtime.ready_backends())
+        ok = ready > 0 and not self.runtime.draining
+        return json_response({"ready": ok, "ready_backends": ready, "draining": self.runtime.draining},
                              200 if ok else 503)
 
 
-async def fetch_prompt_indexes(proxy: Proxy) -> set[str] | None:
+async def fetch_prompt_indexes(runtime: Runtime) -> set[str] | None:
     """The prompt indexes of one ready backend, or None when none answers."""
-    for backend in proxy.ready_backends():
+    for backend in runtime.ready_backends():
         try:
-            answer = await proxy.client.exchange("GET", backend.url + "/api/v1/prompts", timeout=5.0)
+            answer = await runtime.transport.exchange("GET", backend.url + "/api/v1/prompts", timeout=5.0)
         except (BackendUnavailable, BackendTimeout):
             continue
         if answer.status == 200:
@@ -302,11 +273,6 @@ async def fetch_prompt_indexes(proxy: Proxy) -> set[str] | None:
             except (ValueError, KeyError, TypeError):
                 log.warning("backend %s: unreadable prompt list", backend.id)
     return None
-
-
-def unauthorized() -> web.Response:
-    return json_response({"detail": "This endpoint needs the admin token (Authorization: Bearer <token>)",
-                          "reason": "unauthorized"}, 401, {"WWW-Authenticate": "Bearer"})
 
 
 def _maybe_json(body: bytes) -> Any:

@@ -5,7 +5,9 @@ synchronous request, under its own, longer deadline (``tasks.deadline_s``). It i
 (scheduler.runtime.taskstore: SQLite, request body and audio as files) before the 202 goes out, so a
 sidecar that is killed and restarted re-queues every task still queued or running (in its
 priority band) and resumes the callbacks it had not finished: nothing accepted is lost. Only the
-tenant that created a task can see, fetch or cancel it (404 to others).
+tenant that created a task can see, fetch or cancel it (404 to others). Its attempts with backends
+go through scheduler.runtime.exchange, as a synchronous request's do; its HTTP endpoints are
+scheduler.http.tasks.
 
 A submit is stored first and admitted second: whatever ends the request early (a store error, the
 client leaving while the body is written, admission refusing it) leaves neither a queued job nobody
@@ -16,38 +18,33 @@ task is taken when the store's disk runs low (503).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
-from aiohttp import web
-
-from backend.pool import Backend
+from backend.record import Backend
+from backend.transport import BackendTimeout, BackendUnavailable
 from glmtts.contract import parse_tts_form
 from glmtts.errors import GLMTTSError
 from glmtts.form import parse_form
-from glmtts.responses import json_response
 from glmtts.text import units
-from glmtts.wav import WavError, read_wav
 from scheduler.config import TasksConfig
 from scheduler.core.queue import Job
-from scheduler.core.tenants import TenantError
 from scheduler.errors import (
     DeadlineExpired,
     DiskSpaceLow,
     IdempotencyKeyReused,
+    NoAudio,
     SidecarError,
-    StoreUnavailable,
-    TaskQuotaExceeded,
+    UnknownTask,
 )
-from scheduler.http.proxy import REQUEST_ID, Intake, Outcome, Proxy, error_response
 from scheduler.runtime.callbacks import deliver
+from scheduler.runtime.context import Runtime
+from scheduler.runtime.exchange import Exchange, Intake, Outcome
+from scheduler.runtime.taskresults import TaskResult, describe, over_quota, queue_estimates, read_answer, unavailable
 from scheduler.runtime.taskstore import (
     DiskLow,
     Quota,
@@ -62,40 +59,9 @@ from scheduler.runtime.taskstore import (
 log = logging.getLogger("glmtts_sidecar.tasks")
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
-CALLBACK_URL = "X-Callback-URL"
-MAX_IDEMPOTENCY_KEY = 200
-# Headers a task stores or is attributed by: bytes that are not ASCII are refused, never stored.
-ASCII_HEADERS = ("Content-Type", CALLBACK_URL, "Authorization")
-STORE_RETRY_AFTER_S = 30.0
+REQUEST_ID = "X-Request-ID"
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskResult:
-    """What a backend's answer to a task comes to: ``ok`` (upstream's success), its metadata, the WAV of a success."""
-
-    ok: bool
-    meta: dict[str, Any]
-    wav: bytes | None = None
-
-
-def _read_answer(status: int, raw: bytes) -> TaskResult:
-    try:
-        payload = json.loads(raw) if raw else None
-    except ValueError as exc:
-        return TaskResult(ok=False, meta={"detail": f"answer unreadable: {exc}"})
-    ok = status == 200 and isinstance(payload, dict) and payload.get("success") is True
-    meta = {k: v for k, v in payload.items() if k != "audio_base64"} if isinstance(payload, dict) else {}
-    if not ok:
-        return TaskResult(ok=False, meta=meta)
-    try:
-        wav = base64.b64decode(payload["audio_base64"], validate=True)  # type: ignore[index]
-        meta.update(audio_bytes=len(wav), duration_s=round(read_wav(wav).duration, 3))
-    except (binascii.Error, KeyError, TypeError, WavError) as exc:
-        # The backend said success: its slot learns so; the task fails on what it cannot keep.
-        return TaskResult(ok=True, meta={**meta, "error": f"the backend's audio is not a WAV: {exc}"})
-    return TaskResult(ok=True, meta=meta, wav=wav)
 
 
 @dataclass(frozen=True)
@@ -107,8 +73,13 @@ class Runner:
 
 
 class TaskService:
-    def __init__(self, proxy: Proxy, config: TasksConfig, *, wall: Callable[[], float] = time.time) -> None:
-        self.proxy = proxy
+    """The tasks of one sidecar. ``config`` is read where it is used: ``reconfigure`` makes later
+    work follow a new ``tasks`` section (the store's directory is the one opened at start)."""
+
+    def __init__(self, runtime: Runtime, exchange: Exchange, config: TasksConfig, *,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.runtime = runtime
+        self.exchange = exchange
         self.config = config
         self.wall = wall  # task times are wall-clock (they outlive the process)
         self.store: TaskStore | None = None
@@ -118,6 +89,10 @@ class TaskService:
         self._withdrawals: set[asyncio.Task[None]] = set()
         # (tenant, Idempotency-Key) of submits being stored or removed: a retry waits for the outcome.
         self._claims: dict[tuple[str, str], asyncio.Future[Any]] = {}
+
+    def reconfigure(self, config: TasksConfig) -> None:
+        """A reload: quotas, deadlines, TTL, sweeping and callbacks follow ``config`` from now on."""
+        self.config = config
 
     # --- lifetime -----------------------------------------------------------------------------
 
@@ -182,38 +157,27 @@ class TaskService:
             return await asyncio.to_thread(method, *args, **kwargs)
         except StoreError as exc:
             log.error("%s: %s", what, exc)
-            raise _unavailable(str(exc)) from None
+            raise unavailable(str(exc)) from None
         except Exception as exc:
             log.exception("%s", what)
-            raise _unavailable(f"{exc.__class__.__name__}: {exc}") from None
+            raise unavailable(f"{exc.__class__.__name__}: {exc}") from None
 
     def _quota(self) -> Quota:
         return Quota(max_tasks=self.config.max_per_tenant, max_bytes=self.config.max_bytes_per_tenant,
                      min_free_bytes=self.config.min_free_bytes)
 
-    # --- POST /api/v1/tasks (and Prefer: respond-async) ---------------------------------------
+    # --- submitting (POST /api/v1/tasks, and Prefer: respond-async) --------------------------------
 
-    async def submit(self, request: web.Request) -> web.StreamResponse:
-        if (bad_header := _non_ascii_header(request)) is not None:
-            return bad_header
+    def require_store(self) -> TaskStore:
+        """The open store, or StoreUnavailable (503) when it could not be opened at start."""
         if self.store is None:
-            return _store_unavailable("the task store could not be opened (see the log)")
-        key = request.headers.get(IDEMPOTENCY_KEY)
-        callback = request.headers.get(CALLBACK_URL)
-        if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isascii() and key.isprintable()):
-            return json_response({"detail": f"{IDEMPOTENCY_KEY} must be 1 to {MAX_IDEMPOTENCY_KEY} printable "
-                                  "ASCII characters", "reason": "bad_idempotency_key"}, 400)
-        if callback is not None and (refused := self.config.callbacks.refusal(callback)) is not None:
-            return json_response({"detail": f"{CALLBACK_URL} {refused}", "reason": "callback_not_allowed"}, 400)
-        intake = await self.proxy.intake(request, budget_s=self.config.deadline_s)
-        if isinstance(intake, web.Response):
-            return intake
-        try:
-            return await self._accept(intake, key, callback)
-        except SidecarError as exc:
-            return error_response(exc)
+            raise unavailable("the task store could not be opened (see the log)")
+        return self.store
 
-    async def _accept(self, intake: Intake, key: str | None, callback: str | None) -> web.Response:
+    async def accept(self, intake: Intake, key: str | None, callback: str | None) -> tuple[Task, int]:
+        """Store and admit a validated request as a task: (the task, 202), or (the task an
+        earlier submit with the same Idempotency-Key made, 200 once it left the queue); or the
+        SidecarError that refuses it."""
         if key is None:
             return await self._store_and_admit(intake, key, callback, "")
         # What the key is bound to; hashed off the event loop (a body may be megabytes).
@@ -238,7 +202,7 @@ class TaskService:
                 del self._claims[claim]
 
     async def _store_and_admit(self, intake: Intake, key: str | None, callback: str | None,
-                               digest: str) -> web.Response:
+                               digest: str) -> tuple[Task, int]:
         """Store the task, then admit its job: a refusal, or the client leaving meanwhile, removes
         the stored task again; nothing is admitted that is not stored. ``digest``: the request's,
         when it has an Idempotency-Key."""
@@ -249,7 +213,7 @@ class TaskService:
         creating = asyncio.ensure_future(asyncio.to_thread(
             store.create, tenant=job.tenant, body=intake.body, content_type=intake.content_type, chars=job.chars,
             deadline_at=now + (job.deadline_at - job.arrived_at), now=now, idempotency_key=key,
-            callback_url=callback, band=self.proxy.tenants.band_names[job.band], quota=self._quota()))
+            callback_url=callback, band=self.runtime.tenants.band_names[job.band], quota=self._quota()))
         try:
             # Shielded: a client leaving cancels this wait, not the thread, which may still store the task.
             task, created = await asyncio.shield(creating)
@@ -257,33 +221,33 @@ class TaskService:
             self._withdraw(creating, claim)
             raise
         except QuotaExceeded as exc:
-            raise self._over_quota(job.tenant, exc) from None
+            raise over_quota(job.tenant, exc, self.config, now=self.wall()) from None
         except DiskLow as exc:
             raise DiskSpaceLow(f"The task store's filesystem has {exc.free} bytes free; a new task needs {exc.needed} "
                                "(its body plus tasks.min_free_bytes)", retry_after=self.config.sweep_interval_s,
                                limit="tasks.min_free_bytes") from None
         except StoreError as exc:
             log.error("cannot persist a task: %s", exc)
-            raise _unavailable(str(exc)) from None
+            raise unavailable(str(exc)) from None
         except Exception as exc:
             log.exception("cannot persist a task")
-            raise _unavailable(f"{exc.__class__.__name__}: {exc}") from None
+            raise unavailable(f"{exc.__class__.__name__}: {exc}") from None
         if not created:  # a concurrent submit with the same key stored it first
             return self._replay(task, key or "", digest)
         try:
-            future = self.proxy.admit(job)
+            future = self.exchange.admit(job)
         except SidecarError:
             await asyncio.shield(self._withdraw(creating, claim))
             raise
         self._run(task, job, future, intake)
-        return self._accepted(task)
+        return task, 202
 
-    def _replay(self, task: Task, key: str, digest: str) -> web.Response:
+    def _replay(self, task: Task, key: str, digest: str) -> tuple[Task, int]:
         """The answer to a retry with an Idempotency-Key: the same task, if the same request."""
         if task.request_sha256 != digest:
             raise IdempotencyKeyReused(f"{IDEMPOTENCY_KEY} {key!r} was already used for a different request "
                                        "(another body or Content-Type); a new request needs a new key")
-        return self._accepted(task, status=200 if task.state is not TaskState.QUEUED else 202)
+        return task, 200 if task.state is not TaskState.QUEUED else 202
 
     def _withdraw(self, creating: asyncio.Future[tuple[Task, bool]],
                   claim: tuple[str, str] | None) -> asyncio.Task[None]:
@@ -314,41 +278,15 @@ class TaskService:
             removal.add_done_callback(unclaim)
         return removal
 
-    def _over_quota(self, tenant: str, exc: QuotaExceeded) -> TaskQuotaExceeded:
-        # Room comes back when the sweep removes the tenant's oldest finished task; else, look again later.
-        retry = (exc.oldest_finished_at + self.config.ttl_s - self.wall() if exc.oldest_finished_at is not None
-                 else self.config.sweep_interval_s)
-        retry = max(retry, 1.0)
-        if exc.limit == "tasks":
-            return TaskQuotaExceeded(
-                f"Tenant {tenant!r} has {exc.used} stored tasks, the most tasks.max_per_tenant allows "
-                f"({exc.allowed}); finished tasks are removed tasks.ttl_s after they finish",
-                retry_after=retry, limit="tasks.max_per_tenant")
-        return TaskQuotaExceeded(
-            f"Tenant {tenant!r} stores {exc.used} bytes of task bodies and audio; {exc.adding} more would pass "
-            f"tasks.max_bytes_per_tenant ({exc.allowed})", retry_after=retry, limit="tasks.max_bytes_per_tenant")
-
-    def _accepted(self, task: Task, status: int = 202) -> web.Response:
-        body = {"task_id": task.id, "status": task.state.value, **self._queue_estimates(task)}
-        return json_response(body, status, {"Location": f"/api/v1/tasks/{task.id}"})
+    def accepted(self, task: Task) -> dict[str, Any]:
+        """What a submit answers: the task's id and status, and while it waits, its estimates."""
+        return {"task_id": task.id, "status": task.state.value, **self._queue_estimates(task)}
 
     def _queue_estimates(self, task: Task) -> dict[str, Any]:
-        """Position and predicted start/finish (unix seconds) while the task waits."""
         runner = self._runners.get(task.id)
         if task.state is not TaskState.QUEUED or runner is None:
             return {}
-        job = runner.job
-        scheduler = self.proxy.scheduler
-        now = self.proxy.dispatcher.clock()
-        order = [j.id for j in scheduler.queue.candidates(now)]
-        if job.id not in order:  # already given a backend slot: it starts now
-            started = self.wall()
-            return {"position": 0, "estimated_start": round(started, 3),
-                    "estimated_done": round(started + job.predicted_s, 3)}
-        outlook = scheduler.outlook(job, now, self.proxy.dispatcher.views())
-        start = self.wall() + outlook.wait_s
-        return {"position": order.index(job.id) + 1, "estimated_start": round(start, 3),
-                "estimated_done": round(start + job.predicted_s, 3)}
+        return queue_estimates(self.runtime.scheduler, self.runtime.dispatcher, runner.job, self.wall)
 
     # --- running a task -----------------------------------------------------------------------
 
@@ -380,13 +318,13 @@ class TaskService:
     async def _execute(self, task: Task, job: Job, future: asyncio.Future[Backend], body: bytes,
                        headers: dict[str, str]) -> None:
         """Run the task to its outcome, then announce it. Cancelled at any point (DELETE, shutdown),
-        nothing stays taken: proxy.exchange withdraws a queued job and leaves one in flight to finish
+        nothing stays taken: the exchange withdraws a queued job and leaves one in flight to finish
         on its backend (GLM-TTS cannot cancel), whose slot is freed when it answers; an answer being
-        read is finished here."""
+        read is finished when its ``async with`` is left."""
         store = self._require()
         record = Outcome(request_id=f"task-{task.id}")
         try:
-            backend, resp = await self.proxy.exchange(job, future, body, headers, record)
+            answered = await self.exchange.forward(job, future, body, headers, record)
         except DeadlineExpired as exc:
             stored = await self._store_quietly(f"task {task.id}: cannot mark it expired", store.fail, task.id,
                                                state=TaskState.EXPIRED, reason=exc.detail, result=None,
@@ -396,17 +334,16 @@ class TaskService:
                                                state=TaskState.FAILED, reason=f"{exc.reason}: {exc.detail}",
                                                result=None, now=self.wall())
         else:
-            answer: TaskResult | None = None
-            try:
-                raw = await resp.read()
-                # Megabytes of JSON and base64 (a long text's audio): decoded off the event loop.
-                answer = await asyncio.to_thread(_read_answer, resp.status, raw)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                answer = TaskResult(ok=False, meta={"detail": f"answer unreadable: {exc}"})
-            finally:
-                resp.release()
-                self.proxy.finish_answer(job, backend, resp.status, answer is not None and answer.ok, record)
-            stored = await self._record(task, resp.status, answer)
+            status = answered.reply.status
+            async with answered:
+                try:
+                    raw = await answered.reply.read()
+                    # Megabytes of JSON and base64 (a long text's audio): decoded off the event loop.
+                    answer = await asyncio.to_thread(read_answer, status, raw)
+                except (BackendUnavailable, BackendTimeout) as exc:
+                    answer = TaskResult(ok=False, meta={"detail": f"answer unreadable: {exc}"})
+                answered.finish(answer.ok)
+            stored = await self._record(task, status, answer)
         if stored:  # else the task is still unfinished in the store: nothing to announce yet
             self._spawn(self._announce(task))
 
@@ -441,17 +378,17 @@ class TaskService:
             return
         if task.state is TaskState.RUNNING:
             await asyncio.to_thread(store.requeue, task.id, self.wall())
-        directory = self.proxy.tenants
+        directory = self.runtime.tenants
         try:
             tenant = directory.tenant(task.tenant)
         except KeyError:
             tenant = directory.default
         # By name: a reload may have reordered the bands; one that is gone means the default band.
         band = directory.band_names.index(task.band) if task.band in directory.band_names else directory.default_band
-        job = self.proxy.scheduler.make_job(
+        job = self.runtime.scheduler.make_job(
             id=f"task-{task.id}", chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key,
-            now=self.proxy.dispatcher.clock(), tenant=tenant.name, weight=tenant.weight, band=band, budget_s=left)
-        future = self.proxy.admit(job, force=True)
+            now=self.runtime.dispatcher.clock(), tenant=tenant.name, weight=tenant.weight, band=band, budget_s=left)
+        future = self.exchange.admit(job, force=True)
         intake = Intake(request_id=f"task-{task.id}", arrived=job.arrived_at, body=body,
                         content_type=task.content_type, job=job)
         self._run(task, job, future, intake)
@@ -476,94 +413,37 @@ class TaskService:
     # --- GET / DELETE -------------------------------------------------------------------------
 
     def describe(self, task: Task) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "task_id": task.id, "status": task.state.value, "created_at": task.created_at,
-            "started_at": task.started_at, "finished_at": task.finished_at, "deadline_at": task.deadline_at,
-            "attempts": task.attempts, "reason": task.reason, "callback": task.callback_state,
-        }
-        body.update(self._queue_estimates(task))
-        if task.result is not None:
-            body["result"] = task.result
-        if task.state is TaskState.SUCCEEDED:
-            body["audio_url"] = f"/api/v1/tasks/{task.id}/audio"
-        return body
+        """A task as GET /api/v1/tasks/{id} answers it."""
+        return describe(task, self._queue_estimates(task))
 
-    async def _owned(self, request: web.Request) -> Task | web.Response:
-        if (bad_header := _non_ascii_header(request)) is not None:
-            return bad_header
-        if self.store is None:
-            return _store_unavailable("the task store could not be opened (see the log)")
-        try:
-            who = self.proxy.tenants.attribute(authorization=request.headers.get("Authorization"),
-                                               tenant_header=request.headers.get("X-Tenant"), priority_header=None)
-        except TenantError as exc:
-            return json_response({"detail": exc.detail, "reason": exc.reason}, exc.status)
-        task_id = request.match_info["task_id"]
-        try:
-            task = await self._call(f"cannot read task {task_id}", self._require().get, task_id, tenant=who.tenant.name)
-        except SidecarError as exc:
-            return error_response(exc)
-        if task is None:  # unknown, or another tenant's: the same answer, so ids leak nothing
-            return _unknown(task_id)
+    async def owned(self, tenant: str, task_id: str) -> Task:
+        """The tenant's task; UnknownTask (404) for one that does not exist or is another tenant's,
+        the same answer, so ids leak nothing."""
+        task = await self._call(f"cannot read task {task_id}", self.require_store().get, task_id, tenant=tenant)
+        if task is None:
+            raise _unknown(task_id)
         return task
 
-    async def status(self, request: web.Request) -> web.Response:
-        task = await self._owned(request)
-        if isinstance(task, web.Response):
-            return task
-        return json_response(self.describe(task))
-
-    async def audio(self, request: web.Request) -> web.StreamResponse:
-        task = await self._owned(request)
-        if isinstance(task, web.Response):
-            return task
-        try:
-            path = await self._call(f"cannot read task {task.id}", self._require().audio_path, task.id)
-        except SidecarError as exc:
-            return error_response(exc)
+    async def audio_path(self, task: Task) -> Path:
+        """The WAV file of a succeeded task; NoAudio (409) otherwise."""
+        path = await self._call(f"cannot read task {task.id}", self._require().audio_path, task.id)
         if path is None:
-            return json_response({"detail": f"Task '{task.id}' has no audio (status {task.state.value})",
-                                  "reason": "no_audio", "status": task.state.value}, 409)
-        # FileResponse answers Range requests (206 with Content-Range) itself.
-        return web.FileResponse(path, headers={"Content-Type": "audio/wav",
-                                               "Content-Disposition": f'inline; filename="{task.id}.wav"'})
+            raise NoAudio(f"Task '{task.id}' has no audio (status {task.state.value})", status=task.state.value)
+        return path
 
-    async def cancel(self, request: web.Request) -> web.Response:
-        task = await self._owned(request)
-        if isinstance(task, web.Response):
-            return task
-        try:
-            updated = await self._call(f"cannot cancel task {task.id}", self._require().cancel, task.id,
-                                       tenant=task.tenant, now=self.wall())
-        except SidecarError as exc:
-            return error_response(exc)
+    async def cancel(self, task: Task) -> Task:
+        """Cancel the task (a finished one stays as it is): the task as it is now."""
+        updated = await self._call(f"cannot cancel task {task.id}", self._require().cancel, task.id,
+                                   tenant=task.tenant, now=self.wall())
         if updated is None:
-            return _unknown(task.id)
+            raise _unknown(task.id)
         runner = self._runners.get(task.id)
         # Whichever attempt runs now: a queued one leaves the queue; one in flight finishes on its
         # backend (GLM-TTS cannot cancel), its slot freed when it answers, its result unused.
         if runner is not None and updated.state is TaskState.CANCELLED and runner.work.cancel():
             self._spawn(self._announce(updated))
-        return json_response(self.describe(updated))
+        return updated
 
 
-def _non_ascii_header(request: web.Request) -> web.Response | None:
-    """400 for a header a task would store or be attributed by that is not ASCII (aiohttp hands
-    bytes that are not UTF-8 over as lone surrogates, which can be neither stored nor compared)."""
-    for name in ASCII_HEADERS:
-        if not all(value.isascii() for value in request.headers.getall(name, ())):
-            return json_response({"detail": f"The {name} header must be ASCII", "reason": "non_ascii_header",
-                                  "header": name}, 400)
-    return None
-
-
-def _unknown(task_id: str) -> web.Response:
-    return json_response({"detail": f"Task '{task_id}' not found", "reason": "unknown_task"}, 404)
-
-
-def _unavailable(why: str) -> StoreUnavailable:
-    return StoreUnavailable(f"Tasks cannot be stored right now: {why}", retry_after=STORE_RETRY_AFTER_S)
-
-
-def _store_unavailable(why: str) -> web.Response:
-    return error_response(_unavailable(why))
+def _unknown(task_id: str) -> UnknownTask:
+    return UnknownTask(f"Task '{task_id}' not found")

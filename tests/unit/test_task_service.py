@@ -1,4 +1,4 @@
-"""scheduler.runtime.tasks.TaskService in process: the real proxy, dispatcher and task store over an
+"""scheduler.runtime.tasks.TaskService in process: the real exchange, dispatcher and task store over an
 in-process backend. Whatever ends a request (store errors, the client leaving at any await,
 admission refusing it, backend errors, DELETE), no backend slot, queue place or stored task is
 left behind."""
@@ -11,7 +11,7 @@ import json
 import sqlite3
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,28 +23,35 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from backend.client import BackendUnavailable
-from backend.pool import Backend
+from backend.record import Backend
 from backend.state import BackendState
+from backend.transport import BackendUnavailable
+from glmtts.errors import HTTPDetailError
 from glmtts.wav import write_wav
 from scheduler.config import SidecarConfig, parse_config
-from scheduler.http.proxy import Proxy
+from scheduler.errors import SidecarError
+from scheduler.http.middleware import error_response
+from scheduler.http.tasks import TaskHandlers
+from scheduler.http.tts import TTSHandler
 from scheduler.runtime.build import build_scheduler, build_tenants
+from scheduler.runtime.context import Runtime
 from scheduler.runtime.dispatcher import Dispatcher
+from scheduler.runtime.exchange import Exchange
 from scheduler.runtime.metrics import Metrics
 from scheduler.runtime.prompts import PromptCatalogue
 from scheduler.runtime.tasks import TaskService
 from scheduler.runtime.taskstore import StoreError, Task, TaskState, TaskStore
 
-# The proxy keeps its request id under a string key, as the app does (the middleware sets it).
+# The handlers read the request id under a string key, as the app does (the middleware sets it).
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 FORM = "application/x-www-form-urlencoded"
 KEY = "alpha-key-0123456789abcdef"
 WAV = write_wav(b"\x00\x00" * 2400, 24000)
+# Serialised as upstream's FastAPI does: compact, success first.
 SUCCESS = json.dumps({"success": True, "message": "TTS generation successful",
                       "audio_base64": base64.b64encode(WAV).decode(), "sample_rate": 24000,
-                      "generation_time": 0.1, "error": None}).encode()
+                      "generation_time": 0.1, "error": None}, separators=(",", ":")).encode()
 
 
 def form(text: str = "hello there") -> bytes:
@@ -55,7 +62,7 @@ def form(text: str = "hello there") -> bytes:
 
 
 class Answer:
-    """What the proxy uses of aiohttp's ClientResponse: status, headers, the body, release()."""
+    """A backend.transport.Reply: status, headers, the body, release()."""
 
     def __init__(self, status: int, body: bytes) -> None:
         self.status = status
@@ -90,7 +97,8 @@ class FakeBackends:
         self.release = asyncio.Event()
 
     async def open(self, method: str, url: str, *, body: bytes | None = None,
-                   headers: dict[str, str] | None = None, timeout: float | None = None) -> Answer:
+                   headers: dict[str, str] | None = None, timeout: float | None = None,
+                   fresh: bool = False) -> Answer:
         self.forwarded.append(url)
         self.headers.append(dict(headers or {}))
         await asyncio.sleep(0)
@@ -111,7 +119,7 @@ class FakeBackends:
 
 
 class FakePool:
-    """The pool as the proxy sees it: ready backends; a reported failure takes one out of rotation
+    """The pool as the exchange sees it: ready backends; a reported failure takes one out of rotation
     until ``heal`` (the supervisor's health checks) brings them all back."""
 
     def __init__(self, backends: list[Backend]) -> None:
@@ -188,10 +196,16 @@ class Rig:
         async def indexes() -> set[str]:
             return {"exampleA"}
 
-        self.proxy = Proxy(config, self.pool, backends, PromptCatalogue(indexes), self.dispatcher,  # type: ignore[arg-type]
-                           build_tenants(config), metrics=Metrics())
-        self.service = TaskService(self.proxy, config.tasks)
-        self.proxy.tasks = self.service
+        self.runtime = Runtime(config, self.pool, backends, PromptCatalogue(indexes),  # type: ignore[arg-type]
+                               self.dispatcher, build_tenants(config), metrics=Metrics())
+        exchange = Exchange(self.runtime)
+        self.service = TaskService(self.runtime, exchange, config.tasks)
+        routes = TaskHandlers(self.runtime, self.service)
+        tts = TTSHandler(self.runtime, exchange, submit_task=routes.submit)
+        # As the app's middleware does: a raised error is the answer.
+        self.submit_route, self.status_route, self.audio_route, self.cancel_route, self.tts_route = (
+            rendered(routes.submit), rendered(routes.status), rendered(routes.audio), rendered(routes.cancel),
+            rendered(tts.tts))
 
     @property
     def store(self) -> TaskStore:
@@ -200,7 +214,7 @@ class Rig:
 
     async def submit(self, body: bytes | None = None, **kwargs: Any) -> tuple[int, dict[str, Any], Any]:
         headers = {"Authorization": f"Bearer {KEY}", **kwargs.pop("headers", {})}
-        response = await self.service.submit(request("POST", "/api/v1/tasks", body=form() if body is None else body,
+        response = await self.submit_route(request("POST", "/api/v1/tasks", body=form() if body is None else body,
                                                      headers=headers, **kwargs))
         return answer(response)
 
@@ -220,6 +234,17 @@ class Rig:
         assert len(self.dispatcher.scheduler.queue) == 0
         assert not self.dispatcher.scheduler.running
         assert self.dispatcher.idle()
+
+
+def rendered(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+             ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def call(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (SidecarError, HTTPDetailError) as exc:
+            return error_response(exc)
+
+    return call
 
 
 def answer(response: web.StreamResponse) -> tuple[int, dict[str, Any], Any]:
@@ -402,10 +427,10 @@ async def test_a_header_that_is_not_ascii_is_refused_on_every_task_route(tmp_pat
         if route in ("submit", "tts"):
             if route == "tts":
                 headers["Prefer"] = "respond-async"
-            handler = r.service.submit if route == "submit" else r.proxy.tts
+            handler = r.submit_route if route == "submit" else r.tts_route
             response = await handler(request("POST", f"/api/v1/{route}", body=form(), headers=headers))
         else:
-            handler = {"status": r.service.status, "audio": r.service.audio, "cancel": r.service.cancel}[route]
+            handler = {"status": r.status_route, "audio": r.audio_route, "cancel": r.cancel_route}[route]
             method = "DELETE" if route == "cancel" else "GET"
             response = await handler(request(method, f"/api/v1/tasks/{task_id}", task_id=task_id, headers=headers))
         status, _, body = answer(response)
@@ -496,7 +521,7 @@ async def test_the_per_tenant_caps_answer_429_with_retry_after(tmp_path: Path) -
         # Room comes back when the oldest finished task is swept, tasks.ttl_s after it finished.
         assert 590 <= int(headers["Retry-After"]) <= 601
         # Another tenant (here the default one: no key) is not affected.
-        assert answer(await r.service.submit(request("POST", "/api/v1/tasks", body=form())))[0] == 202
+        assert answer(await r.submit_route(request("POST", "/api/v1/tasks", body=form())))[0] == 202
         await settle()
         r.assert_idle()
 
@@ -535,7 +560,7 @@ async def test_delete_reaches_the_retry_of_a_task(tmp_path: Path) -> None:
         for _ in range(20):
             await asyncio.sleep(0)
         assert len(r.backends.forwarded) == 2 and len(r.dispatcher.scheduler.queue) == 1
-        status, _, body = await r.call(r.service.cancel, task_id, "DELETE")
+        status, _, body = await r.call(r.cancel_route, task_id, "DELETE")
         assert status == 200 and body["status"] == "cancelled"
         for _ in range(20):
             await asyncio.sleep(0)
@@ -555,7 +580,7 @@ async def test_delete_of_a_running_task_frees_its_slot_when_the_backend_answers(
         for _ in range(20):
             await asyncio.sleep(0)
         assert r.dispatcher.in_service() == 1
-        assert (await r.call(r.service.cancel, task_id, "DELETE"))[2]["status"] == "cancelled"
+        assert (await r.call(r.cancel_route, task_id, "DELETE"))[2]["status"] == "cancelled"
         await asyncio.sleep(0)
         assert r.dispatcher.in_service() == 1  # GLM-TTS cannot cancel: the slot is busy until it answers
         r.backends.release.set()
@@ -571,7 +596,7 @@ async def test_a_content_type_byte_that_is_not_utf8_is_served_on_the_synchronous
     # Upstream reads a urlencoded form whatever the parameters say; so does the sidecar. The byte
     # cannot be sent on (aiohttp's writer would fail or drop it): it is left out, explicitly.
     async with rig(tmp_path) as r:
-        response = await r.proxy.tts(request("POST", "/api/v1/tts", body=form(), headers={
+        response = await r.tts_route(request("POST", "/api/v1/tts", body=form(), headers={
             "Content-Type": f"{FORM}; x=\udcff"}))
         assert response.status == 200
         assert r.backends.headers[-1]["Content-Type"] == f"{FORM}; x="
@@ -581,10 +606,10 @@ async def test_a_content_type_byte_that_is_not_utf8_is_served_on_the_synchronous
 async def test_a_request_that_cannot_be_sent_frees_its_slot(tmp_path: Path) -> None:
     async with rig(tmp_path, ["broken", "broken"]) as r:
         for _ in range(2):
-            status, _, body = answer(await r.proxy.tts(request("POST", "/api/v1/tts", body=form())))
+            status, _, body = answer(await r.tts_route(request("POST", "/api/v1/tts", body=form())))
             assert status == 502 and body["reason"] == "backend_failed"
             r.assert_idle()
-        assert (await r.proxy.tts(request("POST", "/api/v1/tts", body=form()))).status == 200
+        assert (await r.tts_route(request("POST", "/api/v1/tts", body=form()))).status == 200
         r.assert_idle()
 
 
@@ -604,9 +629,9 @@ async def test_a_recovered_task_keeps_its_band(tmp_path: Path) -> None:
         scheduler = r.dispatcher.scheduler
         jobs = [*scheduler.queue.candidates(0.0), *(run.job for run in scheduler.running.values())]
         bands = {job.id.removeprefix("task-"): job.band for job in jobs}
-        names = r.proxy.tenants.band_names
+        names = r.runtime.tenants.band_names
         assert bands == {ids["batch"]: names.index("batch"), ids["interactive"]: names.index("interactive"),
-                         ids["retired"]: r.proxy.tenants.default_band}
+                         ids["retired"]: r.runtime.tenants.default_band}
         gone = r.stored()[expired.id]
         assert gone.state is TaskState.EXPIRED and gone.body_bytes == 0
         r.backends.release.set()
@@ -664,7 +689,7 @@ async def test_a_version_1_store_is_migrated_and_its_tasks_recovered(tmp_path: P
         scheduler = r.dispatcher.scheduler
         jobs = [*scheduler.queue.candidates(0.0), *(run.job for run in scheduler.running.values())]
         assert {job.id.removeprefix("task-") for job in jobs} == {V1_IDS["queued"], V1_IDS["running"]}
-        assert {job.band for job in jobs} == {r.proxy.tenants.default_band}  # version 1 kept no band
+        assert {job.band for job in jobs} == {r.runtime.tenants.default_band}  # version 1 kept no band
         r.backends.release.set()
         await settle()
         states = {task.id: task.state.value for task in r.stored().values()}
@@ -731,7 +756,7 @@ def test_whatever_ends_a_request_no_slot_queue_place_or_task_is_left(
                     order.extend(sorted(told - set(order)))
                     if order:
                         with suppress(asyncio.CancelledError):  # a store call of the DELETE was cancelled
-                            await r.call(r.service.cancel, order[which % len(order)], "DELETE")
+                            await r.call(r.cancel_route, order[which % len(order)], "DELETE")
 
             await asyncio.gather(*(one(i, *s) for i, s in enumerate(submits)), deleter())
             r.backends.release.set()

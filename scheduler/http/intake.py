@@ -1,0 +1,110 @@
+"""Everything before a TTS request is queued, shared by /api/v1/tts and /api/v1/tasks.
+
+The body is read (bounded in size and time) and validated at the edge -- upstream's exact error,
+no backend touched -- then attributed to a tenant and a priority band and given its job. A
+request refused here raises the error to answer, counted in the metrics as refused at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aiohttp import web
+
+from glmtts.contract import TTSRequest, check_tts, parse_tts_form
+from glmtts.errors import HTTPDetailError
+from glmtts.form import parse_form
+from glmtts.text import units
+from scheduler.core.deadlines import client_budget
+from scheduler.core.tenants import DEFAULT_TENANT, TenantError
+from scheduler.errors import BadTimeout, BodyTimeout, Draining, NotAttributed, PayloadTooLarge, SidecarError
+from scheduler.http.middleware import too_large_body
+from scheduler.runtime.context import Runtime
+from scheduler.runtime.exchange import Intake
+from scheduler.runtime.metrics import UNKNOWN_CLASS, classify
+
+__all__ = ["INLINE_PARSE_BYTES", "read_intake"]
+
+INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop
+
+
+async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float | None = None) -> Intake:
+    """Read and validate the body, attribute it, and make its job; or raise the error that refuses
+    it (counted). ``budget_s``: the deadline budget instead of the policy's (async tasks)."""
+    arrived = runtime.dispatcher.clock()
+    cls = UNKNOWN_CLASS  # known once the text is
+    try:
+        body, content_type, tts = await _read_valid(runtime, request)
+        limits = runtime.config.limits
+        cls = runtime.scheduler.classes.of(tts.chars).name
+        if tts.chars > limits.max_text_chars:
+            raise PayloadTooLarge(f"input_text is {tts.chars} characters; the limit is {limits.max_text_chars}",
+                                  limit=limits.max_text_chars)
+        try:
+            who = runtime.tenants.attribute(authorization=request.headers.get("Authorization"),
+                                            tenant_header=request.headers.get("X-Tenant"),
+                                            priority_header=request.headers.get("X-Priority"))
+            client = _client_budget(runtime, request)
+        except TenantError as exc:
+            raise NotAttributed(exc.status, exc.reason, exc.detail) from None
+        except ValueError as exc:
+            raise BadTimeout(str(exc)) from None
+    except (SidecarError, HTTPDetailError) as exc:
+        # Answered at the edge, before the request became a job (its tenant unknown).
+        runtime.metrics.request_finished(cls=cls, tenant=DEFAULT_TENANT, outcome=classify(exc.status, "refused"),
+                                         total_s=runtime.dispatcher.clock() - arrived)
+        raise
+    # Job ids are ours: clients may reuse an X-Request-ID, the scheduler needs unique keys.
+    job = runtime.scheduler.make_job(
+        id=uuid.uuid4().hex, chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key, now=arrived,
+        tenant=who.tenant.name, weight=who.tenant.weight, band=who.band, tenant_bound=who.tenant.max_queued,
+        client_budget_s=client, budget_s=budget_s)
+    return Intake(request_id=request["request_id"], arrived=arrived, body=body, content_type=content_type,
+                  job=job)
+
+
+async def _read_valid(runtime: Runtime, request: web.Request) -> tuple[bytes, str, TTSRequest]:
+    """(body, Content-Type, the parsed TTS request), or the error that refuses them."""
+    if runtime.draining:
+        runtime.metrics.draining_rejection()
+        raise Draining("The sidecar is shutting down; send new requests elsewhere",
+                       retry_after=runtime.config.shutdown.drain_timeout_s)
+    limits = runtime.config.limits
+    if request.content_length is not None and request.content_length > limits.max_body_bytes:
+        raise too_large_body(limits.max_body_bytes)
+    try:
+        body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large_body(limits.max_body_bytes) from None
+    except asyncio.TimeoutError:
+        raise BodyTimeout(f"The request body did not arrive within {limits.body_timeout_s:g} s") from None
+    content_type = request.headers.get("Content-Type")
+    # A big body is parsed off the event loop: hostile multipart must not stall other requests.
+    form = (parse_form(content_type, body) if len(body) <= INLINE_PARSE_BYTES
+            else await asyncio.to_thread(parse_form, content_type, body))
+    tts = parse_tts_form(form)
+    check_tts(tts, prompts=None)
+    if tts.index and not await runtime.prompts.has(tts.index):
+        check_tts(tts, prompts={})  # upstream's 404 for an index no backend knows
+    return body, content_type or "", tts
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, holding at most the limit plus one chunk (aiohttp's ``read`` lets its
+    buffer grow to the limit on top); HTTPRequestEntityTooLarge as soon as it is over."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(limit, size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _client_budget(runtime: Runtime, request: web.Request) -> float | None:
+    header = request.headers.get("X-Request-Timeout")
+    if header is None or not runtime.config.deadlines.client_header:
+        return None
+    return client_budget(float("inf"), header)

@@ -1,0 +1,103 @@
+"""The client-facing TTS path: ``POST /api/v1/tts``, validated, attributed, admitted, forwarded, streamed back.
+
+The request is read and validated at the edge (scheduler.http.intake), admitted or turned away
+with a reason, queued until the scheduler gives it a backend slot, and forwarded with the client's
+original body bytes (scheduler.runtime.exchange); the backend's answer streams back without being
+held whole. ``Prefer: respond-async`` hands the request to the async task mode instead. The other
+upstream endpoints are in scheduler.http.admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from backend.transport import BackendTimeout, BackendUnavailable
+from glmtts.responses import succeeded
+from scheduler.errors import SidecarError
+from scheduler.http.intake import read_intake
+from scheduler.http.middleware import REQUEST_ID
+from scheduler.runtime.context import Runtime
+from scheduler.runtime.exchange import Answered, Exchange, Outcome
+
+__all__ = ["PASSED_HEADERS", "STREAM_CHUNK", "TTSHandler", "sendable"]
+
+STREAM_CHUNK = 64 * 1024
+# Backend answer headers worth passing on; hop-by-hop and framing headers are ours to set.
+PASSED_HEADERS = ("Content-Type", "Allow", "Retry-After")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def sendable(value: str) -> str:
+    """A received header value as it can be sent on: a byte that was not UTF-8 (a lone surrogate
+    from aiohttp's parser) cannot be encoded again, so it is left out."""
+    return value if value.isascii() else value.encode("utf-8", "ignore").decode("utf-8")
+
+
+class TTSHandler:
+    """``submit_task``: the async task mode's submit, for ``Prefer: respond-async`` (None: disabled)."""
+
+    def __init__(self, runtime: Runtime, exchange: Exchange, *, submit_task: Handler | None = None) -> None:
+        self.runtime = runtime
+        self.exchange = exchange
+        self.submit_task = submit_task
+
+    async def tts(self, request: web.Request) -> web.StreamResponse:
+        if self.submit_task is not None and "respond-async" in request.headers.get("Prefer", "").lower():
+            return await self.submit_task(request)
+        intake = await read_intake(self.runtime, request)
+        job, rid = intake.job, intake.request_id
+        record = Outcome(request_id=rid)
+        headers = {"Content-Type": sendable(intake.content_type), REQUEST_ID: rid}
+        try:
+            future = self.exchange.admit(job)
+            async with await self.exchange.forward(job, future, intake.body, headers, record) as answered:
+                return await self._stream_back(request, answered)
+        except SidecarError as exc:
+            record.status, record.outcome, record.reason = exc.status, "rejected", exc.reason
+            raise
+        except asyncio.CancelledError:
+            record.outcome, record.reason = "client_gone", "client_gone"
+            raise
+        finally:
+            self.exchange.report(job, record, intake.arrived)
+
+    async def _stream_back(self, request: web.Request, answered: Answered) -> web.StreamResponse:
+        reply, record, backend = answered.reply, answered.record, answered.backend
+        out = web.StreamResponse(status=reply.status, reason=reply.reason)
+        for name in PASSED_HEADERS:
+            if name in reply.headers:
+                out.headers[name] = reply.headers[name]
+        out.headers[REQUEST_ID] = record.request_id
+        out.headers["X-Backend"] = backend.id
+        out.headers["X-Queue-Wait"] = f"{record.queue_s:.3f}"
+        # Service = until the backend's answer began: the synthesis itself.
+        out.headers["Server-Timing"] = (f"queue;dur={record.queue_s * 1000:.1f}, "
+                                        f"service;dur={(record.service_s or 0.0) * 1000:.1f}")
+        if reply.content_length is not None:
+            out.content_length = reply.content_length
+        record.status = reply.status
+        try:
+            await out.prepare(request)
+            async for chunk in reply.iter_chunked(STREAM_CHUNK):
+                if not answered.finished:
+                    # GLM-TTS answers once synthesis is over, the whole body at once: the backend
+                    # is free now, so a client reading slowly holds a connection, never a slot.
+                    answered.finish(succeeded(reply.status, chunk))
+                await out.write(chunk)
+            await out.write_eof()
+        except (BackendUnavailable, BackendTimeout) as exc:
+            # The backend died mid-answer: bytes already went out, so no retry; cut the client off.
+            record.outcome = "backend_cut"
+            self.runtime.pool.report_failure(backend, f"answer cut short: {exc}")
+            if request.transport is not None:
+                request.transport.close()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError, asyncio.CancelledError):
+            # The client went away (aiohttp's write error is a ClientError too).
+            record.outcome = "client_gone"
+            raise
+        return out
