@@ -7,9 +7,11 @@ import os
 import re
 from collections.abc import Sequence
 
-from backend.settings.base import ENV_NAME, Key
+from pydantic import SecretStr
 
-__all__ = ["LABEL", "MIN_KEY_CHARS", "ladder_problems", "resolve_key"]
+from backend.settings.base import ENV_NAME, Key, Problems
+
+__all__ = ["LABEL", "MIN_KEY_CHARS", "ladder_problems", "resolve_key", "resolve_secret"]
 
 LABEL = r"^[a-z][a-z0-9_]*$"  # class and band names: metric label values
 MIN_KEY_CHARS = 16
@@ -34,6 +36,17 @@ def resolve_key(item: object) -> tuple[str, str | None]:
     if not _KEY_CHARS.fullmatch(key):
         return key, f"{source} hold printable ASCII only, without spaces"
     return key, None
+
+
+def resolve_secret(value: object) -> SecretStr | None:
+    """A field validator's body for a token or secret written inline or as ``env:NAME``: None stays
+    None; an unusable one is a problem of the field itself, whose message never contains it."""
+    if value is None:
+        return None
+    key, problem = resolve_key(value)
+    if problem is not None:
+        raise Problems([((), problem)])
+    return SecretStr(key)
 
 
 def ladder_problems(bounds: Sequence[int | None], item: str) -> list[tuple[Key, str]]:

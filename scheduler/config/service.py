@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from backend.settings.base import ConfigSection, Key, Problems, raise_if
-from scheduler.config.base import resolve_key
+from scheduler.config.base import resolve_secret
 
 __all__ = [
     "AdminConfig",
@@ -100,12 +100,7 @@ class AdminConfig(ConfigSection):
     @field_validator("token", mode="before")
     @classmethod
     def _resolve_token(cls, value: object) -> object:
-        if value is None:
-            return None
-        token, problem = resolve_key(value)  # never echoes the token
-        if problem is not None:
-            raise Problems([((), problem)])
-        return SecretStr(token)
+        return resolve_secret(value)
 
     @model_validator(mode="after")
     def _anonymous_needs_no_token(self) -> AdminConfig:

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from backend.settings.base import ConfigSection, Key, Problems, raise_if
-from scheduler.config.base import resolve_key
+from scheduler.config.base import resolve_secret
 from scheduler.config.callback_urls import CallbackURLError, allowed_target, entry_problem
 
 __all__ = ["CallbacksConfig", "TasksConfig"]
@@ -50,12 +50,7 @@ class CallbacksConfig(ConfigSection):
     @field_validator("secret", mode="before")
     @classmethod
     def _resolve_secret(cls, value: object) -> object:
-        if value is None:
-            return None
-        secret, problem = resolve_key(value)  # never echoes the secret
-        if problem is not None:
-            raise Problems([((), problem)])
-        return SecretStr(secret)
+        return resolve_secret(value)
 
     @model_validator(mode="after")
     def _signed_when_allowed(self) -> CallbacksConfig:

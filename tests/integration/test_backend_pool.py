@@ -10,7 +10,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,27 +22,10 @@ import pytest
 from backend.pool import BackendPool
 from backend.state import BackendState
 from scheduler.config import BackendsConfig, parse_config
-from tests.support import ROOT, emulator, free_port, http, pid_gone
+from tests.support import ROOT, emulator, free_ports, http, pid_gone
 
 S = BackendState
 EMULATOR = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", "--time-scale", "0.01"]
-
-
-def free_ports(count: int) -> int:
-    """A base port with `count` consecutive free loopback ports (free when we looked)."""
-    for _ in range(100):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                    sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise AssertionError("no free port range")
 
 
 def make_config(
@@ -153,7 +135,7 @@ async def test_two_backends_get_ready_restart_after_sigkill_and_stop_cleanly(
 async def test_slow_start_stays_starting_until_the_port_opens() -> None:
     async with running(make_config([*EMULATOR, "--start-delay", "1.0"], gpus=["0"])) as w:
         backend = w.pool.backends[0]
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(0.7)  # the behaviour: still starting 0.7 s in, with a 1 s start delay
         assert backend.state is S.STARTING and backend.restarts == 0
         began = time.monotonic()
         assert await w.pool.wait_ready(10)
@@ -166,7 +148,7 @@ async def test_a_command_that_exits_at_once_backs_off_with_growing_delays() -> N
                          backoff_initial_s=0.1, backoff_max_s=10.0)
     cpu_before = time.process_time()
     async with running(config) as w:
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(2.0)  # the window the spawns are counted in
         backend = w.pool.backends[0]
         spawns = sum(1 for bid, state, _ in w.transitions if state is S.STARTING)
         assert backend.last_error == "exited with code 3"
@@ -291,7 +273,7 @@ async def test_an_external_backend_is_only_health_checked() -> None:
             assert await w.pool.wait_ready(10)
             await asyncio.to_thread(service.stop)
             await until(lambda: backend.state is S.UNHEALTHY, timeout=5.0)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # six health intervals in which nothing may restart it
             assert backend.state is S.UNHEALTHY and backend.restarts == 0 and backend.pid is None
 
 

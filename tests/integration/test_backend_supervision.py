@@ -187,7 +187,7 @@ async def test_restart_backend_drains_first_and_kill_backend_kills_at_once() -> 
         try:
             await until(lambda: first.state is S.DRAINING)
             assert pool.ready() == [second]
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # while a request is in flight it stays draining, however long
             assert first.state is S.DRAINING and first.pid == old_pid and not pid_gone(old_pid)
             first.in_flight = 0
             await asyncio.wait_for(restart, 15)

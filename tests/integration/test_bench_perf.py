@@ -26,6 +26,8 @@ def _all_gone(pids: list[int]) -> None:
     wait_until(lambda: all(pid_gone(p) for p in pids), timeout=15, what="benchmark processes to exit")
 
 
+# Throughput ratios: in the "serial" xdist group (tests/conftest.py), as the other benchmark runs.
+@pytest.mark.xdist_group("serial")
 @pytest.mark.timeout(120)
 def test_procs_per_gpu_smoke_reports_each_k_with_shared_gpu_scaling(tmp_path: Path) -> None:
     setup = procs_per_gpu.SMOKE
@@ -45,6 +47,8 @@ def test_procs_per_gpu_smoke_reports_each_k_with_shared_gpu_scaling(tmp_path: Pa
     _all_gone(pids)
 
 
+# wrk saturates the CPU, and memory is measured: in the "serial" xdist group (tests/conftest.py).
+@pytest.mark.xdist_group("serial")
 @pytest.mark.timeout(150)
 def test_proxy_overhead_smoke_measures_every_path_and_the_memory(tmp_path: Path) -> None:
     proxy_overhead.main(["--smoke", "--out", str(tmp_path)])
@@ -73,6 +77,9 @@ def test_lua_body_escapes_every_byte_wrk_could_misread() -> None:
     assert literal == '"a\\034b\\092\\013\\010\\228\\189\\160"'
 
 
+# Four torch processes (raw and sidecar, k = 1, 2) keep both cores busy for half a minute or more.
+@pytest.mark.slow
+@pytest.mark.xdist_group("serial")
 @pytest.mark.timeout(150)
 @pytest.mark.torch
 def test_gpu_dry_run_on_cpu_runs_raw_and_sidecar_for_each_k(tmp_path: Path) -> None:

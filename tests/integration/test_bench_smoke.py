@@ -11,7 +11,7 @@ import pytest
 
 from bench.loadgen import Record
 from bench.nginx import nginx_binary
-from bench.overload import HIGH, SMOKE, run
+from bench.overload import run
 from bench.overload_report import (
     CDF_PLOT,
     DIGITS,
@@ -21,6 +21,7 @@ from bench.overload_report import (
     VERDICT_COLUMNS,
     write_report,
 )
+from bench.overload_spec import HIGH, SMOKE
 from bench.summary import CLASSES, FAILURE_KINDS, failure_kind, jain_index, max_min_fair, percentile
 from tests.support import pid_gone, wait_until
 
@@ -69,6 +70,9 @@ def _expected_cells(summary: dict[str, Any]) -> dict[str, tuple[float | None, in
     return cells
 
 
+# The whole overload benchmark at its smoke size: a sidecar, nginx and emulators for most of a minute.
+@pytest.mark.slow
+@pytest.mark.xdist_group("serial")
 @pytest.mark.timeout(150)
 def test_smoke_benchmark_reports_from_its_json_and_leaves_no_process(tmp_path: Path) -> None:
     result = run(SMOKE, command="python -m bench.overload --smoke", progress=False)

@@ -64,6 +64,8 @@ def test_audio_duration_follows_the_text() -> None:
     assert 500 * 0.2 < long.duration < 500 * 0.25 + 0.5
 
 
+# Timings: in the "serial" xdist group (tests/conftest.py).
+@pytest.mark.xdist_group("serial")
 def test_latency_follows_the_seed_calibration() -> None:
     # At time scale 1 a ~20-char text takes ~3.5 s and a ~500-char one ~80 s; these two texts'
     # model times (2.9 s and 80 s, a ratio of ~28) are checked with room for a busy machine.
@@ -81,6 +83,8 @@ def test_latency_follows_the_seed_calibration() -> None:
     assert 0.6 * expected < long / short < 1.3 * expected, (short, long, expected)
 
 
+# Timings: in the "serial" xdist group (tests/conftest.py).
+@pytest.mark.xdist_group("serial")
 def test_concurrent_requests_share_one_process_throughput() -> None:
     # Measured: total throughput x1.3 with 2 concurrent requests and x1.5 with 4, so each of k
     # identical requests takes k / throughput(k) times as long as one alone: x1.54 and x2.67.
@@ -249,7 +253,7 @@ def test_fault_hang_stops_answering_everything() -> None:
 def test_fault_slow_start_opens_the_port_late() -> None:
     server = start_emulator("--start-delay", "1.5", wait=False)
     try:
-        time.sleep(0.5)
+        time.sleep(0.5)  # the behaviour: 0.5 s into a 1.5 s start delay, the port is still closed
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) != 0
         wait_until(lambda: _answers(server), timeout=20, what="the port to open")

@@ -9,6 +9,9 @@ import pytest
 from tests.contract_cases import CASES, Case, run_step
 from tests.support import Service, emulator, get_json, http
 
+# One worker runs the whole module, so its module-scoped fixture starts once.
+pytestmark = pytest.mark.xdist_group("test_emulator_contract")
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Service]:

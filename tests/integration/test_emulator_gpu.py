@@ -18,8 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.contract_cases import multipart
 from tests.support import Service, get_json, http, start_emulator, wait_until
+
+# Latency ratios: in the "serial" xdist group (tests/conftest.py), never beside the suite's other
+# heavy or timing-sensitive tests.
+pytestmark = pytest.mark.xdist_group("serial")
 
 SHORT = "今天天气很好，我们去公园散步。"
 TEXT = SHORT * 4  # 56 units: ~9.2 s at time scale 1, ~0.55 s here

@@ -13,6 +13,9 @@ from glmtts.emulator.prompts import DEFAULT_PROMPTS
 from glmtts.wav import read_wav
 from tests.support import ROOT, Service, emulator, free_port
 
+# One worker runs the whole module, so its module-scoped fixture starts once.
+pytestmark = pytest.mark.xdist_group("test_say")
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Service]:

@@ -12,6 +12,9 @@ import pytest
 from tests.contract_cases import CASES, Case, run_step
 from tests.support import Service, admin_headers, backend_details, get_json, http, sidecar_config, start_sidecar
 
+# One worker runs the whole module, so its module-scoped fixture starts once.
+pytestmark = pytest.mark.xdist_group("test_sidecar_contract")
+
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:

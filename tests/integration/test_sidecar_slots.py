@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.contract_cases import multipart
@@ -74,7 +75,7 @@ def test_fixed_slots_cap_every_backend(tmp_path: Path) -> None:
             ThreadPoolExecutor(1) as load:
         stop = threading.Event()
         statuses = load.submit(closed_loop, service, 8, stop)
-        time.sleep(2.0)
+        time.sleep(2.0)  # the load runs this long: the caps must hold all through it
         stop.set()
         assert set(statuses.result()) == {200}
         assert slot_gauges(service) == {"gpu0-0": 2.0, "gpu1-0": 2.0}
@@ -83,6 +84,8 @@ def test_fixed_slots_cap_every_backend(tmp_path: Path) -> None:
             assert get_json(backend["url"] + "/emulator/stats")["max_in_flight"] == 2
 
 
+# Throughput measured per slot count: in the "serial" xdist group (tests/conftest.py).
+@pytest.mark.xdist_group("serial")
 def test_auto_slots_settle_at_the_knee_of_the_throughput_curve(tmp_path: Path) -> None:
     # No jitter and no cold start: what varies is the length of the texts (17x) and the sidecar's
     # own overhead. The cost priors are the emulator's, so the solo estimate of each text is right.
@@ -100,7 +103,8 @@ def test_auto_slots_settle_at_the_knee_of_the_throughput_curve(tmp_path: Path) -
                 state = details(service, "/api/v1/queue")["slots"]["gpu0-0"]
                 return not state["probing"] and "4" in state["levels"] and state["slots"] < 4
 
-            wait_until(judged, timeout=35, what="the probe of 4 slots to be judged")
+            # ~15 s alone; beside the suite's other workers on 2 cores it has taken over 35 s.
+            wait_until(judged, timeout=90, what="the probe of 4 slots to be judged")
         finally:
             stop.set()
         learned_s = time.monotonic() - started

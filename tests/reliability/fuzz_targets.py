@@ -1,6 +1,6 @@
 """The fuzzing targets: raw Content-Type + body bytes to a validated request or an error answer.
 
-``tts`` is the sidecar's request parsing path (scheduler.http.proxy's intake): ``parse_form``, then
+``tts`` is the sidecar's request parsing path (scheduler.http.intake): ``parse_form``, then
 ``parse_tts_form``, then ``check_tts`` without the prompt lookup, then the text's cost units.
 ``prompt_add`` and ``prompt_update`` are the emulator's admin forms (glmtts.contract).
 
@@ -36,7 +36,7 @@ from glmtts.contract import (
     parse_tts_form,
 )
 from glmtts.errors import HTTPDetailError
-from glmtts.form import UploadedFile, parse_form
+from glmtts.form import UploadedFile, encode_multipart, parse_form
 from glmtts.text import units
 
 FUZZ_BOUNDARY = "fuzz-boundary"
@@ -71,7 +71,7 @@ def _error(exc: HTTPDetailError) -> Answer:
 
 
 def tts(content_type: str | None, body: bytes) -> Answer:
-    """scheduler.http.proxy's intake up to the job: parse, validate, check, cost units."""
+    """scheduler.http.intake up to the job: parse, validate, check, cost units."""
     try:
         request = parse_tts_form(parse_form(content_type, body))
         check_tts(request, prompts=None)
@@ -187,14 +187,7 @@ def seed_corpus() -> list[bytes]:
     b = FUZZ_BOUNDARY
 
     def multipart(fields: Sequence[tuple[str, str | tuple[str, bytes]]]) -> bytes:
-        out = b""
-        for name, value in fields:
-            if isinstance(value, tuple):
-                out += (f'--{b}\r\nContent-Disposition: form-data; name="{name}"; filename="{value[0]}"\r\n'
-                        "Content-Type: audio/wav\r\n\r\n").encode() + value[1] + b"\r\n"
-            else:
-                out += f'--{b}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        return out + f"--{b}--\r\n".encode()
+        return encode_multipart(fields, boundary=b)
 
     tts_fields: list[tuple[str, str | tuple[str, bytes]]] = [
         ("input_text", "你好，世界 hello 2024!"), ("index", "exampleA"), ("seed", "-7"), ("sample_rate", "32000"),

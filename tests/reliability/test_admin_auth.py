@@ -33,6 +33,9 @@ from tests.reliability.support import (
 )
 from tests.support import ROOT, details, free_port, get_json, http
 
+# One worker runs the whole module, so its module-scoped sidecar starts once.
+pytestmark = pytest.mark.xdist_group("test_admin_auth")
+
 TOKEN = "admin-token-0123456789abcdef"
 EXTRA = f"admin: {{token: {TOKEN}}}\nlimits: {{body_timeout_s: 2.0, idle_timeout_s: 2.0}}"
 FORM = b'--b\r\nContent-Disposition: form-data; name="index"\r\n\r\nevil\r\n--b--\r\n'

@@ -34,6 +34,10 @@ from tests.support import (
     wait_until,
 )
 
+# Timed races (keep-alive gaps, crash cycles), loop-lag bounds: in the "serial" xdist group
+# (tests/conftest.py), never beside the suite's other heavy or timing-sensitive tests.
+pytestmark = pytest.mark.xdist_group("serial")
+
 SHORT = "今天天气很好，我们去公园散步。"
 JSON = {"Content-Type": "application/json"}
 
@@ -348,7 +352,7 @@ def keepalive_race(tmp_path: Path, *, idle_close_s: tuple[float | None, ...], ga
 
 
 def record_race(case: str, run: RaceRun, **figures: Any) -> Tally:
-    from backend.client import CLIENT_KEEPALIVE_S
+    from backend.transport import CLIENT_KEEPALIVE_S
 
     tally = tally_of(run.results)
     record(f"backend faults: {case}", sent=len(run.results), lost=tally.lost,
@@ -362,7 +366,7 @@ def test_idle_gaps_around_uvicorns_keep_alive_never_meet_the_race(tmp_path: Path
     the pool has dropped each idle connection at 3 s, so every request after a gap goes out on a new
     one and none meets the race, even with retries off (nothing hidden by a retry). A pool keeping
     connections longer than 5 s would send the last two on connections the backend closes."""
-    from backend.client import CLIENT_KEEPALIVE_S
+    from backend.transport import CLIENT_KEEPALIVE_S
 
     assert CLIENT_KEEPALIVE_S < UVICORN_KEEPALIVE_S
     run = keepalive_race(tmp_path, idle_close_s=(UVICORN_KEEPALIVE_S, UVICORN_KEEPALIVE_S), gaps_s=UVICORN_GAPS_S,

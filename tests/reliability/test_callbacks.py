@@ -24,6 +24,9 @@ from tests.contract_cases import multipart
 from tests.reliability.support import assert_loop_lag_ok, record
 from tests.support import Service, get_json, http, sidecar_config, start_sidecar
 
+# One worker runs the whole module, so its module-scoped sidecar starts once.
+pytestmark = pytest.mark.xdist_group("test_callbacks")
+
 SECRET = "callback-secret-0123456789abcdef"
 SHORT = "今天天气很好，我们去公园散步。"
 ATTEMPTS = 2

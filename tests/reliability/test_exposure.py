@@ -31,6 +31,9 @@ from tests.support import (
     wait_until,
 )
 
+# One worker runs the whole module, so its module-scoped sidecar starts once.
+pytestmark = pytest.mark.xdist_group("test_exposure")
+
 TOKEN = "exposure-admin-token-0123456789"
 KEY = "acme-key-0123456789abcdef"
 KEYED, KEYLESS = "acme-corp", "guest-team"

@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from glmtts.contract import TTSRequest
-from glmtts.form import FormError, UploadedFile, parse_form
+from glmtts.form import FormError, UploadedFile, encode_multipart, parse_form
 from tests.reliability.fuzz_targets import TARGETS, check, join_input, seed_corpus, split_input
 from tests.reliability.support import record
 from tests.support import ROOT
@@ -148,18 +148,6 @@ def valid_requests(draw: st.DrawFn) -> tuple[TTSRequest, list[tuple[str, str | t
     return TTSRequest(**values), draw(st.permutations(fields))
 
 
-def multipart_body(fields: list[tuple[str, str | tuple[str, bytes]]], boundary: str, charset: str) -> bytes:
-    out = b""
-    for name, value in fields:
-        head = f"--{boundary}\r\nContent-Disposition: form-data; name={quote_param(name)}"
-        if isinstance(value, tuple):
-            out += (head + f"; filename={quote_param(value[0])}\r\nContent-Type: audio/wav\r\n\r\n").encode(charset)
-            out += value[1] + b"\r\n"
-        else:
-            out += (head + "\r\n\r\n").encode(charset) + value.encode(charset) + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode()
-
-
 def clean_split(value: bytes, boundary: str) -> bool:
     """True when ``value`` holds no delimiter of ``boundary`` (then it is one part's data)."""
     separator = f"\r\n--{boundary}".encode()
@@ -181,7 +169,7 @@ def encoded_requests(draw: st.DrawFn) -> Encoded:
             assume(_encodes(name, charset) and _encodes(value[0] if isinstance(value, tuple) else "", charset))
         param = "" if charset == "utf-8" and draw(st.booleans()) else f"; charset={charset}"
         content_type = f"multipart/form-data; boundary={quote_param(boundary)}{param}"
-        return Encoded(content_type, multipart_body(fields, boundary, charset), expected)
+        return Encoded(content_type, encode_multipart(fields, boundary=boundary, charset=charset), expected)
     via = draw(st.sampled_from([quote_plus, quote]))
     pairs = [(n, v) for n, v in fields if isinstance(v, str)]
     body = urlencode(pairs, quote_via=via).encode() if draw(st.booleans()) else "&".join(
@@ -423,7 +411,7 @@ def plain_multipart(draw: st.DrawFn) -> tuple[str, bytes]:
             fields.append((name, data.decode()))
         # The email package splits lines on CR or LF alone too, so no delimiter-like line at all.
         assume(f"--{boundary}".encode() not in data and not data.endswith(b"\r"))
-    return f"multipart/form-data; boundary={quote_param(boundary)}", multipart_body(fields, boundary, "utf-8")
+    return f"multipart/form-data; boundary={quote_param(boundary)}", encode_multipart(fields, boundary=boundary)
 
 
 def test_differential_multipart_well_formed() -> None:
@@ -637,11 +625,14 @@ def _atheris_case(tmp_path: Path, runs: int, seconds: int, label: str) -> None:
            new_units=stats.get("new_units_added", 0), wall_s=stats["wall_s"], lost=IN_PROCESS)
 
 
+# A fuzzer that keeps a core busy for 20 s: in the "serial" xdist group (tests/conftest.py).
+@pytest.mark.xdist_group("serial")
 @pytest.mark.skipif(ATHERIS_MISSING, reason="atheris is not installed (pip install atheris)")
 def test_atheris_request_parsing(tmp_path: Path) -> None:
     _atheris_case(tmp_path, runs=200_000, seconds=20, label="20 s")
 
 
+@pytest.mark.xdist_group("serial")
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.skipif(ATHERIS_MISSING, reason="atheris is not installed (pip install atheris)")

@@ -16,6 +16,11 @@ from tests.reliability.hostile import MIB, Target, recorded_sidecar, run_case
 from tests.reliability.support import Tally, assert_loop_lag_ok, record
 from tests.support import free_port, http, start_process, wait_http
 
+# Pipelined floods that keep a core busy, loop-lag bounds: in the "serial" xdist group
+# (tests/conftest.py), never beside the suite's other heavy or timing-sensitive tests; one worker
+# runs the whole module, so its module-scoped sidecar starts once.
+pytestmark = pytest.mark.xdist_group("serial")
+
 MAX_BODY = 8 * MIB
 LIMITS = f"limits: {{max_body_bytes: {MAX_BODY}, body_timeout_s: 2.0, idle_timeout_s: 2.0}}"
 BOUNDARY = "b0undary"

@@ -11,6 +11,9 @@ import pytest
 
 from tests.reliability.hostile import MIB, Target, recorded_sidecar, run_case
 
+# One worker runs the whole module, so its module-scoped sidecar starts once.
+pytestmark = pytest.mark.xdist_group("test_multipart_abuse")
+
 MAX_BODY = 8 * MIB
 BODY_TIMEOUT_S = 2.0
 IDLE_TIMEOUT_S = 2.0

@@ -33,6 +33,10 @@ from tests.support import (
     wait_until,
 )
 
+# Latencies beside slow clients, loop-lag bounds: in the "serial" xdist group (tests/conftest.py),
+# never beside the suite's other heavy or timing-sensitive tests.
+pytestmark = pytest.mark.xdist_group("serial")
+
 LONG = "今天天气很好，我们去公园散步。" * 24  # 360 characters: a ~5 MB answer
 
 
@@ -267,7 +271,7 @@ def test_disconnects_mid_upload_while_queued_and_mid_answer_free_everything(tmp_
         request = tts_request(SHORT)
         with socket.create_connection(address(service)) as sock:
             sock.sendall(request[: len(request) // 2])
-            time.sleep(0.3)
+            time.sleep(0.3)  # the client stalls mid-upload, then leaves
         wait_until(lambda: settled(service) and open_fds(service.pid) <= fds_before, timeout=10,
                    what="the upload's connection gone")
         assert received(backend_url) == forwarded_before
@@ -291,7 +295,7 @@ def test_disconnects_mid_upload_while_queued_and_mid_answer_free_everything(tmp_
         with socket.create_connection(address(service)) as sock:
             sock.sendall(tts_request(LONG + "走"))
             wait_until(lambda: queue(service)["in_service"] == 1, timeout=10, what="the request in service")
-            time.sleep(0.5)
+            time.sleep(0.5)  # the client stays a while into the work, then leaves
         wait_until(lambda: settled(service), timeout=15, what="the orphaned work to end")
         orphaned = queue(service)["orphaned_backend_seconds"] - orphaned_before
 

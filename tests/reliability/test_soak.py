@@ -35,6 +35,10 @@ from tests.reliability.support import (
 )
 from tests.support import Service, sidecar_config, start_sidecar
 
+# Latency, RSS and loop lag under load: in the "serial" xdist group (tests/conftest.py), never
+# beside the suite's other heavy or timing-sensitive tests.
+pytestmark = pytest.mark.xdist_group("serial")
+
 TIME_SCALE = 0.03  # emulated GPU seconds x 0.03: a short text ~0.15 s, a 300-character one ~1.4 s
 BACKENDS = 2
 LOAD = 0.8  # of the pool's capacity
@@ -190,8 +194,9 @@ def settled_fds(pid: int, target: int, timeout_s: float = 10.0) -> int:
     return count
 
 
+# Both soaks need minutes of load by design (slow decay shows only over time): `-m slow` runs them.
 @pytest.mark.parametrize("seconds", [
-    pytest.param(120, id="2min"),
+    pytest.param(120, id="2min", marks=[pytest.mark.slow]),
     pytest.param(1800, id="30min", marks=[pytest.mark.slow, pytest.mark.timeout(2400)]),
 ])
 def test_soak_at_80_percent(tmp_path: Path, seconds: int) -> None:

@@ -1,0 +1,74 @@
+"""Settings for the whole test session, with or without pytest-xdist workers.
+
+- Every test process (each xdist worker, or the one process of a plain run) gets its own
+  ``XDG_RUNTIME_DIR``, which the emulators it starts inherit: the emulators' shared-GPU bookkeeping
+  (glmtts.emulator.gpu) counts busy processes per GPU id there, and tests in other workers, or
+  other runs on the machine, must not slow a test's emulators down by using the same GPU ids.
+- The default run leaves out tests marked ``slow`` (``addopts``): those that need minutes or many
+  processes. Its summary says how many it left out and how to run them, so that is never silent.
+- scripts/test spreads the suite over pytest-xdist workers with ``--dist loadgroup``. Tests that
+  keep cores busy or measure time, memory or loop lag carry ``xdist_group("serial")``: one worker
+  runs them one after another, so they never run beside each other. Modules with a module-scoped
+  server carry a group of their own, so that server starts once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SLOW_DESELECTED = "slow_deselected"  # the key under which xdist workers report their count
+_RUNTIME_DIR = pytest.StashKey[Path]()
+_SLOW_COUNT = pytest.StashKey[int]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    runtime = Path(tempfile.mkdtemp(prefix="glmtts-test-runtime-"))  # mode 0700, as XDG requires
+    config.stash[_RUNTIME_DIR] = runtime
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    config.stash[_SLOW_COUNT] = 0
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_WorkerCounts(config), "glmtts-slow-counts")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    runtime = config.stash.get(_RUNTIME_DIR, None)
+    if runtime is not None:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    """Count the slow tests a marker expression left out (in a worker: reported to the controller)."""
+    if not items:
+        return
+    config = items[0].config
+    slow = sum(1 for item in items if item.get_closest_marker("slow") is not None)
+    config.stash[_SLOW_COUNT] = config.stash.get(_SLOW_COUNT, 0) + slow
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[SLOW_DESELECTED] = config.stash[_SLOW_COUNT]
+
+
+class _WorkerCounts:
+    """On the xdist controller, which collects nothing itself: the workers' counts (each worker
+    collects the whole suite, so they agree; the largest is taken in case one stopped early)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_testnodedown(self, node: Any, error: object | None) -> None:
+        count = int(getattr(node, "workeroutput", {}).get(SLOW_DESELECTED, 0))
+        self.config.stash[_SLOW_COUNT] = max(self.config.stash.get(_SLOW_COUNT, 0), count)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    count = config.stash.get(_SLOW_COUNT, 0)
+    if count:
+        noun = "test" if count == 1 else "tests"
+        terminalreporter.write_line(f"{count} slow {noun} not run (./scripts/test -m slow runs them)",
+                                    yellow=True)
