@@ -27,7 +27,7 @@ from glmtts.contract import LONG_TEXT_THRESHOLD, upstream_length_class
 from glmtts.responses import json_response
 from scheduler.errors import InvalidConfig, NoBackend, PartialFailure, PromptPathNotAllowed, UnknownBackend
 from scheduler.http.auth import is_admin, require_admin
-from scheduler.http.middleware import REQUEST_ID
+from scheduler.http.middleware import REQUEST_ID, request_id_of
 from scheduler.runtime.context import Runtime
 from scheduler.runtime.control import Control
 from scheduler.runtime.prompts import written_audio_path
@@ -114,7 +114,7 @@ class Admin:
 
     async def _exchange(self, backend: Backend, method: str, path: str, body: bytes | None,
                         request: web.Request) -> Answer:
-        headers = {REQUEST_ID: request["request_id"]}
+        headers = {REQUEST_ID: request_id_of(request)}
         if "Content-Type" in request.headers:
             headers["Content-Type"] = request.headers["Content-Type"]
         return await self.runtime.transport.exchange(method, backend.url + path, body=body, headers=headers,

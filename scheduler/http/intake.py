@@ -19,7 +19,7 @@ from glmtts.text import units
 from scheduler.core.deadlines import client_budget
 from scheduler.core.tenants import DEFAULT_TENANT, TenantError
 from scheduler.errors import BadTimeout, BodyTimeout, Draining, NotAttributed, PayloadTooLarge, SidecarError
-from scheduler.http.middleware import too_large_body
+from scheduler.http.middleware import request_id_of, too_large_body
 from scheduler.runtime.context import Runtime
 from scheduler.runtime.exchange import Intake
 from scheduler.runtime.metrics import UNKNOWN_CLASS, classify
@@ -60,7 +60,7 @@ async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float
         id=uuid.uuid4().hex, chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key, now=arrived,
         tenant=who.tenant.name, weight=who.tenant.weight, band=who.band, tenant_bound=who.tenant.max_queued,
         client_budget_s=client, budget_s=budget_s)
-    return Intake(request_id=request["request_id"], arrived=arrived, body=body, content_type=content_type,
+    return Intake(request_id=request_id_of(request), arrived=arrived, body=body, content_type=content_type,
                   job=job)
 
 

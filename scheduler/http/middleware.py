@@ -1,6 +1,6 @@
 """The one middleware: request ids, aiohttp's own refusals in upstream's shape, raised errors as answers.
 
-Every request gets ``request["request_id"]`` (the client's X-Request-ID when it is a sane token,
+Every request gets its id under ``REQUEST_ID_KEY`` (the client's X-Request-ID when it is a sane token,
 else a new one), echoed on every answer not already sent. 404 and 405 are upstream's (FastAPI's)
 bodies; a body over ``limits.max_body_bytes`` is the sidecar's 413, and the connection is closed
 rather than the rest of the body read. A handler raises a scheduler.errors.SidecarError or a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -20,6 +21,14 @@ from glmtts.responses import json_response
 from scheduler.errors import PayloadTooLarge, SidecarError
 
 REQUEST_ID = "X-Request-ID"
+# Where a request's id is kept on it: a typed key where aiohttp has them (3.14 and later), else a string.
+_REQUEST_KEY = getattr(web, "RequestKey", None)
+REQUEST_ID_KEY: Any = _REQUEST_KEY("request_id", str) if _REQUEST_KEY is not None else "request_id"
+
+
+def request_id_of(request: web.Request) -> str:
+    """The id the middleware gave `request`."""
+    return str(request[REQUEST_ID_KEY])
 
 
 def error_response(exc: SidecarError | HTTPDetailError) -> web.Response:
@@ -51,7 +60,7 @@ def make_middleware(max_body_bytes: Callable[[], int]) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         rid = request_id(request)
-        request["request_id"] = rid
+        request[REQUEST_ID_KEY] = rid
         try:
             response = await handler(request)
         except web.HTTPMethodNotAllowed as exc:

@@ -3,12 +3,12 @@
 Every handler (TTS, tasks, admin) and the operator's controls (reload, drain) reach the pool,
 the dispatcher and the policies through it, never through one another.
 
-API (attribute names as ``Proxy`` had them, so a caller's switch is a rename):
+API:
 
 - ``config: SidecarConfig`` -- the running configuration; replaced by ``reconfigure``.
 - ``pool: BackendPool`` -- the backends; ``ready_backends()``, and ``pick_ready()`` (the ready
   backend with the fewest requests in flight, or NoBackend, 503).
-- ``transport: Transport`` (also ``client``) -- every request to a backend (backend.transport):
+- ``transport: Transport`` -- every request to a backend (backend.transport):
   ``open(...)`` for a streamed answer, ``exchange(...)`` for a small one read whole.
 - ``prompts: PromptCatalogue`` -- the prompt indexes the backends know.
 - ``dispatcher: Dispatcher`` -- admission, queueing and slots; ``scheduler`` is its Scheduler.
@@ -52,11 +52,6 @@ class Runtime:
         self.draining = False
         self.retries = RetryBudget(ratio=config.retries.budget_ratio, min_concurrent=config.retries.budget_min)
         self.served = {"short_text": 0, "long_text": 0}
-
-    @property
-    def client(self) -> Transport:
-        """The transport, by the name the proxy gave it."""
-        return self.transport
 
     @property
     def scheduler(self) -> Scheduler:

@@ -30,7 +30,7 @@ from glmtts.errors import HTTPDetailError
 from glmtts.wav import write_wav
 from scheduler.config import SidecarConfig, parse_config
 from scheduler.errors import SidecarError
-from scheduler.http.middleware import error_response
+from scheduler.http.middleware import REQUEST_ID_KEY, error_response
 from scheduler.http.tasks import TaskHandlers
 from scheduler.http.tts import TTSHandler
 from scheduler.runtime.build import build_scheduler, build_tenants
@@ -175,7 +175,7 @@ def request(method: str, path: str, *, body: bytes = b"", headers: dict[str, str
                               payload=Body(body, cancel_at=cancel_at))  # type: ignore[arg-type]
     # As aiohttp's parser hands them over: a byte that is not UTF-8 is a lone surrogate.
     req._headers = CIMultiDictProxy(given)
-    req["request_id"] = "test"
+    req[REQUEST_ID_KEY] = "test"
     return req
 
 
