@@ -260,21 +260,6 @@ class Admin:
                              200 if ok else 503)
 
 
-async def fetch_prompt_indexes(runtime: Runtime) -> set[str] | None:
-    """The prompt indexes of one ready backend, or None when none answers."""
-    for backend in runtime.ready_backends():
-        try:
-            answer = await runtime.transport.exchange("GET", backend.url + "/api/v1/prompts", timeout=5.0)
-        except (BackendUnavailable, BackendTimeout):
-            continue
-        if answer.status == 200:
-            try:
-                return {item["index"] for item in json.loads(answer.body)["prompts"]}
-            except (ValueError, KeyError, TypeError):
-                log.warning("backend %s: unreadable prompt list", backend.id)
-    return None
-
-
 def _maybe_json(body: bytes) -> Any:
     try:
         return json.loads(body)

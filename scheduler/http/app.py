@@ -22,7 +22,7 @@ from aiohttp import web, web_response
 from backend.pool import BackendPool
 from backend.transport import AiohttpTransport, Transport
 from scheduler.config import SidecarConfig
-from scheduler.http.admin import Admin, fetch_prompt_indexes
+from scheduler.http.admin import Admin
 from scheduler.http.middleware import make_middleware
 from scheduler.http.tasks import TaskHandlers
 from scheduler.http.tts import TTSHandler
@@ -33,7 +33,7 @@ from scheduler.runtime.dispatcher import Dispatcher
 from scheduler.runtime.exchange import Exchange
 from scheduler.runtime.looplag import LoopLagCollector, LoopLagProbe
 from scheduler.runtime.metrics import PREFIX, Metrics, Sources
-from scheduler.runtime.prompts import PromptCatalogue
+from scheduler.runtime.prompts import PromptCatalogue, fetch_prompt_indexes
 from scheduler.runtime.sdnotify import ServiceStatus, watchdog_loop
 from scheduler.runtime.tasks import TaskService
 
@@ -78,7 +78,7 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
 
     pool = BackendPool(config.backends, python=python, on_change=on_backend_change,
                        log_output=config.logging.backend_output, transport=client)
-    catalogue = PromptCatalogue(lambda: fetch_prompt_indexes(runtime))
+    catalogue = PromptCatalogue(lambda: fetch_prompt_indexes(pool.backends, client))
     dispatcher = Dispatcher(build_scheduler(config), lambda: pool.backends, slots=config.backends.slot_policy())
     metrics = Metrics()
     tenants = build_tenants(config)

@@ -9,10 +9,17 @@ index it does not list (someone may have added it behind our back).
 
 from __future__ import annotations
 
+import json
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
+from backend.record import Backend
+from backend.state import BackendState
+from backend.transport import BackendTimeout, BackendUnavailable, Transport
 from glmtts.contract import parse_prompt_add, parse_prompt_update
+
+log = logging.getLogger("glmtts_sidecar.admin")
 
 REFRESH_INTERVAL_S = 1.0
 
@@ -45,6 +52,23 @@ class PromptCatalogue:
         if self._clock() - self._fetched_at >= REFRESH_INTERVAL_S:
             await self.refresh()
         return self._indexes is None or index in self._indexes
+
+
+async def fetch_prompt_indexes(backends: Iterable[Backend], transport: Transport) -> set[str] | None:
+    """The prompt indexes of the first ready backend among ``backends`` that answers, else None."""
+    for backend in backends:
+        if backend.state is not BackendState.READY:
+            continue
+        try:
+            answer = await transport.exchange("GET", backend.url + "/api/v1/prompts", timeout=5.0)
+        except (BackendUnavailable, BackendTimeout):
+            continue
+        if answer.status == 200:
+            try:
+                return {item["index"] for item in json.loads(answer.body)["prompts"]}
+            except (ValueError, KeyError, TypeError):
+                log.warning("backend %s: unreadable prompt list", backend.id)
+    return None
 
 
 def written_audio_path(method: str, content_type: str | None, body: bytes) -> str:
