@@ -1,0 +1,251 @@
+"""Re-encode GLM-TTS's WAV into the formats of OpenAI's speech API (`response_format`).
+
+The backend answers a 16-bit PCM mono WAV (24000 or 32000 Hz); OpenAI clients ask for mp3, opus,
+aac, flac, wav or pcm. Everything here uses libraries that ship wheels, so no system ffmpeg is needed:
+numpy for sample arithmetic, soundfile (its bundled libsndfile writes FLAC, Ogg Opus and MP3), soxr for
+resampling, and -- only with the optional ``aac`` extra -- PyAV, whose wheels bundle FFmpeg's native
+AAC encoder.
+
+`encode` is CPU-bound (tens of milliseconds per second of audio for the lossy codecs: see
+bench/reports/audio_formats.md), so callers run it off the event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+import numpy.typing as npt
+import soundfile as sf  # type: ignore[import-untyped]
+import soxr  # type: ignore[import-untyped]
+
+from glmtts.wav import SAMPLE_WIDTH, read_wav, write_wav
+
+# A WAV's rate bounds what resampling may cost: to 48 kHz (opus) at most 6x the samples. Upstream
+# writes 24000 or 32000 Hz; anything far outside telephony..studio rates is a broken backend.
+MIN_RATE = 8000
+MAX_RATE = 192000
+PCM_RATE = 24000  # OpenAI's `pcm`: raw 24 kHz 16-bit signed little-endian mono
+
+# Rates each encoder accepts. Opus (RFC 6716) takes only these five. MP3 rates are those of MPEG-1
+# (32/44.1/48 kHz) and MPEG-2 (the halves) and MPEG-2.5 (the quarters), all written by libsndfile's
+# LAME; 24000 and 32000 are both native, so upstream's audio is never resampled for MP3. AAC: the
+# sampling-frequency index of ADTS headers.
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+AAC_BITRATE = 64000  # bits/s; transparent enough for mono speech, about what the MP3 VBR default yields
+_EMPTY_OK = frozenset({"wav", "pcm"})  # formats with a valid empty file: a bare header, no bytes
+AAC_HINT = "response_format aac needs the optional 'aac' extra: pip install 'glmtts-sidecar[aac]'"
+
+Samples = npt.NDArray[np.int16]
+
+
+@dataclass(frozen=True)
+class Pcm:
+    """16-bit signed little-endian mono samples at `rate` frames per second.
+
+    Refuses (ValueError) an odd byte count or a rate outside MIN_RATE..MAX_RATE, so every encoder
+    can trust it.
+    """
+
+    samples: bytes
+    rate: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rate, int) or isinstance(self.rate, bool):
+            raise ValueError(f"sample rate must be an int, got {type(self.rate).__name__}")
+        if not MIN_RATE <= self.rate <= MAX_RATE:
+            raise ValueError(f"sample rate {self.rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
+        if len(self.samples) % SAMPLE_WIDTH:
+            raise ValueError(f"PCM length {len(self.samples)} is not a whole number of 16-bit samples")
+
+    @property
+    def duration_s(self) -> float:
+        """Length in seconds."""
+        return len(self.samples) / SAMPLE_WIDTH / self.rate
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """One `response_format`: its name and the Content-Type OpenAI-compatible servers send for it."""
+
+    name: str
+    content_type: str
+
+
+# OpenAI's order. Content types as OpenAI-compatible servers send them; for opus, whose body is an Ogg
+# file, the type RFC 7845 registers for Ogg Opus files (audio/opus, RFC 7587, names RTP payloads).
+FORMATS: Mapping[str, AudioFormat] = MappingProxyType({
+    f.name: f
+    for f in (
+        AudioFormat("mp3", "audio/mpeg"),
+        AudioFormat("opus", "audio/ogg"),
+        AudioFormat("aac", "audio/aac"),
+        AudioFormat("flac", "audio/flac"),
+        AudioFormat("wav", "audio/wav"),
+        AudioFormat("pcm", "audio/pcm"),
+    )
+})
+
+
+class UnsupportedFormat(Exception):
+    """A `response_format` that is not one of FORMATS, or whose encoder is not installed here."""
+
+
+def decode_wav(data: bytes) -> Pcm:
+    """The samples of a 16-bit PCM mono WAV, as upstream writes.
+
+    Raises ValueError naming the problem for anything else: not a WAV, stereo, 8/24/32-bit or float
+    samples, a truncated data chunk, or a rate outside MIN_RATE..MAX_RATE.
+    """
+    audio = read_wav(data)  # WavError (a ValueError) for non-WAV, non-16-bit, float, truncated
+    if audio.channels != 1:
+        raise ValueError(f"expected a mono WAV, got {audio.channels} channels")
+    return Pcm(audio.pcm, audio.sample_rate)
+
+
+def available(fmt: str) -> str | None:
+    """None if `fmt` can be encoded here, else why not (the text `encode` raises)."""
+    if not isinstance(fmt, str):  # a JSON number, list or null from a hostile client
+        return f"response_format must be a string, got {type(fmt).__name__}"  # type: ignore[unreachable]
+    if fmt not in FORMATS:
+        shown = fmt[:40] + "..." if len(fmt) > 40 else fmt
+        return f"unknown response_format {shown!r}: expected one of {', '.join(FORMATS)}"
+    return _missing_encoder(fmt)
+
+
+@functools.cache
+def _missing_encoder(fmt: str) -> str | None:
+    # Cached: the installed libraries do not change while the process runs.
+    if fmt == "aac":
+        return None if _pyav_has_aac() else AAC_HINT
+    if fmt == "mp3" and "MPEG_LAYER_III" not in sf.available_subtypes("MP3"):
+        return f"response_format mp3 needs libsndfile >= 1.1 with MP3 support (found {sf.__libsndfile_version__})"
+    if fmt == "opus" and "OPUS" not in sf.available_subtypes("OGG"):
+        return f"response_format opus needs libsndfile with Ogg Opus support (found {sf.__libsndfile_version__})"
+    return None
+
+
+def _pyav_has_aac() -> bool:
+    try:
+        import av
+
+        av.codec.Codec("aac", "w")
+    except Exception:  # ImportError: the extra is not installed; else a broken install or FFmpeg build
+        return False
+    return True
+
+
+def encode(pcm: Pcm, fmt: str) -> bytes:
+    """`pcm` as a complete file (or raw stream, for `pcm`) in `fmt`.
+
+    CPU-bound: run it off the event loop. Raises UnsupportedFormat when `fmt` is unknown or its
+    encoder is not installed (see `available`), ValueError when the encoder refuses the audio --
+    among others an empty clip in a codec format: libsndfile and FFmpeg would write an empty or
+    malformed file for it (wav and pcm have a valid empty form and take it).
+    """
+    why = available(fmt)
+    if why is not None:
+        raise UnsupportedFormat(why)
+    if not pcm.samples and fmt not in _EMPTY_OK:
+        raise ValueError(f"no audio to encode as {fmt}: the PCM is empty")
+    return _ENCODERS[fmt](pcm)
+
+
+def _samples(pcm: Pcm) -> Samples:
+    return np.frombuffer(pcm.samples, dtype="<i2")
+
+
+def resample(samples: Samples, rate: int, target: int) -> Samples:
+    """`samples` at `target` Hz: soxr's high-quality (HQ) filter, rounded and clipped back to int16.
+
+    Resampling is done in float64 and clipped explicitly, because a full-scale input can overshoot
+    int16 after the filter's ringing, and wrapping around would be a loud click.
+    """
+    if rate == target:
+        return samples
+    out = soxr.resample(samples.astype(np.float64), rate, target, quality="HQ")
+    clipped: Samples = np.clip(np.rint(out), -32768, 32767).astype("<i2")
+    return clipped
+
+
+def _nearest_rate(rate: int, accepted: tuple[int, ...]) -> int:
+    """The lowest accepted rate not below `rate` (so no bandwidth is lost), else the highest."""
+    return next((r for r in accepted if r >= rate), accepted[-1])
+
+
+def _encode_wav(pcm: Pcm) -> bytes:
+    return write_wav(pcm.samples, pcm.rate)
+
+
+def _encode_pcm(pcm: Pcm) -> bytes:
+    if pcm.rate == PCM_RATE:
+        return pcm.samples
+    return resample(_samples(pcm), pcm.rate, PCM_RATE).tobytes()
+
+
+def _libsndfile(samples: Samples, rate: int, *, format: str, subtype: str) -> bytes:
+    out = io.BytesIO()
+    try:
+        with sf.SoundFile(out, "w", samplerate=rate, channels=1, subtype=subtype, format=format) as f:
+            f.write(samples)
+    except sf.LibsndfileError as exc:
+        raise ValueError(f"libsndfile cannot write {format}/{subtype} at {rate} Hz: {exc}") from exc
+    return out.getvalue()
+
+
+def _encode_flac(pcm: Pcm) -> bytes:
+    return _libsndfile(_samples(pcm), pcm.rate, format="FLAC", subtype="PCM_16")
+
+
+def _encode_opus(pcm: Pcm) -> bytes:
+    # Opus takes 8/12/16/24/48 kHz only. 32000 goes up to 48000, not down to 24000: 32 kHz audio
+    # carries content up to 16 kHz, which 24 kHz (12 kHz band) would cut off, and Opus runs at 48 kHz
+    # internally anyway -- its decoders output 48 kHz by default -- so nothing is wasted but a few
+    # cycles in the resampler. Libsndfile's default bitrate (about 40 kbit/s mono) suits speech.
+    rate = _nearest_rate(pcm.rate, OPUS_RATES)
+    return _libsndfile(resample(_samples(pcm), pcm.rate, rate), rate, format="OGG", subtype="OPUS")
+
+
+def _encode_mp3(pcm: Pcm) -> bytes:
+    # Libsndfile's default: LAME VBR, about 40 kbit/s for mono speech at 24/32 kHz, with the LAME tag
+    # that lets gapless decoders drop the encoder's delay and padding. 24000 and 32000 are both
+    # native MP3 rates (MPEG-2 and MPEG-1 Layer III), so upstream's audio is never resampled.
+    rate = _nearest_rate(pcm.rate, MP3_RATES)
+    return _libsndfile(resample(_samples(pcm), pcm.rate, rate), rate, format="MP3", subtype="MPEG_LAYER_III")
+
+
+def _encode_aac(pcm: Pcm) -> bytes:
+    """ADTS AAC-LC (a stream of self-describing frames, what audio/aac means) via PyAV's FFmpeg."""
+    import av
+
+    rate = _nearest_rate(pcm.rate, AAC_RATES)
+    samples = resample(_samples(pcm), pcm.rate, rate)
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="adts") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        stream.codec_context.bit_rate = AAC_BITRATE
+        # FFmpeg's AAC encoder takes planar float frames of exactly frame_size samples: the
+        # resampler converts s16 to fltp and re-chunks to that size.
+        resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate, frame_size=1024)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = rate
+        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
+            container.mux(stream.encode(chunk))
+        container.mux(stream.encode(None))
+    return out.getvalue()
+
+
+_ENCODERS: Mapping[str, Callable[[Pcm], bytes]] = MappingProxyType({
+    "mp3": _encode_mp3,
+    "opus": _encode_opus,
+    "aac": _encode_aac,
+    "flac": _encode_flac,
+    "wav": _encode_wav,
+    "pcm": _encode_pcm,
+})
