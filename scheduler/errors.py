@@ -7,11 +7,14 @@
     │   ├── BadIdempotencyKey       Idempotency-Key is not 1..200 printable ASCII characters
     │   ├── CallbackNotAllowed      X-Callback-URL is outside tasks.callbacks.allow
     │   ├── NonAsciiHeader          a header a task stores is not ASCII ("header": its name)
+    │   ├── InvalidField            a field of a JSON body (the OpenAI API) is wrong (``param``: its name)
     │   └── InvalidConfig           a reload found the file invalid ("problems": what is wrong)
     ├── Unauthorized          401   admin token missing or wrong (WWW-Authenticate: Bearer)
     ├── PromptPathNotAllowed  403   a prompt write names a file outside prompts.allowed_dirs
     ├── UnknownBackend        404   no backend has this id
     ├── UnknownTask           404   no task with this id, or not the caller's
+    ├── UnknownVoice          404   an OpenAI API voice that is no configured voice or prompt index
+    ├── UnknownModel          404   an OpenAI API model that is not configured
     ├── BodyTimeout           408   the request body did not arrive in time (closes the connection)
     ├── DeadlineExpired       408   upstream's wording
     ├── NoAudio               409   the task has no audio (yet) ("status": the task's)
@@ -27,6 +30,9 @@
     ├── Draining              503   shutting down: no new work
     ├── StoreUnavailable      503   the async task store cannot read or write
     └── DiskSpaceLow          503   the task store's disk is below tasks.min_free_bytes
+
+``param`` names the request field an error is about (None: none), for the OpenAI API's error
+shape, which scheduler.http.middleware renders on its routes instead of the body above.
 
 Errors upstream itself would give (validation) are glmtts.errors.HTTPDetailError, answered with
 upstream's exact bytes instead. scheduler.http.middleware renders both.
@@ -45,15 +51,18 @@ class SidecarError(Exception):
     reason = "internal"
     # Close the connection after the answer: the rest of the client's body is not read.
     close = False
+    param: str | None = None
 
     def __init__(self, detail: str, *, retry_after: float | None = None, close: bool | None = None,
-                 **extra: Any) -> None:
+                 param: str | None = None, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.retry_after = retry_after
         self.extra = extra
         if close is not None:
             self.close = close
+        if param is not None:
+            self.param = param
 
     def body(self) -> dict[str, Any]:
         return {"detail": self.detail, "reason": self.reason, **self.extra}
@@ -82,6 +91,10 @@ class BadAuthorization(BadRequest):
 
 class BadIdempotencyKey(BadRequest):
     reason = "bad_idempotency_key"
+
+
+class InvalidField(BadRequest):
+    reason = "invalid_field"
 
 
 class CallbackNotAllowed(BadRequest):
@@ -117,6 +130,18 @@ class UnknownBackend(SidecarError):
 class UnknownTask(SidecarError):
     status = 404
     reason = "unknown_task"
+
+
+class UnknownVoice(SidecarError):
+    status = 404
+    reason = "unknown_voice"
+    param = "voice"
+
+
+class UnknownModel(SidecarError):
+    status = 404
+    reason = "unknown_model"
+    param = "model"
 
 
 class BodyTimeout(SidecarError):

@@ -28,6 +28,7 @@ from backend.settings import (
 from scheduler.config.backends import BackendsConfig
 from scheduler.config.base import MIN_KEY_CHARS
 from scheduler.config.loader import load_config, parse_config
+from scheduler.config.openai import ModelConfig, OpenAIConfig, VoiceConfig
 from scheduler.config.root import SidecarConfig
 from scheduler.config.scheduling import (
     HIGHEST_BAND,
@@ -76,6 +77,8 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "MetricsListenConfig",
+    "ModelConfig",
+    "OpenAIConfig",
     "OutlierConfig",
     "PrioritiesConfig",
     "PromptsConfig",
@@ -89,6 +92,7 @@ __all__ = [
     "TenantPolicy",
     "TenantsConfig",
     "TierConfig",
+    "VoiceConfig",
     "WarmupConfig",
     "WatchdogConfig",
     "default_config_path",

@@ -6,6 +6,10 @@ them: 401), else the request belongs to the default tenant -- unless keys are re
 is refused (401). ``X-Priority`` asks for a band; a tenant gets the highest band it is allowed
 that is not above the one asked for.
 
+``unknown_key_is_default`` is for APIs whose clients always send a key (OpenAI's SDKs): when keys
+are not required, a well-formed key that names no tenant is the default tenant's rather than a
+401 (a malformed Authorization header is still one).
+
 Header values arrive as aiohttp decodes them (UTF-8, undecodable bytes as lone surrogates): any
 string is handled, and one that is no key is an unknown key.
 """
@@ -72,17 +76,21 @@ class TenantDirectory:
         return self._by_name[found] if found is not None else None
 
     def attribute(self, *, authorization: str | None, tenant_header: str | None,
-                  priority_header: str | None) -> Attribution:
-        tenant = self._identify(authorization, tenant_header)
+                  priority_header: str | None, unknown_key_is_default: bool = False) -> Attribution:
+        tenant = self._identify(authorization, tenant_header,
+                                unknown_key_is_default=unknown_key_is_default and not self.require_key)
         return Attribution(tenant=tenant, band=self._band(tenant, priority_header))
 
-    def _identify(self, authorization: str | None, tenant_header: str | None) -> Tenant:
+    def _identify(self, authorization: str | None, tenant_header: str | None, *,
+                  unknown_key_is_default: bool) -> Tenant:
         if authorization:
             scheme, _, key = authorization.strip().partition(" ")
             if scheme.lower() != "bearer" or not key.strip():
                 raise TenantError(401, "unauthorized", "Authorization must be 'Bearer <API key>'")
             tenant = self._by_key(key.strip())
             if tenant is None:
+                if unknown_key_is_default:
+                    return self.default
                 raise TenantError(401, "unauthorized", "Unknown API key")
             return tenant
         if self.require_key:

@@ -24,6 +24,7 @@ from backend.transport import AiohttpTransport, Transport
 from scheduler.config import SidecarConfig
 from scheduler.http.admin import Admin
 from scheduler.http.middleware import make_middleware
+from scheduler.http.openai import OpenAIHandler
 from scheduler.http.tasks import TaskHandlers
 from scheduler.http.tts import TTSHandler
 from scheduler.runtime.build import build_scheduler, build_tenants
@@ -128,6 +129,11 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
         app.cleanup_ctx.append(metrics.separate_site(
             config.metrics.listen.host, config.metrics.listen.port,
             {"/api/v1/health": admin.health_details, "/api/v1/queue": admin.queue_details}))
+    if config.openai.enabled:  # OpenAI's speech API; its voices and models are read at use
+        speech = OpenAIHandler(runtime, exchange)
+        routes.add_post("/v1/audio/speech", speech.speech)
+        routes.add_get("/v1/audio/voices", speech.voices, allow_head=False)
+        routes.add_get("/v1/models", speech.models, allow_head=False)
     routes.add_post("/admin/reload", admin.reload)
     routes.add_post("/admin/drain", admin.drain)
     routes.add_post("/admin/backends/{backend_id}/restart", admin.restart_backend)

@@ -1,14 +1,19 @@
-"""Everything before a TTS request is queued, shared by /api/v1/tts and /api/v1/tasks.
+"""Everything before a TTS request is queued, shared by /api/v1/tts, /api/v1/tasks and /v1/audio/speech.
 
 The body is read (bounded in size and time) and validated at the edge -- upstream's exact error,
 no backend touched -- then attributed to a tenant and a priority band and given its job. A
 request refused here raises the error to answer, counted in the metrics as refused at the edge.
+
+A route whose clients send another body (the OpenAI API's JSON) passes a ``translate`` that turns
+the bytes read into upstream's form; the form is then validated, attributed and limited exactly as
+a client's own form would be, so both APIs share admission, queueing, deadlines and metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -24,18 +29,24 @@ from scheduler.runtime.context import Runtime
 from scheduler.runtime.exchange import Intake
 from scheduler.runtime.metrics import UNKNOWN_CLASS, classify
 
-__all__ = ["INLINE_PARSE_BYTES", "read_intake"]
+__all__ = ["INLINE_PARSE_BYTES", "Translate", "read_intake"]
 
 INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop
 
+# The body a client sent -> (upstream's form body, its Content-Type); raises the SidecarError refusing it.
+Translate = Callable[[bytes], Awaitable[tuple[bytes, str]]]
 
-async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float | None = None) -> Intake:
+
+async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float | None = None,
+                      translate: Translate | None = None, unknown_key_is_default: bool = False) -> Intake:
     """Read and validate the body, attribute it, and make its job; or raise the error that refuses
-    it (counted). ``budget_s``: the deadline budget instead of the policy's (async tasks)."""
+    it (counted). ``budget_s``: the deadline budget instead of the policy's (async tasks).
+    ``translate``: how the body read becomes upstream's form (None: it is one).
+    ``unknown_key_is_default``: scheduler.core.tenants' leniency for APIs whose clients always send a key."""
     arrived = runtime.dispatcher.clock()
     cls = UNKNOWN_CLASS  # known once the text is
     try:
-        body, content_type, tts = await _read_valid(runtime, request)
+        body, content_type, tts = await _read_valid(runtime, request, translate)
         limits = runtime.config.limits
         cls = runtime.scheduler.classes.of(tts.chars).name
         if tts.chars > limits.max_text_chars:
@@ -44,7 +55,8 @@ async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float
         try:
             who = runtime.tenants.attribute(authorization=request.headers.get("Authorization"),
                                             tenant_header=request.headers.get("X-Tenant"),
-                                            priority_header=request.headers.get("X-Priority"))
+                                            priority_header=request.headers.get("X-Priority"),
+                                            unknown_key_is_default=unknown_key_is_default)
             client = _client_budget(runtime, request)
         except TenantError as exc:
             raise NotAttributed(exc.status, exc.reason, exc.detail) from None
@@ -64,8 +76,9 @@ async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float
                   job=job)
 
 
-async def _read_valid(runtime: Runtime, request: web.Request) -> tuple[bytes, str, TTSRequest]:
-    """(body, Content-Type, the parsed TTS request), or the error that refuses them."""
+async def _read_valid(runtime: Runtime, request: web.Request,
+                      translate: Translate | None) -> tuple[bytes, str, TTSRequest]:
+    """(upstream's form body, its Content-Type, the parsed TTS request), or the error that refuses them."""
     if runtime.draining:
         runtime.metrics.draining_rejection()
         raise Draining("The sidecar is shutting down; send new requests elsewhere",
@@ -80,6 +93,8 @@ async def _read_valid(runtime: Runtime, request: web.Request) -> tuple[bytes, st
     except asyncio.TimeoutError:
         raise BodyTimeout(f"The request body did not arrive within {limits.body_timeout_s:g} s") from None
     content_type = request.headers.get("Content-Type")
+    if translate is not None:
+        body, content_type = await translate(body)
     # A big body is parsed off the event loop: hostile multipart must not stall other requests.
     form = (parse_form(content_type, body) if len(body) <= INLINE_PARSE_BYTES
             else await asyncio.to_thread(parse_form, content_type, body))

@@ -237,6 +237,8 @@ RELOAD: Mapping[str, Reloading] = {
     "shutdown": RESTART,
     "logging": RESTART,  # set up once by the CLI; backend_output is given to the pool at start
     "metrics": RESTART,  # its listener, or the /metrics route on the main one, is set up at start
+    # The routes are added at start (enabled); voices and models are read at use.
+    "openai": Reloading(restart_keys=("enabled",)),
 }
 
 

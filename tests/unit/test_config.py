@@ -664,6 +664,14 @@ def test_keys_never_appear_in_reprs() -> None:
         ("retries: {budget_ratio: 1.5}", r"^retries\.budget_ratio: input should be less than or equal to 1"),
         ("retries: {budget_ratio: -0.1}", r"^retries\.budget_ratio: input should be greater than or equal to 0"),
         ("retries: {budget_min: -1}", r"^retries\.budget_min: input should be greater than or equal to 0"),
+        ("openai: {voices: {alloy: {index: ''}}}", r"^openai\.voices\.alloy\.index: string should have at least 1"),
+        ("openai: {voices: {'bad name!': {index: a}}}", r"^openai\.voices\['bad name!'\]: a name is 1 to 64 letters"),
+        ("openai: {voices: {x: {index: a, sample_rate: 16000}}}",
+         r"^openai\.voices\.x\.sample_rate: must be one of 24000, 32000 \(got 16000\)$"),
+        ("openai: {models: {tts-1: {sample_rate: 44100}}}",
+         r"^openai\.models\.tts-1\.sample_rate: must be one of 24000"),
+        ("openai: {models: {}}", r"^openai\.models: dictionary should have at least 1 item"),
+        ("openai: {voices: {x: {index: a, pitch: 2}}}", r"^openai\.voices\.x\.pitch: unknown key"),
         ("- listen", r"^top level must be a mapping of sections, got a list$"),
         ("just text", r"^top level must be a mapping of sections, got a string$"),
     ],
@@ -671,6 +679,18 @@ def test_keys_never_appear_in_reprs() -> None:
 def test_error_names_the_key_path(text: str, expected: str) -> None:
     problems = problems_of(text)
     assert any(re.search(expected, line) for line in problems), problems
+
+
+def test_openai_defaults_map_openais_voices_to_the_packaged_prompts_and_a_file_replaces_them() -> None:
+    openai = parse_config("{}").openai
+    assert openai.enabled and set(openai.voices) == {"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx",
+                                                     "nova", "sage", "shimmer", "verse"}
+    assert {v.index for v in openai.voices.values()} == {"exampleA", "exampleB"}
+    assert {name: m.sample_rate for name, m in openai.models.items()} == {
+        "glm-tts": None, "tts-1": 24000, "tts-1-hd": 32000, "gpt-4o-mini-tts": None}
+    own = parse_config("openai: {voices: {narrator: {index: mine, sample_rate: 32000}}}").openai
+    assert dict(own.voices) == {"narrator": own.voices["narrator"]} and own.voices["narrator"].index == "mine"
+    assert own.models == openai.models
 
 
 def test_every_problem_is_listed_in_the_message() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -11,6 +12,7 @@ from scheduler import errors
 from scheduler.errors import (
     BodyTimeout,
     DeadlineExpired,
+    InvalidField,
     NoBackend,
     NotAttributed,
     PayloadTooLarge,
@@ -18,8 +20,10 @@ from scheduler.errors import (
     Rejected,
     SidecarError,
     Unauthorized,
+    UnknownModel,
+    UnknownVoice,
 )
-from scheduler.http.middleware import error_response, too_large_body
+from scheduler.http.middleware import error_response, openai_error_response, too_large_body
 
 
 def subclasses(cls: type[SidecarError]) -> set[type[SidecarError]]:
@@ -97,3 +101,38 @@ def test_error_response_renders_upstreams_errors_as_they_are() -> None:
     assert response.body == b'{"detail":[{"loc":["body","input_text"],"msg":"Field required"}]}'
     assert dict(response.headers) == {"Content-Type": "application/json"}
     assert response.keep_alive is None
+
+
+# --- OpenAI's shape, on the /v1/ routes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("exc", "status", "type_", "code", "should_retry"), [
+    (InvalidField("speed must be a number, not a string", param="speed"), 400, "invalid_request_error",
+     "invalid_value", "false"),
+    (Unauthorized("Unknown API key"), 401, "invalid_request_error", "invalid_api_key", "false"),
+    (UnknownModel("The model 'x' does not exist"), 404, "invalid_request_error", "model_not_found", "false"),
+    (UnknownVoice("The voice 'x' is unknown"), 404, "invalid_request_error", "unknown_voice", "false"),
+    (DeadlineExpired("past its deadline"), 408, "invalid_request_error", "deadline", "false"),
+    (BodyTimeout("slow body"), 408, "invalid_request_error", "body_timeout", None),
+    (PayloadTooLarge("input is 9 characters", limit=8, param="input"), 413, "invalid_request_error",
+     "string_above_max_length", "false"),
+    (Rejected(429, "queue_full", "The queue is full", retry_after=2.5), 429, "requests", "rate_limit_exceeded", None),
+    (Rejected(429, "deadline_unmeetable", "Cannot meet it"), 429, "requests", "deadline_unmeetable", "false"),
+    (NoBackend("No backend is ready", retry_after=1.0), 503, "server_error", "no_backend", None),
+    (HTTPDetailError(400, "input_text is required"), 400, "invalid_request_error", None, "false"),
+])
+def test_openai_errors_carry_type_code_param_and_whether_a_retry_can_help(
+        exc: SidecarError | HTTPDetailError, status: int, type_: str, code: str | None,
+        should_retry: str | None) -> None:
+    response = openai_error_response(exc)
+    assert response.status == status
+    assert response.body is not None
+    error = json.loads(response.body)["error"]  # type: ignore[arg-type]
+    assert error == {"message": str(exc), "type": type_, "param": getattr(exc, "param", None), "code": code}
+    assert response.headers.get("x-should-retry") == should_retry
+
+
+def test_openai_retry_after_comes_in_seconds_and_milliseconds() -> None:
+    response = openai_error_response(Rejected(429, "queue_full", "The queue is full", retry_after=2.5))
+    assert (response.headers["Retry-After"], response.headers["retry-after-ms"]) == ("3", "2500")
+    assert "retry-after-ms" not in openai_error_response(DeadlineExpired("late")).headers

@@ -56,6 +56,9 @@ CHANGES = [
     Change("shutdown", "shutdown: {drain_timeout_s: 5.0}\n", ["shutdown"]),
     Change("logging", "logging: {level: DEBUG}\n", ["logging"]),
     Change("metrics", "metrics: {listen: {port: 9123}}\n", ["metrics"]),
+    Change("openai", "openai: {voices: {narrator: {index: exampleB, sample_rate: 32000}}}\n", []),
+    Change("openai", "openai: {models: {glm-tts: {sample_rate: 32000}}}\n", []),
+    Change("openai", "openai: {enabled: false}\n", ["openai.enabled"]),
 ]
 
 

@@ -49,6 +49,29 @@ def test_a_wrong_or_malformed_key_is_401_even_when_keys_are_optional(header: str
     assert refused(directory(require_key=require_key), header) == (401, "unauthorized")
 
 
+@pytest.mark.parametrize("header", ["Bearer nope", "Bearer k-acm", "Bearer k-acme2", "Bearer \udcff"])
+def test_an_unknown_key_may_be_the_default_tenant_when_keys_are_optional(header: str) -> None:
+    lenient = directory().attribute(authorization=header, tenant_header=None, priority_header=None,
+                                    unknown_key_is_default=True)
+    assert (lenient.tenant.name, lenient.band) == (DEFAULT_TENANT, 1)
+    strict = directory(require_key=True)
+    with pytest.raises(TenantError) as info:
+        strict.attribute(authorization=header, tenant_header=None, priority_header=None, unknown_key_is_default=True)
+    assert (info.value.status, info.value.detail) == (401, "Unknown API key")
+
+
+@pytest.mark.parametrize("require_key", [False, True])
+def test_a_known_key_still_names_its_tenant_and_a_malformed_header_is_still_401(require_key: bool) -> None:
+    d = directory(require_key=require_key)
+    got = d.attribute(authorization="Bearer k-night", tenant_header=None, priority_header="interactive",
+                      unknown_key_is_default=True)
+    assert (got.tenant.name, got.band) == ("night", 2)
+    for header in ("Basic k-acme", "Bearer", "k-acme"):
+        with pytest.raises(TenantError) as info:
+            d.attribute(authorization=header, tenant_header=None, priority_header=None, unknown_key_is_default=True)
+        assert info.value.status == 401
+
+
 def test_without_a_key_the_default_tenant_unless_a_key_is_required() -> None:
     assert attribute(directory(), None) == (DEFAULT_TENANT, 1)
     assert attribute(directory(), "") == (DEFAULT_TENANT, 1)
