@@ -27,6 +27,7 @@ from backend.settings import (
 )
 from scheduler.config.backends import BackendsConfig
 from scheduler.config.base import MIN_KEY_CHARS
+from scheduler.config.cache import CacheConfig
 from scheduler.config.loader import load_config, parse_config
 from scheduler.config.openai import ModelConfig, OpenAIConfig, VoiceConfig
 from scheduler.config.root import SidecarConfig
@@ -63,6 +64,7 @@ __all__ = [
     "AdminConfig",
     "BackendSpec",
     "BackendsConfig",
+    "CacheConfig",
     "CallbacksConfig",
     "ClassConfig",
     "ConfigError",

@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 from backend.settings.base import ConfigError, ConfigSection, Key, key_path, raise_if
 from scheduler.config.backends import BackendsConfig
 from scheduler.config.base import ladder_problems
+from scheduler.config.cache import CacheConfig
 from scheduler.config.openai import OpenAIConfig
 from scheduler.config.scheduling import (
     DEFAULT_CLASSES,
@@ -56,6 +57,7 @@ class SidecarConfig(ConfigSection):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @field_validator("classes")
     @classmethod

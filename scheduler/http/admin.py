@@ -2,8 +2,9 @@
 
 A prompt write or clear_cache changes per-process state, so it is sent to every backend that is
 running, and the clients get one combined answer: the backends' common answer when they agree,
-else 502 with each backend's answer. With ``prompts.allowed_dirs`` set, a prompt write naming a
-file outside those directories is refused before any backend sees it.
+else 502 with each backend's answer. Either way the result cache forgets what the write may
+change. With ``prompts.allowed_dirs`` set, a prompt write naming a file outside those directories
+is refused before any backend sees it.
 
 What anonymous callers see of the sidecar is upstream's: /api/v1/health in upstream's shape, and
 of /api/v1/queue the depth and the estimates a client can act on. The details (backends, tenants,
@@ -23,7 +24,8 @@ from aiohttp import web
 from backend.record import Backend
 from backend.state import BackendState
 from backend.transport import Answer, BackendTimeout, BackendUnavailable
-from glmtts.contract import LONG_TEXT_THRESHOLD, upstream_length_class
+from glmtts.contract import LONG_TEXT_THRESHOLD, parse_prompt_add, upstream_length_class
+from glmtts.errors import HTTPDetailError
 from glmtts.responses import json_response
 from scheduler.errors import InvalidConfig, NoBackend, PartialFailure, PromptPathNotAllowed, UnknownBackend
 from scheduler.http.auth import is_admin, require_admin
@@ -101,6 +103,7 @@ class Admin:
             for backend in targets:
                 if backend.id in answers and answers[backend.id].status == 200:
                     backend.model_key = None
+        await self._invalidate(request, body)
         await self.runtime.prompts.refresh()
         distinct = {(a.status, a.body) for a in answers.values()}
         if not failures and len(distinct) == 1:
@@ -111,6 +114,23 @@ class Admin:
             "Backends gave different answers; their prompt caches may now differ",
             backends=[*({"id": k, "status": a.status, "body": _maybe_json(a.body)} for k, a in answers.items()),
                       *({"id": k, "status": None, "error": e} for k, e in failures.items())])
+
+    async def _invalidate(self, request: web.Request, body: bytes) -> None:
+        """A write went out (whatever the backends answered: some may have applied it): cached TTS
+        answers it may change can never be served again. A prompt write bumps its index's
+        generation, clear_cache (or a prompt add whose index cannot be read) the global one."""
+        cache = self.runtime.cache
+        index = request.match_info.get("index")
+        if index is None and request.method == "POST" and request.path == "/api/v1/prompts":
+            content_type = request.headers.get("Content-Type")
+            try:
+                index = (await asyncio.to_thread(parse_prompt_add, content_type, body)).index
+            except HTTPDetailError:
+                index = None
+        if index:
+            cache.bump(index)
+        else:
+            cache.bump_all()
 
     async def _exchange(self, backend: Backend, method: str, path: str, body: bytes | None,
                         request: web.Request) -> Answer:

@@ -3,10 +3,10 @@
 Shutdown order (aiohttp's, on SIGTERM/SIGINT): stop listening; let in-flight requests -- queued
 ones included -- finish, up to ``shutdown.drain_timeout_s``; cancel what is left; then this
 module's cleanup contexts, the reverse of their start: cancel the controls' background work (a
-reload, a topology change), close the task service (unfinished tasks stay stored), wait for
-orphaned backend work, stop the backends (TERM, then KILL after ``backends.stop_grace_s``), close
-the backend client, stop the watchdog pings and the loop-lag probe. A start that fails cleans up
-only what had started before it.
+reload, a topology change), close the task service (unfinished tasks stay stored), cancel the
+result cache's syntheses in flight, wait for orphaned backend work, stop the backends (TERM, then
+KILL after ``backends.stop_grace_s``), close the backend client, stop the watchdog pings and the
+loop-lag probe. A start that fails cleans up only what had started before it.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
                           reloads=lambda: (control.reloads, control.reload_failures), clock=dispatcher.clock,
                           slots=dispatcher.slot_states))
     metrics.prepare([c.name for c in config.classes], tenants.names)
+    metrics.watch_cache(lambda: (runtime.cache.bytes, runtime.cache.entries))
     lag = LoopLagProbe()
     metrics.registry.register(LoopLagCollector(lag, PREFIX))
     task_routes = TaskHandlers(runtime, tasks) if tasks is not None else None
@@ -177,6 +178,10 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(exchange.close(), ORPHAN_WAIT_S)
 
+    async def result_cache(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await runtime.cache.close()  # syntheses still in flight: cancelled, their slots given back
+
     async def task_service(app: web.Application) -> AsyncIterator[None]:
         if tasks is None:
             yield
@@ -195,7 +200,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
         yield
         await control.close()
 
-    app.cleanup_ctx.extend([loop_lag, watchdog, backend_client, backend_pool, orphan_wait, task_service, controls])
+    app.cleanup_ctx.extend([loop_lag, watchdog, backend_client, backend_pool, orphan_wait, result_cache, task_service,
+                             controls])
     return app
 
 

@@ -5,7 +5,9 @@ its voice and model resolved through the ``openai`` config section (read at use,
 applies at once), and turned into upstream's multipart form; from there it is an /api/v1/tts
 request like any other (scheduler.http.intake: the same admission, fair queueing, deadlines,
 tenant attribution, limits and metrics). The backend's JSON answer is read whole, its WAV decoded
-and encoded to the asked format off the event loop, after the backend slot is free again.
+and encoded to the asked format off the event loop, after the backend slot is free again. With
+``cache.enabled`` that JSON answer comes through the result cache (scheduler.http.cached), shared
+with /api/v1/tts: encoding happens after the cache, so one entry serves every format.
 
 Errors are raised, and rendered in OpenAI's shape by scheduler.http.middleware.
 """
@@ -40,10 +42,11 @@ from scheduler.errors import (
     UnknownModel,
     UnknownVoice,
 )
+from scheduler.http.cached import CachedTTS
 from scheduler.http.intake import INLINE_PARSE_BYTES, read_intake
 from scheduler.http.middleware import REQUEST_ID
 from scheduler.runtime.context import Runtime
-from scheduler.runtime.exchange import Answered, Exchange, Outcome
+from scheduler.runtime.exchange import Answered, Exchange, Intake, Outcome
 
 __all__ = ["OWNER", "OpenAIHandler", "Speech", "parse_speech"]
 
@@ -244,6 +247,7 @@ class OpenAIHandler:
     def __init__(self, runtime: Runtime, exchange: Exchange) -> None:
         self.runtime = runtime
         self.exchange = exchange
+        self.cached = CachedTTS(runtime, exchange)
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         parsed: list[Speech] = []
@@ -266,6 +270,8 @@ class OpenAIHandler:
                 raise InvalidField(f"The request cannot be sent to the backend: {exc}", param=None) from None
 
         intake = await read_intake(self.runtime, request, translate=translate, unknown_key_is_default=True)
+        if self.runtime.config.cache.enabled:
+            return await self._through_cache(parsed[0], intake)
         speech, job, rid = parsed[0], intake.job, intake.request_id
         record = Outcome(request_id=rid)
         headers = {"Content-Type": intake.content_type, REQUEST_ID: rid}
@@ -290,6 +296,18 @@ class OpenAIHandler:
             "Content-Type": FORMATS[speech.response_format].content_type, "X-Backend": backend,
             "X-Queue-Wait": f"{record.queue_s:.3f}", "Server-Timing": timing})
 
+    async def _through_cache(self, speech: Speech, intake: Intake) -> web.Response:
+        """The backend's JSON answer through the result cache (scheduler.http.cached), encoded after."""
+        synthesis, how = await self.cached.answer(intake)
+        answer = _checked(synthesis.status, synthesis.body)
+        audio = await asyncio.to_thread(_encoded, answer, speech.response_format)
+        headers = {"Content-Type": FORMATS[speech.response_format].content_type, "X-Cache": how}
+        if synthesis.backend is not None:
+            timing = f"queue;dur={synthesis.queue_s * 1000:.1f}, service;dur={(synthesis.service_s or 0.0) * 1000:.1f}"
+            headers.update({"X-Backend": synthesis.backend, "X-Queue-Wait": f"{synthesis.queue_s:.3f}",
+                            "Server-Timing": timing})
+        return web.Response(body=audio, headers=headers)
+
     async def _answer(self, answered: Answered) -> bytes:
         """The backend's whole successful answer; its failure as the error to answer (502, or what
         the client's request caused: a prompt gone since it was checked is an unknown voice)."""
@@ -302,16 +320,8 @@ class OpenAIHandler:
             record.outcome = "backend_cut"
             self.runtime.pool.report_failure(answered.backend, f"answer cut short: {exc}")
             raise BackendFailed(f"The backend's answer was cut short: {exc}") from None
-        ok = succeeded(reply.status, answer)
-        answered.finish(ok)
-        if ok:
-            return answer
-        detail = _backend_detail(answer)
-        if reply.status == 404:
-            raise UnknownVoice(f"The backend does not know this voice's prompt: {detail}")
-        if 400 <= reply.status < 500:
-            raise InvalidField(f"The backend refused the request: {detail}", param=None)
-        raise BackendFailed(f"Speech synthesis failed on the backend: {detail}")
+        answered.finish(succeeded(reply.status, answer))
+        return _checked(reply.status, answer)
 
     async def models(self, request: web.Request) -> web.Response:
         self._check_key(request)
@@ -337,6 +347,19 @@ class OpenAIHandler:
                                            priority_header=None, unknown_key_is_default=True)
         except TenantError as exc:
             raise NotAttributed(exc.status, exc.reason, exc.detail) from None
+
+
+def _checked(status: int, answer: bytes) -> bytes:
+    """A backend's successful answer; its failure as the error to answer (502, or what the
+    client's request caused: a prompt gone since it was checked is an unknown voice)."""
+    if succeeded(status, answer):
+        return answer
+    detail = _backend_detail(answer)
+    if status == 404:
+        raise UnknownVoice(f"The backend does not know this voice's prompt: {detail}")
+    if 400 <= status < 500:
+        raise InvalidField(f"The backend refused the request: {detail}", param=None)
+    raise BackendFailed(f"Speech synthesis failed on the backend: {detail}")
 
 
 def _backend_detail(answer: bytes) -> str:

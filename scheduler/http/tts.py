@@ -3,8 +3,11 @@
 The request is read and validated at the edge (scheduler.http.intake), admitted or turned away
 with a reason, queued until the scheduler gives it a backend slot, and forwarded with the client's
 original body bytes (scheduler.runtime.exchange); the backend's answer streams back without being
-held whole. ``Prefer: respond-async`` hands the request to the async task mode instead. The other
-upstream endpoints are in scheduler.http.admin.
+held whole. With ``cache.enabled`` the answer comes through the result cache instead
+(scheduler.http.cached: a hit takes no queue place or backend slot; identical requests in flight
+share one synthesis), marked ``X-Cache: hit|miss|shared``. ``Prefer: respond-async`` hands the
+request to the async task mode instead (uncached). The other upstream endpoints are in
+scheduler.http.admin.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from aiohttp import web
 from backend.transport import BackendTimeout, BackendUnavailable
 from glmtts.responses import succeeded
 from scheduler.errors import SidecarError
+from scheduler.http.cached import CachedTTS, Synthesis
 from scheduler.http.intake import read_intake
 from scheduler.http.middleware import REQUEST_ID
 from scheduler.runtime.context import Runtime
@@ -45,11 +49,15 @@ class TTSHandler:
         self.runtime = runtime
         self.exchange = exchange
         self.submit_task = submit_task
+        self.cached = CachedTTS(runtime, exchange)
 
     async def tts(self, request: web.Request) -> web.StreamResponse:
         if self.submit_task is not None and "respond-async" in request.headers.get("Prefer", "").lower():
             return await self.submit_task(request)
         intake = await read_intake(self.runtime, request)
+        if self.runtime.config.cache.enabled:
+            synthesis, how = await self.cached.answer(intake)
+            return _cached_response(synthesis, how, intake.request_id)
         job, rid = intake.job, intake.request_id
         record = Outcome(request_id=rid)
         headers = {"Content-Type": sendable(intake.content_type), REQUEST_ID: rid}
@@ -101,3 +109,18 @@ class TTSHandler:
             record.outcome = "client_gone"
             raise
         return out
+
+
+def _cached_response(synthesis: Synthesis, how: str, request_id: str) -> web.Response:
+    """An answer through the cache: the backend's status, body and headers, and where it came from."""
+    out = web.Response(status=synthesis.status, body=synthesis.body)
+    for name, value in synthesis.headers.items():
+        out.headers[name] = sendable(value)
+    out.headers[REQUEST_ID] = request_id
+    out.headers["X-Cache"] = how
+    if synthesis.backend is not None:  # the backend that made it (for a shared one: the first request's)
+        out.headers["X-Backend"] = synthesis.backend
+        out.headers["X-Queue-Wait"] = f"{synthesis.queue_s:.3f}"
+        out.headers["Server-Timing"] = (f"queue;dur={synthesis.queue_s * 1000:.1f}, "
+                                        f"service;dur={(synthesis.service_s or 0.0) * 1000:.1f}")
+    return out

@@ -16,10 +16,12 @@ API:
 - ``metrics: Metrics`` -- the Prometheus counters.
 - ``draining: bool`` -- True once draining: new TTS requests and tasks get 503 ``draining``.
 - ``retries: RetryBudget`` -- the retry budget shared by every request.
+- ``cache: ResultCache`` -- backends' successful TTS answers and the syntheses in flight
+  (scheduler.runtime.cache); used only while ``config.cache.enabled``.
 - ``served: dict[str, int]`` -- answers by upstream's 200-character split (short_text, long_text),
   for /api/v1/stats/concurrency.
 - ``reconfigure(config, scheduler, tenants)`` -- a reload: new policies from now on; the new
-  scheduler has adopted every queued job. Task settings are TaskService.reconfigure's.
+  scheduler has adopted every queued job; the cache takes its new bounds. Task settings are TaskService.reconfigure's.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from scheduler.core.retry import RetryBudget
 from scheduler.core.scheduler import Scheduler
 from scheduler.core.tenants import TenantDirectory
 from scheduler.errors import NoBackend
+from scheduler.runtime.cache import ResultCache
 from scheduler.runtime.dispatcher import Dispatcher
 from scheduler.runtime.metrics import Metrics
 from scheduler.runtime.prompts import PromptCatalogue
@@ -52,6 +55,7 @@ class Runtime:
         self.draining = False
         self.retries = RetryBudget(ratio=config.retries.budget_ratio, min_concurrent=config.retries.budget_min)
         self.served = {"short_text": 0, "long_text": 0}
+        self.cache = ResultCache(config.cache, clock=dispatcher.clock)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -65,6 +69,7 @@ class Runtime:
         self.dispatcher.slots = config.backends.slot_policy()
         self.retries.ratio = config.retries.budget_ratio
         self.retries.min_concurrent = config.retries.budget_min
+        self.cache.configure(config.cache)
         self.dispatcher.pump()
 
     def ready_backends(self) -> list[Backend]:

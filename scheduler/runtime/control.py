@@ -239,6 +239,9 @@ RELOAD: Mapping[str, Reloading] = {
     "metrics": RESTART,  # its listener, or the /metrics route on the main one, is set up at start
     # The routes are added at start (enabled); voices and models are read at use.
     "openai": Reloading(restart_keys=("enabled",)),
+    # Runtime.reconfigure re-bounds the cache (evicting down to a smaller max_bytes, emptying it when
+    # disabled); enabled, shared and ttl_s are read at use.
+    "cache": LIVE,
 }
 
 

@@ -122,6 +122,20 @@ class Metrics:
             "Actual over predicted service seconds of successful TTS requests, by length class: how well the "
             "cost model predicts (1 = exact, above 1 = slower than predicted).",
             ["class"], buckets=RATIO_BUCKETS, registry=r)
+        self.cache_requests = Counter(
+            PREFIX + "cache_requests",
+            "TTS requests (POST /api/v1/tts, POST /v1/audio/speech) looked up in the result cache while "
+            "cache.enabled, by result: hit (answered from the cache: no queue place, no backend slot), miss "
+            "(ran a synthesis of its own), shared (waited for an identical request's synthesis in flight).",
+            ["result"], registry=r)
+        for result in ("hit", "miss", "shared"):
+            self.cache_requests.labels(result)
+        self.cache_bytes = Gauge(
+            PREFIX + "cache_bytes", "Bytes of backend answers held in the result cache now (bounded by "
+            "cache.max_bytes).", registry=r)
+        self.cache_entries = Gauge(
+            PREFIX + "cache_entries", "Backend answers held in the result cache now (0 while cache.enabled is "
+            "false).", registry=r)
         Gauge(PREFIX + "build_info", "Always 1; labels: the sidecar's version and the Python version running it.",
               ["version", "python"], registry=r).labels(__version__, platform.python_version()).set(1)
         self.draining_rejections = 0
@@ -157,6 +171,15 @@ class Metrics:
             self.service.labels(cls).observe(max(0.0, service_s))
             if outcome is Outcome.OK and predicted_s:
                 self.service_ratio.labels(cls).observe(service_s / predicted_s)
+
+    def cache_request(self, result: str) -> None:
+        """A TTS request was looked up in the result cache: ``hit``, ``miss`` or ``shared``."""
+        self.cache_requests.labels(result).inc()
+
+    def watch_cache(self, size: Callable[[], tuple[int, int]]) -> None:
+        """Read the result cache's (bytes, entries) at every scrape."""
+        self.cache_bytes.set_function(lambda: size()[0])
+        self.cache_entries.set_function(lambda: size()[1])
 
     def draining_rejection(self) -> None:
         """A TTS request was refused because the sidecar is draining."""

@@ -59,6 +59,8 @@ CHANGES = [
     Change("openai", "openai: {voices: {narrator: {index: exampleB, sample_rate: 32000}}}\n", []),
     Change("openai", "openai: {models: {glm-tts: {sample_rate: 32000}}}\n", []),
     Change("openai", "openai: {enabled: false}\n", ["openai.enabled"]),
+    Change("cache", "cache: {enabled: true}\n", []),
+    Change("cache", "cache: {max_bytes: 1024, ttl_s: 5.0, shared: true}\n", []),
 ]
 
 
