@@ -148,10 +148,56 @@ def render(setup: Setup, cells: Sequence[Cell], missing: dict[str, str], *, comm
     return "\n".join(lines)
 
 
+DOCS_BEGIN = "<!-- audio-formats table: written by python -m bench.audio_formats --docs; do not edit -->"
+DOCS_END = "<!-- end of audio-formats table -->"
+
+
+def docs_table(data: dict[str, object]) -> str:
+    """The format table docs/openai.md shows, from a report's JSON: median CPU per second of audio
+    at each input rate, and the size, as measured by the run that wrote ``data``."""
+    cells = data["cells"]
+    assert isinstance(cells, list)
+    by_format: dict[str, dict[int, dict[str, float]]] = {}
+    for cell in cells:
+        by_format.setdefault(cell["format"], {})[cell["rate"]] = cell
+    rates = sorted({rate for per_rate in by_format.values() for rate in per_rate})
+    header = ["format", *(f"CPU ms per audio s, {rate} Hz in" for rate in rates), "kbit/s"]
+    rows = []
+    for fmt, per_rate in by_format.items():
+        cpu = [f"{1000 * per_rate[rate]['median']:.2f}" if rate in per_rate else "–" for rate in rates]
+        kbits = sorted(8 * c["bytes_per_audio_s"] / 1000 for c in per_rate.values())
+        size = f"{kbits[0]:.0f}" if round(kbits[0]) == round(kbits[-1]) else f"{kbits[0]:.0f}–{kbits[-1]:.0f}"
+        rows.append([fmt, *cpu, size])
+    unavailable = data.get("unavailable") or {}
+    assert isinstance(unavailable, dict)
+    lines = [
+        DOCS_BEGIN,
+        f"Measured by `{data['command']}` on {data['cpu_model']} (median of the run's repetitions; "
+        "one core; the full table with p90 is in the report):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+        *([""] + [f"Not measured there: {fmt} ({why})." for fmt, why in unavailable.items()] if unavailable else []),
+        DOCS_END,
+    ]
+    return "\n".join(lines)
+
+
+def write_docs(path: Path, data: dict[str, object]) -> None:
+    """Replace the table between the markers in ``path`` (they must be there already)."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(DOCS_BEGIN), text.find(DOCS_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: no audio-formats table markers to replace")
+    path.write_text(text[:start] + docs_table(data) + text[end + len(DOCS_END):], encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a 1 s clip, 3 repetitions: checks the code, not the CPU")
     parser.add_argument("--out", type=Path, default=Path("bench/reports"))
+    parser.add_argument("--docs", type=Path, help="also rewrite the format table in this file (docs/openai.md)")
     args = parser.parse_args(argv)
     setup = SMOKE if args.smoke else FULL
     command = "python -m bench.audio_formats" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
@@ -162,11 +208,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / REPORT
     report.write_text(render(setup, cells, missing, command=command, wall_s=wall_s, cpu=cpu, libs=libs))
-    (args.out / DATA).write_text(json.dumps({
+    data = {
         "command": command, "wall_s": wall_s, "setup": asdict(setup), "cpu_model": cpu, "versions": libs,
         "cells": [{**asdict(cell), "bytes_per_audio_s": cell.bytes_per_audio_s} for cell in cells],
         "unavailable": missing,
-    }, indent=2, ensure_ascii=False) + "\n")
+    }
+    (args.out / DATA).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if args.docs is not None:
+        write_docs(args.docs, data)
     sys.stdout.write(report.read_text())
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.audio_formats import RATES, SMOKE, main
+from bench.audio_formats import DOCS_BEGIN, DOCS_END, RATES, SMOKE, docs_table, main, write_docs
 from glmtts.audio import FORMATS, available
 
 
@@ -36,3 +36,27 @@ def test_the_smoke_run_reports_every_available_format_at_both_rates(tmp_path: Pa
         assert by_cell["flac", rate]["bytes"] < wav["bytes"]
     for why in data["unavailable"].values():
         assert why in report
+
+
+def test_the_docs_table_is_the_committed_reports_figures() -> None:
+    """docs/openai.md's format table is rendered from bench/reports/audio_formats.json, never typed."""
+    root = Path(__file__).resolve().parents[2]
+    data = json.loads((root / "bench/reports/audio_formats.json").read_text())
+    docs = (root / "docs/openai.md").read_text()
+    assert docs_table(data) in docs
+    for cell in data["cells"]:
+        assert f"{1000 * cell['median']:.2f}" in docs_table(data)
+
+
+def test_write_docs_replaces_only_the_marked_table(tmp_path: Path) -> None:
+    data = {"command": "python -m bench.audio_formats", "cpu_model": "cpu", "unavailable": {"aac": "no av"},
+            "cells": [{"format": "mp3", "rate": 24000, "median": 0.0065, "bytes_per_audio_s": 5000.0}]}
+    page = tmp_path / "page.md"
+    page.write_text(f"before\n{DOCS_BEGIN}\nold table\n{DOCS_END}\nafter\n")
+    write_docs(page, data)
+    text = page.read_text()
+    assert text.startswith("before\n") and text.endswith("\nafter\n") and "old table" not in text
+    assert "| mp3 | 6.50 | 40 |" in text and "Not measured there: aac (no av)." in text
+    page.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no audio-formats table markers"):
+        write_docs(page, data)
