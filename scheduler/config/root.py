@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator, model_validator
 
 from backend.settings.base import ConfigError, ConfigSection, Key, key_path, raise_if
 from scheduler.config.backends import BackendsConfig
 from scheduler.config.base import ladder_problems
-from scheduler.config.cache import CacheConfig
+from scheduler.config.cache import CACHE_SUBDIR, CacheConfig
 from scheduler.config.openai import OpenAIConfig
 from scheduler.config.scheduling import (
     DEFAULT_CLASSES,
@@ -77,8 +79,21 @@ class SidecarConfig(ConfigSection):
     @model_validator(mode="after")
     def _check_across_sections(self) -> SidecarConfig:
         raise_if(self._address_problems() + self._tenant_problems() + self._class_problems()
-                 + self._exposure_problems())
+                 + self._exposure_problems() + self._cache_problems())
         return self
+
+    def _cache_problems(self) -> list[tuple[Key, str]]:
+        """The cache's disk copy lives in the task store's directory (``tasks.directory()``: its
+        ``state_dir``, else $STATE_DIRECTORY, else ./glmtts-sidecar-state), which only a sidecar
+        with tasks enabled owns."""
+        if self.cache.disk and not self.tasks.enabled:
+            return [(("cache", "disk"), "needs tasks.enabled: true (the disk copy is kept under tasks.state_dir, "
+                                        "in its cache/ directory); set cache.disk: false or enable tasks")]
+        return []
+
+    def cache_directory(self) -> Path:
+        """Where ``cache.disk`` keeps its files."""
+        return self.tasks.directory() / CACHE_SUBDIR
 
     def exposure_problems(self) -> list[str]:
         """Why this configuration would open the admin endpoints to other machines (`key.path:

@@ -28,13 +28,14 @@ from scheduler.http.openai import OpenAIHandler
 from scheduler.http.tasks import TaskHandlers
 from scheduler.http.tts import TTSHandler
 from scheduler.runtime.build import build_scheduler, build_tenants
+from scheduler.runtime.cache_disk import DiskCopy
 from scheduler.runtime.context import Runtime
 from scheduler.runtime.control import Control
 from scheduler.runtime.dispatcher import Dispatcher
 from scheduler.runtime.exchange import Exchange
 from scheduler.runtime.looplag import LoopLagCollector, LoopLagProbe
 from scheduler.runtime.metrics import PREFIX, Metrics, Sources
-from scheduler.runtime.prompts import PromptCatalogue, fetch_prompt_indexes
+from scheduler.runtime.prompts import PromptCatalogue, fetch_prompts
 from scheduler.runtime.sdnotify import ServiceStatus, watchdog_loop
 from scheduler.runtime.tasks import TaskService
 
@@ -79,7 +80,7 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
 
     pool = BackendPool(config.backends, python=python, on_change=on_backend_change,
                        log_output=config.logging.backend_output, transport=client)
-    catalogue = PromptCatalogue(lambda: fetch_prompt_indexes(pool.backends, client))
+    catalogue = PromptCatalogue(lambda: fetch_prompts(pool.backends, client))
     dispatcher = Dispatcher(build_scheduler(config), lambda: pool.backends, slots=config.backends.slot_policy())
     metrics = Metrics()
     tenants = build_tenants(config)
@@ -182,6 +183,18 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
         yield
         await runtime.cache.close()  # syntheses still in flight: cancelled, their slots given back
 
+    async def cache_disk(app: web.Application) -> AsyncIterator[None]:
+        if not config.cache.disk:
+            yield
+            return
+        disk = DiskCopy(config.cache_directory())
+        bounds = runtime.config.cache
+        loaded = await disk.load(max_bytes=bounds.max_bytes if bounds.enabled else 0, ttl_s=bounds.ttl_s)
+        runtime.cache.keep_copy(disk, [(e.key, e.answer, e.index, e.age_s) for e in loaded])
+        yield
+        runtime.cache.keep_copy(None)
+        await disk.close()  # what was asked is written or deleted before the sidecar stops
+
     async def task_service(app: web.Application) -> AsyncIterator[None]:
         if tasks is None:
             yield
@@ -200,8 +213,8 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
         yield
         await control.close()
 
-    app.cleanup_ctx.extend([loop_lag, watchdog, backend_client, backend_pool, orphan_wait, result_cache, task_service,
-                             controls])
+    app.cleanup_ctx.extend([loop_lag, watchdog, backend_client, backend_pool, orphan_wait, cache_disk, result_cache,
+                             task_service, controls])
     return app
 
 

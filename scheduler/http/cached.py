@@ -6,12 +6,15 @@ queue place or a backend slot. Otherwise the request joins the synthesis of an i
 in flight, or starts one: admitted, queued and forwarded as any request, in a task of its own that
 the client leaving does not cancel, the backend's answer read whole and, when it is upstream's
 success, stored. Every request is counted and logged once, as its own: the one that ran the
-synthesis by that task, the others (hits, shared) here, with the answer they got.
+synthesis by that task, the others (hits, shared) here, with the answer they got. A request
+sharing a synthesis keeps its own deadline: past it, it gets upstream's 408 as an expired request
+does, while the synthesis goes on for the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 
 from backend.transport import BackendTimeout, BackendUnavailable
@@ -21,9 +24,9 @@ from glmtts.responses import succeeded
 from scheduler.errors import BackendFailed, SidecarError
 from scheduler.http.intake import INLINE_PARSE_BYTES
 from scheduler.http.middleware import REQUEST_ID
-from scheduler.runtime.cache import CachedAnswer, request_key
+from scheduler.runtime.cache import CachedAnswer, StoppedWaiting, request_key
 from scheduler.runtime.context import Runtime
-from scheduler.runtime.exchange import Exchange, Intake, Outcome
+from scheduler.runtime.exchange import Exchange, Intake, Outcome, expired
 
 __all__ = ["HIT", "MISS", "SHARED", "CachedTTS", "Synthesis"]
 
@@ -59,8 +62,11 @@ class CachedTTS:
         index = tts.index or None
         generation = cache.generation(index)
         tenant = None if runtime.config.cache.shared else job.tenant
-        key = (request_key(tts, tenant=tenant, generation=generation) if tts.prompt_audio is None
-               else await asyncio.to_thread(request_key, tts, tenant=tenant, generation=generation))
+        # The prompt as the backends last reported it: one changed past the sidecar misses once seen.
+        prompt_config = runtime.prompts.digest(index) if index else None
+        key = (request_key(tts, tenant=tenant, generation=generation, prompt_config=prompt_config)
+               if tts.prompt_audio is None else await asyncio.to_thread(
+                   request_key, tts, tenant=tenant, generation=generation, prompt_config=prompt_config))
         stored = cache.get(key)
         if stored is not None:
             runtime.metrics.cache_request(HIT)
@@ -73,8 +79,15 @@ class CachedTTS:
         if leads:
             return await flight.result(), MISS  # the flight reports its own request
         record = Outcome(request_id=intake.request_id, reason="cache_shared")
+        left = job.deadline_at - runtime.dispatcher.clock()
         try:
-            synthesis = await flight.result()
+            # Its own deadline, not the first request's: past it, its 408; the synthesis goes on.
+            synthesis = await flight.result(within=None if math.isinf(left) else left)
+        except StoppedWaiting:
+            error = expired(job)
+            record.status, record.outcome, record.reason = error.status, "rejected", error.reason
+            self.exchange.report(job, record, intake.arrived)
+            raise error from None
         except SidecarError as exc:  # the synthesis' own failure, answered to each request sharing it
             record.status, record.outcome = exc.status, "rejected"
             self.exchange.report(job, record, intake.arrived)

@@ -9,8 +9,9 @@ unless the cache is shared.
 ``ResultCache`` is bookkeeping only -- LRU by bytes, TTL against an injected clock, generations --
 and testable without sockets or sleeps. ``ResultCache.flight`` is the single flight: the first of
 identical requests runs the synthesis in a task of its own (the backend cannot cancel, so the task
-outlives its client leaving); the others await the same task. Its success is stored, its failure
-reaches every waiter and is not stored; the in-flight map forgets it when it ends, however it ends.
+outlives its client leaving); the others await the same task, each at most until its own
+deadline. Its success is stored, its failure reaches every waiter and is not stored; the in-flight
+map forgets it when it ends, however it ends.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from glmtts.contract import TTSRequest
 from scheduler.config import CacheConfig
 
-__all__ = ["CachedAnswer", "Flight", "ResultCache", "request_key"]
+__all__ = ["CachedAnswer", "Copy", "Flight", "ResultCache", "StoppedWaiting", "request_key"]
 
 log = logging.getLogger("glmtts_sidecar.cache")
 
@@ -50,6 +51,17 @@ class CachedAnswer:
     @property
     def size(self) -> int:
         return len(self.body)
+
+
+class Copy(Protocol):
+    """Where stored entries are also kept (scheduler.runtime.cache_disk.DiskCopy): told of every
+    entry stored and every one dropped, without waiting."""
+
+    def save(self, key: str, answer: CachedAnswer, *, index: str | None, generation: tuple[int, int]) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def delete_all(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class ResultCache:
         self._global_generation = 0
         self._generations: dict[str, int] = {}
         self._flights: dict[str, Flight[object]] = {}
+        self._copy: Copy | None = None
 
     @property
     def bytes(self) -> int:
@@ -110,6 +123,29 @@ class ResultCache:
         if not config.enabled:
             self.clear()
         self._evict(0)
+
+    def keep_copy(self, copy: Copy | None, loaded: Iterable[tuple[str, CachedAnswer, str | None, float]] = ()) -> None:
+        """From now on, every entry stored or dropped is also saved to or deleted from ``copy``
+        (None: no longer). ``loaded``: (key, answer, index, age in seconds) of entries read back
+        from it, newest first; stored as made under generation (0, 0), within the bounds."""
+        self._copy = copy
+        if not self.config.enabled:
+            if copy is not None:
+                copy.delete_all()
+            return
+        now, room = self._clock(), self.config.max_bytes - self._bytes
+        chosen: list[tuple[str, _Entry]] = []
+        for key, answer, index, age_s in loaded:  # newest first: they are the ones kept within the bound
+            if (key in self._entries or age_s >= self.config.ttl_s or self.generation(index) != (0, 0)
+                    or answer.size > room):
+                if copy is not None and key not in self._entries:
+                    copy.delete(key)
+                continue
+            room -= answer.size
+            chosen.append((key, _Entry(answer, now - age_s, index)))
+        for key, entry in reversed(chosen):  # the newest ends most recently used
+            self._entries[key] = entry
+            self._bytes += entry.answer.size
 
     # --- generations ---------------------------------------------------------------------------
 
@@ -134,6 +170,8 @@ class ResultCache:
     def clear(self) -> None:
         self._entries.clear()
         self._bytes = 0
+        if self._copy is not None:
+            self._copy.delete_all()
 
     # --- entries ---------------------------------------------------------------------------------
 
@@ -158,6 +196,8 @@ class ResultCache:
         self._evict(answer.size)
         self._entries[key] = _Entry(answer, self._clock(), index)
         self._bytes += answer.size
+        if self._copy is not None:
+            self._copy.save(key, answer, index=index, generation=generation)
         return True
 
     def _evict(self, room: int) -> None:
@@ -171,6 +211,8 @@ class ResultCache:
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key)
         self._bytes -= entry.answer.size
+        if self._copy is not None:
+            self._copy.delete(key)
 
     # --- single flight ---------------------------------------------------------------------------
 
@@ -205,6 +247,19 @@ class Flight(Generic[T]):
     def __init__(self, task: asyncio.Future[T]) -> None:
         self.task = task
 
-    async def result(self) -> T:
-        """Its result, or its failure raised; a waiter cancelled leaves the synthesis running."""
-        return await asyncio.shield(self.task)
+    async def result(self, within: float | None = None) -> T:
+        """Its result, or its failure raised; a waiter cancelled leaves the synthesis running.
+        ``within``: seconds this waiter waits at most (its own deadline), else ``StoppedWaiting``
+        while the synthesis goes on for the others."""
+        if within is None:
+            return await asyncio.shield(self.task)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.task), max(0.0, within))
+        except asyncio.TimeoutError:
+            if self.task.done():  # the synthesis' own failure, raised as it is
+                raise
+            raise StoppedWaiting(within) from None
+
+
+class StoppedWaiting(Exception):
+    """A waiter's own time ran out before the synthesis it shares ended."""

@@ -240,8 +240,8 @@ RELOAD: Mapping[str, Reloading] = {
     # The routes are added at start (enabled); voices and models are read at use.
     "openai": Reloading(restart_keys=("enabled",)),
     # Runtime.reconfigure re-bounds the cache (evicting down to a smaller max_bytes, emptying it when
-    # disabled); enabled, shared and ttl_s are read at use.
-    "cache": LIVE,
+    # disabled); enabled, shared and ttl_s are read at use. The disk copy is opened and read at start.
+    "cache": Reloading(restart_keys=("disk",)),
 }
 
 

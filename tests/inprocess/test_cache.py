@@ -13,6 +13,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,12 +37,21 @@ def form(text: str = "hello there", index: str = "exampleA") -> bytes:
 
 
 class Backend(FakeBackend):
-    """A FakeBackend that also accepts prompt writes (as upstream does when the file exists) and clear_cache."""
+    """A FakeBackend that also accepts prompt writes (as upstream does when the file exists) and
+    clear_cache, and lists its prompts with their configuration as upstream does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.configs = {"exampleA": {"prompt_audio_path": "examples/prompt/a.wav", "prompt_text": "hello"},
+                        "exampleB": {"prompt_audio_path": "examples/prompt/b.wav", "prompt_text": "bye"}}
 
     async def __call__(self, request: FakeRequest) -> FakeAnswer:
         writes = request.path.startswith("/api/v1/prompts") or request.path == "/api/v1/clear_cache"
         if request.method in ("PUT", "POST", "DELETE") and writes:
             return FakeAnswer(body=b'{"success":true,"message":"ok"}')
+        if request.method == "GET" and request.path == "/api/v1/prompts":
+            prompts = [{"index": index, "config": config} for index, config in self.configs.items()]
+            return FakeAnswer(body=json.dumps({"success": True, "prompts": prompts}).encode())
         return await super().__call__(request)
 
 
@@ -113,6 +123,8 @@ async def start(aiohttp_client: ClientFactory) -> AsyncIterator[SidecarFactory]:
         client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
         sidecar = Sidecar(client, app[RUNTIME], backends)
         await sidecar.until(lambda: len(sidecar.runtime.ready_backends()) == len(urls), "every backend to be ready")
+        # The prompts' digests are in every key: a request before the first list would key without them.
+        await sidecar.until(lambda: sidecar.runtime.prompts.indexes is not None, "the prompt list")
         return sidecar
 
     yield go
@@ -197,6 +209,28 @@ async def test_a_failed_synthesis_reaches_every_waiter_and_is_not_cached(start: 
     await sidecar.assert_idle()
 
 
+async def test_a_request_sharing_a_synthesis_keeps_its_own_deadline(start: SidecarFactory) -> None:
+    sidecar = await start(urls=URLS[:1])
+    backend = sidecar.backends[0]
+    backend.gate = asyncio.Event()
+    leader = asyncio.ensure_future(sidecar.tts())
+    await sidecar.until(lambda: backend.busy == 1, "the first request to reach the backend")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    status, headers, body = await sidecar.tts(**{"X-Request-Timeout": "0.3"})
+    took = loop.time() - began
+    assert status == 408 and json.loads(body)["reason"] == "deadline", body
+    assert 0.25 <= took < 2.0, took
+    assert sidecar.counted("shared") == 1 and not leader.done() and sidecar.runtime.cache.in_flight == 1
+    assert sidecar.runtime.metrics.registry.get_sample_value(
+        "glmtts_sidecar_requests_total", {"class": "short", "tenant": "default", "outcome": "deadline"}) == 1
+    backend.gate.set()
+    status, headers, _ = await leader
+    assert status == 200 and headers["X-Cache"] == "miss" and sidecar.syntheses == 1
+    assert (await sidecar.tts())[1]["X-Cache"] == "hit"
+    await sidecar.assert_idle()
+
+
 async def test_the_first_client_leaving_does_not_stop_the_synthesis(start: SidecarFactory) -> None:
     sidecar = await start(urls=URLS[:1])
     backend = sidecar.backends[0]
@@ -240,6 +274,20 @@ async def test_a_prompt_write_through_the_sidecar_invalidates(start: SidecarFact
     assert sidecar.runtime.cache.entries == 0
 
 
+async def test_a_prompt_changed_past_the_sidecar_misses_once_the_catalogue_refreshed(start: SidecarFactory) -> None:
+    sidecar = await start()
+    assert (await sidecar.tts())[1]["X-Cache"] == "miss"
+    assert (await sidecar.tts())[1]["X-Cache"] == "hit"
+    await sidecar.runtime.prompts.refresh()  # nothing changed: still the same entry
+    assert (await sidecar.tts())[1]["X-Cache"] == "hit"
+    for backend in sidecar.backends:  # written on the backends directly, not through the sidecar
+        backend.configs["exampleA"] = {"prompt_audio_path": "examples/prompt/other.wav", "prompt_text": "hello"}
+    await sidecar.runtime.prompts.refresh()
+    status, headers, _ = await sidecar.tts()
+    assert status == 200 and headers["X-Cache"] == "miss" and sidecar.syntheses == 2
+    assert (await sidecar.tts())[1]["X-Cache"] == "hit"
+
+
 async def test_memory_stays_under_max_bytes(start: SidecarFactory) -> None:
     one = len((await (await start(cache={"enabled": False})).tts())[2])
     sidecar = await start(cache={"max_bytes": one * 3 + 10})
@@ -273,3 +321,53 @@ async def test_with_the_cache_off_nothing_changes(start: SidecarFactory) -> None
         assert status == 200 and "X-Cache" not in headers
     assert sidecar.syntheses == 4 and sidecar.runtime.cache.entries == 0
     assert sidecar.counted("hit") == sidecar.counted("miss") == 0
+
+
+# --- the disk copy (cache.disk) ------------------------------------------------------------------
+
+
+def disk_settings(state: Path) -> dict[str, Any]:
+    return {"cache": {"disk": True}, "tasks": {"enabled": True, "state_dir": str(state)}}
+
+
+def entry_files(state: Path) -> set[str]:
+    return {p.name for p in (state / "cache").iterdir()}
+
+
+async def test_entries_on_disk_survive_a_restart_until_a_prompt_write(start: SidecarFactory, tmp_path: Path) -> None:
+    settings = disk_settings(tmp_path)
+    first = await start(cache=settings["cache"], tasks=settings["tasks"])
+    assert (await first.tts())[1]["X-Cache"] == "miss"
+    assert (await first.tts(form(index="exampleB")))[1]["X-Cache"] == "miss"
+    await first.client.close()  # the sidecar stops: its disk copy is written by now
+    assert len(entry_files(tmp_path)) == 2
+    second = await start(cache=settings["cache"], tasks=settings["tasks"])
+    status, headers, body = await second.tts()
+    assert status == 200 and headers["X-Cache"] == "hit" and second.syntheses == 0
+    assert json.loads(body)["success"] is True
+    assert second.runtime.cache.entries == 2
+    # The write counts start at zero again: a prompt write deletes the entries read back of its index.
+    async with second.client.put("/api/v1/prompts/exampleA",
+                                 data={"prompt_audio_path": "a.wav", "prompt_text": "new"}) as resp:
+        assert resp.status == 200, await resp.text()
+    assert second.runtime.cache.entries == 1
+    await second.client.close()
+    assert len(entry_files(tmp_path)) == 1
+    third = await start(cache=settings["cache"], tasks=settings["tasks"])
+    assert (await third.tts())[1]["X-Cache"] == "miss" and third.syntheses == 1
+    assert (await third.tts(form(index="exampleB")))[1]["X-Cache"] == "hit"
+
+
+async def test_a_corrupt_file_on_disk_is_removed_and_not_served(start: SidecarFactory, tmp_path: Path) -> None:
+    settings = disk_settings(tmp_path)
+    first = await start(cache=settings["cache"], tasks=settings["tasks"])
+    assert (await first.tts())[1]["X-Cache"] == "miss"
+    await first.client.close()
+    (name,) = entry_files(tmp_path)
+    path = tmp_path / "cache" / name
+    header, body = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(header + b"\n" + body[:-1])  # one byte short of what its header says
+    second = await start(cache=settings["cache"], tasks=settings["tasks"])
+    assert second.runtime.cache.entries == 0 and entry_files(tmp_path) == set()
+    status, headers, _ = await second.tts()
+    assert status == 200 and headers["X-Cache"] == "miss" and second.syntheses == 1

@@ -4,14 +4,19 @@ its single flight (one synthesis for identical requests; failures and cancellati
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from glmtts.contract import TTSRequest
 from glmtts.form import UploadedFile
 from scheduler.config import CacheConfig
-from scheduler.runtime.cache import CachedAnswer, ResultCache, request_key
+from scheduler.runtime.cache import CachedAnswer, ResultCache, StoppedWaiting, request_key
+from scheduler.runtime.cache_disk import FORMAT_VERSION, DiskCopy
+from scheduler.runtime.prompts import PromptCatalogue, parse_prompt_list
 
 
 class Clock:
@@ -220,3 +225,233 @@ async def test_close_cancels_what_is_in_flight_and_forgets_it() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert c.in_flight == 0
+
+
+async def test_a_waiter_stops_at_its_own_time_while_the_run_goes_on_for_the_others() -> None:
+    c = cache()
+    gate = asyncio.Event()
+
+    async def run() -> str:
+        await gate.wait()
+        return "audio"
+
+    (first, _), (hurried, _) = c.flight("k", run), c.flight("k", run)
+    leader = asyncio.ensure_future(first.result())
+    with pytest.raises(StoppedWaiting):
+        await hurried.result(within=0.01)
+    with pytest.raises(StoppedWaiting):
+        await hurried.result(within=-5.0)  # already past: at once
+    assert not first.task.done() and not leader.done() and c.in_flight == 1
+    gate.set()
+    assert await leader == "audio" and await hurried.result(within=1.0) == "audio"
+
+
+async def test_a_bounded_waiter_gets_the_runs_own_failure_as_it_is() -> None:
+    c = cache()
+    failure = TimeoutError("the run's own timeout")
+
+    async def run() -> str:
+        raise failure
+
+    flight, _ = c.flight("k", run)
+    with pytest.raises(TimeoutError) as caught:
+        await flight.result(within=5.0)
+    assert caught.value is failure and not isinstance(caught.value, StoppedWaiting)
+
+
+# --- the prompt's configuration in the key ---------------------------------------------------------
+
+
+def prompt_list(**configs: object) -> bytes:
+    return json.dumps({"success": True, "prompts": [{"index": i, "config": c} for i, c in configs.items()]}).encode()
+
+
+def test_a_prompt_list_gives_a_digest_per_index_that_follows_its_config() -> None:
+    a = {"prompt_audio_path": "a.wav", "prompt_text": "hello"}
+    first = parse_prompt_list(prompt_list(exampleA=a, exampleB={"prompt_audio_path": "b.wav", "prompt_text": "b"}))
+    assert set(first) == {"exampleA", "exampleB"} and first["exampleA"] != first["exampleB"]
+    reordered = parse_prompt_list(prompt_list(exampleA=dict(reversed(a.items()))))
+    assert reordered["exampleA"] == first["exampleA"]  # the same config, however its keys are ordered
+    changed = parse_prompt_list(prompt_list(exampleA={**a, "prompt_text": "hello!"}))
+    assert changed["exampleA"] != first["exampleA"]
+    assert parse_prompt_list(b'{"prompts": [{"index": "bare"}]}') == {"bare": None}
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b'{"prompts": 3}', b'{"prompts": [{"index": 7}]}',
+                                  b'{"prompts": ["exampleA"]}', b"\xff\xfe", b'{"other": []}'])
+def test_an_unreadable_prompt_list_is_refused(body: bytes) -> None:
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        parse_prompt_list(body)
+
+
+async def test_the_catalogue_keeps_each_digest_and_its_former_api() -> None:
+    answers: list[object] = [{"exampleA": "d1", "exampleB": None}, None, {"exampleA": "d2"}, {"plain"}]
+
+    async def fetch() -> object:
+        return answers.pop(0)
+
+    catalogue = PromptCatalogue(fetch)  # type: ignore[arg-type]
+    assert catalogue.indexes is None and catalogue.digest("exampleA") is None
+    await catalogue.refresh()
+    assert catalogue.indexes == {"exampleA", "exampleB"} and catalogue.digest("exampleA") == "d1"
+    assert catalogue.digest("exampleB") is None and catalogue.digest("nope") is None
+    await catalogue.refresh()  # no backend answered: what it knew stays
+    assert catalogue.digest("exampleA") == "d1"
+    catalogue.invalidate()
+    assert not await catalogue.has("exampleC")  # an index it does not list: refreshed
+    assert catalogue.indexes == {"exampleA"} and catalogue.digest("exampleA") == "d2"
+    await catalogue.refresh()  # a fetch that knows indexes only
+    assert catalogue.indexes == {"plain"} and catalogue.digest("plain") is None
+
+
+def test_the_prompts_digest_changes_the_key() -> None:
+    key = request_key(BASE, tenant="t", generation=(0, 0), prompt_config="d1")
+    assert request_key(BASE, tenant="t", generation=(0, 0), prompt_config="d1") == key
+    assert request_key(BASE, tenant="t", generation=(0, 0), prompt_config="d2") != key
+
+
+# --- the disk copy ---------------------------------------------------------------------------------
+
+
+def hexkey(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+async def on_disk(tmp_path: Path, clock: Clock, wall: Clock, **settings: object) -> tuple[ResultCache, DiskCopy]:
+    """A cache that keeps its copy under ``tmp_path`` and has read back what was there (a start)."""
+    c = cache(clock, **settings)
+    disk = DiskCopy(tmp_path, wall=wall)
+    loaded = await disk.load(max_bytes=c.config.max_bytes, ttl_s=c.config.ttl_s)
+    c.keep_copy(disk, [(e.key, e.answer, e.index, e.age_s) for e in loaded])
+    return c, disk
+
+
+def files(directory: Path) -> dict[str, int]:
+    return {p.name.removesuffix(".entry"): p.stat().st_size for p in directory.iterdir()}
+
+
+async def test_entries_survive_a_restart_with_their_age_and_order(tmp_path: Path) -> None:
+    clock, wall = Clock(), Clock()
+    wall.now = 1000.0
+    c, disk = await on_disk(tmp_path, clock, wall)
+    put(c, hexkey("old"), 30, "a")
+    wall.now += 4.0
+    assert c.put(hexkey("new"), answer(20, b"y"), index=None, generation=c.generation(None))
+    await disk.close()
+    assert set(files(tmp_path)) == {hexkey("old"), hexkey("new")}
+    wall.now += 5.0  # 9 s after "old" was made, 5 s after "new"
+    again, disk = await on_disk(tmp_path, Clock(), wall)
+    assert again.get(hexkey("new")) == answer(20, b"y") and (again.entries, again.bytes) == (2, 50)
+    assert again.get(hexkey("old")) is not None
+    clock_then = again._clock
+    assert isinstance(clock_then, Clock)
+    clock_then.now = 1.0  # "old" reaches its 10 s ttl a second after the restart; "new" does not
+    assert again.get(hexkey("old")) is None and again.get(hexkey("new")) is not None
+    await disk.flush()
+    assert set(files(tmp_path)) == {hexkey("new")}  # the expired entry's file went with it
+    await disk.close()
+
+
+async def test_an_invalidated_index_or_a_clear_deletes_the_files(tmp_path: Path) -> None:
+    clock, wall = Clock(), Clock()
+    c, disk = await on_disk(tmp_path, clock, wall)
+    put(c, hexkey("a1"), 10, "a")
+    put(c, hexkey("b1"), 10, "b")
+    await disk.close()
+    # After a restart the write counts start at zero again: the entry of "a" read back must go
+    # with the first write to "a", or a key made under generation 1 before could be served again.
+    c, disk = await on_disk(tmp_path, clock, wall)
+    c.bump("a")
+    await disk.flush()
+    assert set(files(tmp_path)) == {hexkey("b1")}
+    c.bump_all()
+    await disk.flush()
+    assert files(tmp_path) == {}
+    await disk.close()
+
+
+async def test_entries_made_under_a_later_generation_are_not_read_back(tmp_path: Path) -> None:
+    c, disk = await on_disk(tmp_path, Clock(), Clock())
+    c.bump("a")
+    put(c, hexkey("after-a-write"), 10, "a")
+    put(c, hexkey("b"), 10, "b")
+    await disk.close()
+    again, disk = await on_disk(tmp_path, Clock(), Clock())
+    assert again.get(hexkey("after-a-write")) is None and again.get(hexkey("b")) is not None
+    await disk.flush()
+    assert set(files(tmp_path)) == {hexkey("b")}
+    await disk.close()
+
+
+def corrupt(directory: Path) -> dict[str, bytes]:
+    """Files that must never be served, by name (one valid header template, each broken once)."""
+    def entry(**changes: object) -> bytes:
+        header = {"v": FORMAT_VERSION, "key": hexkey("x"), "status": 200, "content_type": "application/json",
+                  "created_at": 0.0, "index": "a", "generation": [0, 0], "size": 3, **changes}
+        return json.dumps(header).encode() + b"\n" + b"abc"
+
+    bad = {
+        hexkey("garbage"): b"\x00\xffnot json at all",
+        hexkey("version"): entry(v=FORMAT_VERSION + 1),
+        hexkey("short"): entry(size=4),
+        hexkey("no-header-end"): b'{"v": 1' + b" " * 20000,
+        hexkey("status"): entry(status="200"),
+        hexkey("index"): entry(index=5),
+        hexkey("created"): entry(created_at="yesterday"),
+    }
+    for name, data in bad.items():
+        fixed = data.replace(hexkey("x").encode(), name.encode())
+        (directory / f"{name}.entry").write_bytes(fixed)
+    (directory / f"{hexkey('elsewhere')}.entry").write_bytes(entry())  # its header names another key
+    (directory / f".{hexkey('crashed')}.entry.tmp").write_bytes(b"half")
+    return bad
+
+
+async def test_corrupt_foreign_and_expired_files_are_removed_never_served(tmp_path: Path) -> None:
+    bad = corrupt(tmp_path)
+    wall = Clock()
+    wall.now = 100.0
+    c, disk = await on_disk(tmp_path, Clock(), wall)
+    put(c, hexkey("good"), 10, "a")
+    await disk.close()
+    (tmp_path / "README").write_text("not ours: left alone")
+    stale = dict(json.loads((tmp_path / f"{hexkey('good')}.entry").read_bytes().split(b"\n")[0]))
+    assert stale["created_at"] == 100.0 and stale["index"] == "a" and stale["status"] == 200
+    c, disk = await on_disk(tmp_path, Clock(), wall)
+    assert c.entries == 1 and all(c.get(name) is None for name in bad)
+    assert set(files(tmp_path)) == {hexkey("good"), "README"}
+    await disk.close()
+    wall.now = 110.0  # ttl_s 10: expired by wall time while the sidecar was down
+    c, disk = await on_disk(tmp_path, Clock(), wall)
+    assert c.entries == 0 and set(files(tmp_path)) == {"README"}
+    await disk.close()
+
+
+async def test_the_byte_bound_holds_on_disk_and_a_smaller_one_keeps_the_newest(tmp_path: Path) -> None:
+    clock, wall = Clock(), Clock()
+    c, disk = await on_disk(tmp_path, clock, wall)
+    for i in range(40):
+        wall.now = float(i)
+        put(c, hexkey(f"k{i}"), 7 + i % 5)
+    await disk.flush()
+    on = files(tmp_path)
+    assert set(on) == {k for k in (hexkey(f"k{i}") for i in range(40)) if k in c._entries}
+    bodies = sum(len(c._entries[k].answer.body) for k in on)
+    assert bodies == c.bytes <= 100
+    await disk.close()
+    small, disk = await on_disk(tmp_path, Clock(), wall, max_bytes=25)
+    await disk.flush()
+    kept = set(files(tmp_path))
+    assert kept == set(small._entries) and small.bytes <= 25
+    assert hexkey("k39") in kept and hexkey("k38") in kept  # the newest: 11 + 10 bytes
+    await disk.close()
+
+
+async def test_a_disabled_cache_empties_its_disk_copy(tmp_path: Path) -> None:
+    c, disk = await on_disk(tmp_path, Clock(), Clock())
+    put(c, hexkey("k"), 10)
+    await disk.close()
+    off, disk = await on_disk(tmp_path, Clock(), Clock(), enabled=False)
+    await disk.flush()
+    assert off.entries == 0 and files(tmp_path) == {}
+    await disk.close()

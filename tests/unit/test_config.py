@@ -943,3 +943,19 @@ def test_an_allowed_directory_reached_through_a_symlink_is_resolved_too(prompt_t
 
 def test_no_prompt_dirs_means_no_check(prompt_tree: Path) -> None:
     assert parse_config("{}").prompts.permits("/etc/passwd", prompt_tree)
+
+
+# -- cache.disk ---------------------------------------------------------------------------------
+
+
+def test_the_cache_disk_copy_is_off_by_default_and_lives_under_the_tasks_state_dir(tmp_path: Path) -> None:
+    assert parse_config("{}").cache.disk is False
+    config = parse_config(f"tasks: {{state_dir: {tmp_path}}}\ncache: {{enabled: true, disk: true}}")
+    assert config.cache.disk and config.cache_directory() == tmp_path / "cache"
+
+
+def test_cache_disk_refuses_a_sidecar_without_tasks() -> None:
+    problems = problems_of("tasks: {enabled: false}\ncache: {enabled: true, disk: true}")
+    assert any(p.startswith("cache.disk: needs tasks.enabled") and "tasks.state_dir" in p for p in problems), problems
+    assert parse_config("tasks: {enabled: false}\ncache: {enabled: true, disk: false}").cache.disk is False
+    assert problems_of("cache: {disk: yes please}")  # strict: a boolean only

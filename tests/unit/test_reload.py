@@ -61,6 +61,7 @@ CHANGES = [
     Change("openai", "openai: {enabled: false}\n", ["openai.enabled"]),
     Change("cache", "cache: {enabled: true}\n", []),
     Change("cache", "cache: {max_bytes: 1024, ttl_s: 5.0, shared: true}\n", []),
+    Change("cache", "cache: {disk: true}\n", ["cache.disk"]),  # opened and read back at start
 ]
 
 
