@@ -29,6 +29,7 @@ from scheduler.config import load_config
 from scheduler.http.admin import PUBLIC_QUEUE
 from scheduler.http.app import build_app
 from tests.contract_cases import multipart
+from tests.inprocess.support import until
 
 TOKEN = "admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -71,14 +72,6 @@ def emulator() -> Emulator:
     store.load()
     engine = SyntheticEngine(ServiceModel(time_scale=TIME_SCALE))
     return Emulator(engine, store, EmulatorOptions(time_scale=TIME_SCALE))
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def ready_backends(client: TestClient[web.Request, web.Application]) -> int:

@@ -25,6 +25,7 @@ from backend.fake import FakeAnswer, FakeBackend, FakeRequest, FakeTransport
 from scheduler.config import parse_config
 from scheduler.http.app import RUNTIME, build_app
 from scheduler.runtime.context import Runtime
+from tests.inprocess.support import assert_nothing_held, until
 
 URLS = ["http://backend-0.test:9000", "http://backend-1.test:9000"]
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -82,16 +83,11 @@ class Sidecar:
         return value or 0.0
 
     async def until(self, check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not check():
-            assert loop.time() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.01)
+        await until(check, what, timeout)
 
     async def assert_idle(self) -> None:
         runtime = self.runtime
-        await self.until(lambda: runtime.dispatcher.idle(), "the dispatcher to be idle")
-        assert [b.in_flight for b in runtime.pool.backends] == [0] * len(runtime.pool.backends)
+        await assert_nothing_held(runtime)
         assert runtime.cache.in_flight == 0
 
 

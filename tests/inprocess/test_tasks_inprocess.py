@@ -23,6 +23,7 @@ from glmtts.wav import read_wav
 from scheduler.config import parse_config
 from scheduler.http.app import RUNTIME, build_app
 from scheduler.runtime.context import Runtime
+from tests.inprocess.support import assert_nothing_held, until
 
 URL = "http://backend-0.test:9000"
 KEY = "alpha-key-0123456789abcdef"
@@ -57,14 +58,7 @@ class Sidecar:
         return json.loads(body)  # type: ignore[no-any-return]
 
     async def until(self, check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            result = check()
-            if await result if isinstance(result, Awaitable) else result:
-                return
-            assert loop.time() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.01)
+        await until(check, what, timeout)
 
     async def finished(self, task_id: str) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -77,10 +71,7 @@ class Sidecar:
         return state
 
     async def assert_idle(self) -> None:
-        runtime = self.runtime
-        await self.until(runtime.dispatcher.idle, "the dispatcher to be idle")
-        assert [b.in_flight for b in runtime.pool.backends] == [0]
-        assert len(runtime.scheduler.queue) == 0 and not runtime.scheduler.running
+        await assert_nothing_held(self.runtime)
         assert self.transport.unreleased() == []  # health probes may be under way
 
 

@@ -27,6 +27,7 @@ from scheduler.config import parse_config
 from scheduler.core.deadlines import timeout_message
 from scheduler.http.app import RUNTIME, build_app
 from scheduler.runtime.context import Runtime
+from tests.inprocess.support import assert_nothing_held, until
 
 URLS = ["http://backend-0.test:9000", "http://backend-1.test:9000"]
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -53,19 +54,11 @@ class Sidecar:
         return next(b for b in self.runtime.pool.backends if b.url == url)
 
     async def until(self, check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not check():
-            assert loop.time() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.01)
+        await until(check, what, timeout)
 
     async def assert_idle(self) -> None:
         """Every slot given back, nothing queued or in service, every backend reply released."""
-        runtime = self.runtime
-        await self.until(lambda: runtime.dispatcher.idle(), "the dispatcher to be idle")
-        assert [b.in_flight for b in runtime.pool.backends] == [0] * len(runtime.pool.backends)
-        assert len(runtime.scheduler.queue) == 0
-        assert not runtime.scheduler.running
+        await assert_nothing_held(self.runtime)
         assert self.transport.unreleased() == []  # health probes may be under way
 
 
