@@ -95,6 +95,10 @@ def retryable(exc: SidecarError | HTTPDetailError) -> bool:
     request itself, a deadline it cannot meet or has passed, or a 429 that names no time to wait."""
     if isinstance(exc, BodyTimeout) or exc.status >= 500:
         return True
+    if isinstance(exc, SidecarError) and exc.reason == "deadline_unmeetable":
+        # Its Retry-After (when the backlog would have drained enough) stays for a client that
+        # decides for itself; an SDK retrying on its own would only queue more work that misses.
+        return False
     return exc.status == 429 and isinstance(exc, SidecarError) and exc.retry_after is not None
 
 

@@ -118,6 +118,8 @@ def test_error_response_renders_upstreams_errors_as_they_are() -> None:
      "string_above_max_length", "false"),
     (Rejected(429, "queue_full", "The queue is full", retry_after=2.5), 429, "requests", "rate_limit_exceeded", None),
     (Rejected(429, "deadline_unmeetable", "Cannot meet it"), 429, "requests", "deadline_unmeetable", "false"),
+    (Rejected(429, "deadline_unmeetable", "Cannot meet it yet", retry_after=4.0), 429, "requests",
+     "deadline_unmeetable", "false"),
     (NoBackend("No backend is ready", retry_after=1.0), 503, "server_error", "no_backend", None),
     (HTTPDetailError(400, "input_text is required"), 400, "invalid_request_error", None, "false"),
 ])
