@@ -1,0 +1,363 @@
+"""Splitting a long text into pieces that separate backends can synthesize (issue 17's fan-out).
+
+Pure and I/O free (the lowest layer, so the scheduler can use it). Lengths are Python ``str``
+lengths, the way upstream counts characters.
+
+How a text is cut
+-----------------
+1. **Sentences.** A sentence ends after a run of terminators -- CJK ``。！？；…`` (full-width
+   ``！？；`` are those same code points; ``……`` is a run) or Latin ``.!?;`` -- plus the closing
+   quotes and brackets right after it (``。”``, ``."``, ``?)``). A Latin terminator ends a sentence
+   only when whitespace, the end, or a CJK character follows; that alone keeps decimals, versions,
+   URLs and e-mail addresses (``3.14``, ``v1.2.3``, ``a.b@c.org``) whole. A period is not an end
+   after an abbreviation of :data:`ABBREVIATIONS` (``Mr. Dr. e.g.``...; case-insensitive), after
+   ``No.``/``Fig.`` when a digit follows, after an initial (one capital letter: ``J. R. R.``), or
+   after :data:`SOFT_ABBREVIATIONS` (``etc. a.m. U.S.``) unless a capital letter or CJK follows.
+   An ellipsis (``...``, ``…``) followed by a lowercase letter continues the sentence
+   (``wait... what``).
+2. **Quotes.** A boundary inside a quoted or bracketed span (“…” ‘…’ 「…」 『…』 "…" «…» (…) （…）)
+   is not a sentence end. ``’`` between letters is an apostrophe. An unclosed quote runs to the end.
+3. **Cut points inside a sentence** exist only in a sentence longer than the piece's limit, ranked:
+   a sentence end inside quotes; ``，、：`` or ``,`` / ``:`` followed by whitespace (outside quotes
+   before inside); whitespace (outside before inside); and last any grapheme boundary (a base
+   character is never separated from its combining marks, a ZWJ sequence, emoji modifier, variation
+   selector or flag pair stays whole; only a single cluster longer than the limit is cut inside).
+   No cut of any rank falls inside a cluster ("。" followed by a combining mark keeps the mark).
+4. **Pieces.** Greedy from the start: a piece ends at the cut point within its limit that (a) leaves
+   it at least ``min_chars`` long if any cut point but a bare grapheme boundary can, then (b) has
+   the best rank (a sentence end first), then (c) is the latest. (A short sentence before an
+   over-long one is thus topped up to ``min_chars`` from the long one's first clause, never by a hard
+   cut, which could leave the next piece starting with a comma.) The limit is ``max_chars``; the
+   **first piece** uses ``first_chars`` (when given) and has no minimum: it is the longest run of
+   whole sentences within ``first_chars``, and a first sentence longer than ``first_chars`` is cut
+   like an over-long sentence (so the first piece is never empty and never over ``first_chars``).
+   A last piece shorter than ``min_chars`` joins the one before it when that stays within that
+   piece's limit. Other short pieces remain where whole sentences leave no choice
+   (a short sentence between two that each nearly fill a piece).
+
+The property kept (tested): every piece is non-empty, stripped, and at most its limit long; the
+pieces are consecutive slices of ``text`` separated only by whitespace, so walking ``text`` and
+skipping whitespace meets each piece in order and nothing else. Hence
+``re.sub(r"\\s", "", "".join(pieces)) == re.sub(r"\\s", "", text)``, and
+``normalize(" ".join(pieces)) == normalize(text)`` (``normalize`` collapsing whitespace runs to one
+space and stripping) whenever every cut falls at whitespace, as in Latin text; a cut between two CJK
+characters drops no character and needs no space: join those pieces with ``""``.
+
+:func:`split_sentences` shows rules 1-2 alone; :func:`split_spans` gives the pieces as slices.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import unicodedata
+from dataclasses import dataclass
+
+__all__ = ["ABBREVIATIONS", "SOFT_ABBREVIATIONS", "split_sentences", "split_spans", "split_text"]
+
+# Never end a sentence (titles and "for example"): the word before the period, lowercased.
+ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "vs", "e.g", "i.e", "jr", "sr", "mt"})
+# End a sentence only before a capital letter or CJK ("at 5 p.m. The bus" vs "at 5 p.m. sharp").
+SOFT_ABBREVIATIONS = frozenset({"etc", "a.m", "p.m", "u.s", "u.k", "inc", "ltd", "co"})
+# Not an end when a digit follows ("No. 5", "Fig. 3"), else an ordinary word ("I said no.").
+_NUMBER_ABBREVIATIONS = frozenset({"no", "fig", "vol", "p", "pp"})
+
+_CJK_TERMINATORS = frozenset("。！？；…｡")
+_LATIN_TERMINATORS = frozenset(".!?;")
+_TERMINATORS = _CJK_TERMINATORS | _LATIN_TERMINATORS
+_CJK_WEAK = frozenset("，、：､")
+_LATIN_WEAK = frozenset(",:")
+_PAIRS = {"“": "”", "‘": "’", "「": "」", "『": "』", "«": "»", "(": ")", "（": "）", '"': '"'}
+_CLOSERS = frozenset(_PAIRS.values())
+
+# Ranks of cut points, best first.
+SENTENCE, QUOTED_SENTENCE, WEAK, QUOTED_WEAK, SPACE, QUOTED_SPACE, HARD = range(7)
+
+
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """A place the text may be cut: before ``text[pos]``; `length` is its sentence's stripped length."""
+
+    pos: int
+    rank: int
+    length: int
+
+
+def _is_cjk(char: str) -> bool:
+    """Ideographs, kana, Hangul and CJK punctuation: scripts written without spaces between words."""
+    code = ord(char)
+    return 0x2E80 <= code <= 0x9FFF or 0xAC00 <= code <= 0xD7AF or 0xF900 <= code <= 0xFAFF \
+        or 0xFF00 <= code <= 0xFFEF or 0x20000 <= code <= 0x3FFFF
+
+
+def _extends(prev: str, char: str) -> bool:
+    """Whether `char` continues the grapheme cluster `prev` belongs to (a simplified UAX #29)."""
+    code = ord(char)
+    if unicodedata.category(char) in ("Mn", "Me", "Mc") or char == "\u200d" or prev == "\u200d":
+        return True
+    if 0x1F3FB <= code <= 0x1F3FF or 0xFE00 <= code <= 0xFE0F or 0xE0020 <= code <= 0xE007F:
+        return True
+    return prev == "\r" and char == "\n"
+
+
+def _grapheme_starts(text: str) -> list[int]:
+    """Positions 1..len-1 where a new grapheme cluster starts (regional indicators pair up as flags)."""
+    starts: list[int] = []
+    run = 0  # regional indicators in a row so far
+    for index in range(1, len(text)):
+        prev, char = text[index - 1], text[index]
+        run = run + 1 if 0x1F1E6 <= ord(prev) <= 0x1F1FF else 0
+        if 0x1F1E6 <= ord(char) <= 0x1F1FF and run % 2 == 1:
+            continue
+        if not _extends(prev, char):
+            starts.append(index)
+    return starts
+
+
+_LONGEST_ABBREVIATION = 5
+
+
+def _word_before(text: str, end: int) -> str:
+    """The lowercased non-space token ending at `end` (without leading quotes or brackets).
+
+    Looks back at most one character more than the longest abbreviation (a longer token is returned
+    cut, so it matches none), so that a hostile run of terminators costs linear time.
+    """
+    start = end
+    while start > 0 and end - start <= _LONGEST_ABBREVIATION and not text[start - 1].isspace() \
+            and text[start - 1] not in _PAIRS:
+        start -= 1
+    return text[start:end].lower()
+
+
+def _next_visible(text: str, pos: int) -> str:
+    """The first non-whitespace character at or after `pos`, or "" at the end."""
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return text[pos] if pos < len(text) else ""
+
+
+def _period_continues(text: str, start: int, run: str, after: int) -> bool:
+    """Whether the terminator run `run` at `start` is not a sentence end (abbreviation, initial, ...)."""
+    following = _next_visible(text, after)
+    if set(run) <= {".", "…"} and (len(run) > 1 or run == "…"):
+        # an ellipsis: the sentence goes on before a lowercase letter
+        return following.islower()
+    if run != ".":
+        return False
+    word = _word_before(text, start)
+    if word in ABBREVIATIONS:
+        return True
+    if word in _NUMBER_ABBREVIATIONS:
+        return following.isdigit()
+    if word in SOFT_ABBREVIATIONS:
+        return not (following.isupper() or (following != "" and _is_cjk(following)))
+    return len(word) == 1 and text[start - 1].isupper() and text[start - 1].isalpha()
+
+
+class _Scanner:
+    """One pass over the text collecting sentence ends, weak cut points and whitespace cuts."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.stack: list[str] = []  # the closers awaited, innermost last
+        self.awaited: dict[str, int] = {}  # how many of each closer the stack holds (O(1) lookups)
+        self.cuts: list[tuple[int, int]] = []  # (position, rank) before sentence lengths are known
+
+    def _open_or_close(self, index: int) -> None:
+        char, text = self.text[index], self.text
+        if char == '"' and self.stack and self.stack[-1] == '"':
+            self._pop_to('"')
+        elif char == "’" and 0 < index < len(text) - 1 and text[index - 1].isalnum() and text[index + 1].isalnum():
+            return  # an apostrophe: don’t
+        elif char in _CLOSERS and char != '"':
+            if self.awaited.get(char):
+                self._pop_to(char)
+        elif char in _PAIRS:
+            if char == "‘" and index > 0 and text[index - 1].isalnum():
+                return
+            self.stack.append(_PAIRS[char])
+            self.awaited[_PAIRS[char]] = self.awaited.get(_PAIRS[char], 0) + 1
+
+    def _pop_to(self, closer: str) -> None:
+        """Close the innermost span awaiting `closer` and any unclosed spans inside it."""
+        while self.stack:
+            popped = self.stack.pop()
+            self.awaited[popped] -= 1
+            if popped == closer:
+                return
+
+    def _closes(self, index: int) -> bool:
+        char = self.text[index]
+        return char in _CLOSERS and bool(self.awaited.get(char))
+
+    def _terminator(self, start: int) -> int:
+        """Handle the terminator run starting at `start`; return the index after it and its closers."""
+        text = self.text
+        end = start
+        while end < len(text) and text[end] in _TERMINATORS:
+            end += 1
+        run = text[start:end]
+        after = end
+        while after < len(text) and self._closes(after):
+            self._open_or_close(after)
+            after += 1
+        nxt = text[after] if after < len(text) else ""
+        latin = all(char in _LATIN_TERMINATORS for char in run)
+        if latin and nxt and not nxt.isspace() and not _is_cjk(nxt):
+            return after
+        if _period_continues(text, start, run, after):
+            return after
+        self.cuts.append((after, QUOTED_SENTENCE if self.stack else SENTENCE))
+        return after
+
+    def scan(self) -> list[tuple[int, int]]:
+        text, index = self.text, 0
+        while index < len(text):
+            char = text[index]
+            if char in _TERMINATORS:
+                index = self._terminator(index)
+                continue
+            quoted = bool(self.stack)
+            if char in _CJK_WEAK or (char in _LATIN_WEAK and (index + 1 == len(text) or text[index + 1].isspace())):
+                self.cuts.append((index + 1, QUOTED_WEAK if quoted else WEAK))
+            elif char.isspace() and index + 1 < len(text) and not text[index + 1].isspace():
+                self.cuts.append((index + 1, QUOTED_SPACE if quoted else SPACE))
+            self._open_or_close(index)
+            index += 1
+        return self.cuts
+
+
+class _Measure:
+    """Stripped lengths of slices of one text in constant time (a hostile text stays linear)."""
+
+    def __init__(self, text: str) -> None:
+        size = len(text)
+        self.first_visible = [size] * (size + 1)  # the first non-space index at or after p
+        self.visible_end = [0] * (size + 1)  # one past the last non-space index before p
+        for pos in range(size - 1, -1, -1):
+            self.first_visible[pos] = self.first_visible[pos + 1] if text[pos].isspace() else pos
+        for pos in range(1, size + 1):
+            self.visible_end[pos] = self.visible_end[pos - 1] if text[pos - 1].isspace() else pos
+
+    def length(self, start: int, end: int) -> int:
+        """``len(text[start:end].strip())``."""
+        return max(0, self.visible_end[end] - self.first_visible[start])
+
+
+def _scan(text: str, starts: list[int]) -> list[tuple[int, int]]:
+    """The scanner's cut points that fall between grapheme clusters (not "。" + a combining mark)."""
+    allowed = set(starts)
+    allowed.add(len(text))
+    return [(pos, rank) for pos, rank in _Scanner(text).scan() if pos in allowed]
+
+
+def _cut_points(text: str, measure: _Measure) -> list[_Cut]:
+    """Every cut point, sorted by position, each knowing its sentence's stripped length."""
+    starts = _grapheme_starts(text)
+    found = _scan(text, starts)
+    ends = sorted({pos for pos, rank in found if rank == SENTENCE} | {len(text)})
+    ranked: dict[int, int] = {}
+    for pos, rank in found:
+        ranked[pos] = min(rank, ranked.get(pos, HARD))
+    for pos in starts:
+        ranked.setdefault(pos, HARD)
+    lengths = {end: measure.length(ends[at - 1] if at else 0, end) for at, end in enumerate(ends)}
+    cuts: list[_Cut] = []
+    for pos in sorted(ranked):
+        if pos <= 0 or pos > len(text):
+            continue
+        if ranked[pos] == SENTENCE:
+            cuts.append(_Cut(pos, SENTENCE, 0))
+            continue
+        cuts.append(_Cut(pos, ranked[pos], lengths[ends[bisect.bisect_left(ends, pos)]]))
+    return cuts
+
+
+def _next_cut(measure: _Measure, cuts: list[_Cut], positions: list[int], pos: int, limit: int, minimum: int) -> int:
+    """Where the piece starting at `pos` ends: see rule 4 in the module docstring."""
+    start = measure.first_visible[pos]
+    high = min(start + limit, len(measure.first_visible) - 1)
+    high = measure.first_visible[high]  # trailing whitespace is stripped: it does not count
+    best: tuple[bool, int, int] | None = None
+    for at in range(bisect.bisect_right(positions, start), bisect.bisect_right(positions, high)):
+        cut = cuts[at]
+        if cut.rank != SENTENCE and cut.length <= limit:
+            continue  # only a sentence longer than the limit is cut inside
+        length = measure.length(start, cut.pos)
+        if length == 0 or length > limit:
+            continue
+        key = (length >= minimum and cut.rank != HARD, -cut.rank, cut.pos)
+        if best is None or key > best:
+            best = key
+    if best is not None:
+        return best[2]
+    return start + limit  # one grapheme cluster longer than the limit: cut inside it
+
+
+def _validate(min_chars: int, max_chars: int, first_chars: int | None) -> None:
+    for name, value in (("min_chars", min_chars), ("max_chars", max_chars), ("first_chars", first_chars)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if min_chars < 1:
+        raise ValueError(f"min_chars must be at least 1, got {min_chars}")
+    if max_chars < min_chars:
+        raise ValueError(f"max_chars must be at least min_chars ({min_chars}), got {max_chars}")
+    if first_chars is not None and not 1 <= first_chars <= max_chars:
+        raise ValueError(f"first_chars must be between 1 and max_chars ({max_chars}), got {first_chars}")
+
+
+def split_spans(text: str, *, min_chars: int, max_chars: int, first_chars: int | None = None) -> list[tuple[int, int]]:
+    """The pieces of :func:`split_text` as ``(start, end)`` slices of `text` (before stripping)."""
+    _validate(min_chars, max_chars, first_chars)
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    measure = _Measure(text)
+    cuts = _cut_points(text, measure)
+    positions = [cut.pos for cut in cuts]
+    spans: list[tuple[int, int]] = []
+    limits: list[int] = []
+    pos = 0
+    while measure.first_visible[pos] < len(text):
+        first = not spans
+        limit = first_chars if first and first_chars is not None else max_chars
+        minimum = 1 if first and first_chars is not None else min_chars
+        if measure.length(pos, len(text)) <= limit:
+            end = len(text)
+        else:
+            end = _next_cut(measure, cuts, positions, pos, limit, minimum)
+        spans.append((pos, end))
+        limits.append(limit)
+        pos = end
+    if len(spans) >= 2 and measure.length(*spans[-1]) < min_chars:
+        merged = (spans[-2][0], spans[-1][1])
+        if measure.length(*merged) <= limits[-2]:
+            spans[-2:] = [merged]
+    return spans
+
+
+def split_text(text: str, *, min_chars: int, max_chars: int, first_chars: int | None = None) -> list[str]:
+    """Split `text` into stripped, non-empty pieces of at most `max_chars` characters, at sentence ends.
+
+    The rules and the exact property kept are in the module docstring: pieces are consecutive slices
+    of `text` separated only by whitespace (joining them with the whitespace the cuts fell on gives
+    ``text.strip()`` back), the first piece is at most `first_chars` long when given, and each piece
+    is at least `min_chars` long where whole sentences allow. Empty or whitespace-only text gives [].
+    Raises ValueError naming the parameter when `min_chars` < 1, `max_chars` < `min_chars` or
+    `first_chars` is outside [1, `max_chars`].
+    """
+    return [text[start:end].strip() for start, end in split_spans(
+        text, min_chars=min_chars, max_chars=max_chars, first_chars=first_chars)]
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text` (rules 1 and 2 of the module docstring), stripped, empty ones dropped.
+
+    Not used for packing, which needs cut positions; it shows (and tests pin) where sentences end.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    ends = [pos for pos, rank in _scan(text, _grapheme_starts(text)) if rank == SENTENCE]
+    bounds = [0, *ends, len(text)]
+    pieces = (text[start:end].strip() for start, end in itertools.pairwise(bounds))
+    return [piece for piece in pieces if piece]
