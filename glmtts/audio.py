@@ -8,13 +8,17 @@ AAC encoder.
 
 `encode` is CPU-bound (tens of milliseconds per second of audio for the lossy codecs: see
 bench/reports/audio_formats.md), so callers run it off the event loop.
+
+`join_pcm` joins the audio of a long text synthesized in pieces (crossfade, pause or plain, each
+without a click at the joins); `join_steps` measures the joins for the tests and the benchmark.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -249,3 +253,185 @@ _ENCODERS: Mapping[str, Callable[[Pcm], bytes]] = MappingProxyType({
     "wav": _encode_wav,
     "pcm": _encode_pcm,
 })
+
+
+# --- Joining synthesized pieces (issue 17: a long text synthesized as several pieces) -------------
+
+EDGE_FADE_S = 0.005  # the fade at each piece's joined edge: 5 ms, far below a syllable (~0.2 s)
+MAX_JOIN_S = 5.0  # longest crossfade or pause accepted: bounds the memory a bad setting can ask for
+FULL_SCALE = 32768.0  # int16 full scale: join_steps reports steps as a fraction of it
+
+
+def _ramp(n: int) -> npt.NDArray[np.float64]:
+    """n gains rising from just above 0 to just below 1 on a raised cosine (half a Hann window).
+
+    The endpoints 0 and 1 are left out, so every sample in a fade is audible and a ramp of n
+    samples joins its neighbours without a repeated value; the cosine's zero slope at both ends
+    keeps the gain's own step from adding a corner (a faint click) where the fade meets the signal.
+    """
+    k = np.arange(1, n + 1, dtype=np.float64)
+    ramp: npt.NDArray[np.float64] = 0.5 - 0.5 * np.cos(np.pi * k / (n + 1))
+    return ramp
+
+
+def _check_seconds(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_JOIN_S):
+        raise ValueError(f"{name} must be between 0 and {MAX_JOIN_S:g} s, got {value!r}")
+    return float(value)
+
+
+def _check_pieces(pieces: Sequence[Pcm]) -> int:
+    """The one sample rate all pieces share; ValueError for no pieces, a non-Pcm or mixed rates."""
+    if not isinstance(pieces, Sequence):  # a str or bytes fails below: its items are not Pcm
+        raise ValueError(f"pieces must be a sequence of Pcm, got {type(pieces).__name__}")
+    if not pieces:
+        raise ValueError("no pieces to join")
+    for i, piece in enumerate(pieces):
+        if not isinstance(piece, Pcm):
+            raise ValueError(f"piece {i} is a {type(piece).__name__}, not Pcm")
+    rates = sorted({p.rate for p in pieces})
+    if len(rates) > 1:
+        raise ValueError(f"pieces must share one sample rate, got {', '.join(map(str, rates))} Hz")
+    return rates[0]
+
+
+def _to_int16(x: npt.NDArray[np.float64]) -> Samples:
+    # Rounded and clipped, never wrapped: wrapping a sample past full scale flips its sign (a click).
+    out: Samples = np.clip(np.rint(x), -32768, 32767).astype("<i2")
+    return out
+
+
+def _faded(samples: Samples, edge: int, *, head: bool, tail: bool) -> npt.NDArray[np.float64]:
+    """`samples` as float with a raised-cosine fade-in of `edge` samples at the head and/or a
+    fade-out at the tail, each clamped to half the piece so the two never overlap."""
+    x = samples.astype(np.float64)
+    n = min(edge, len(x) // 2)
+    if n:
+        ramp = _ramp(n)
+        if head:
+            x[:n] *= ramp
+        if tail:
+            x[len(x) - n:] *= ramp[::-1]
+    return x
+
+
+def crossfade_samples(pieces: Sequence[Pcm], crossfade_s: float) -> int:
+    """The overlap `join_pcm` uses at every join: crossfade_s in samples (rounded), clamped to half
+    the shortest piece, so a piece's head and tail overlaps never meet and every join overlaps by
+    the same amount (which makes the joined length exact: see join_pcm)."""
+    rate = _check_pieces(pieces)
+    wanted = round(_check_seconds("crossfade_s", crossfade_s) * rate)
+    return min(wanted, min(len(p.samples) // SAMPLE_WIDTH for p in pieces) // 2)
+
+
+def join_offsets(pieces: Sequence[Pcm], *, crossfade_s: float = 0.0, pause_s: float = 0.0) -> list[int]:
+    """Where each piece after the first begins in join_pcm's output, in samples: the start of its
+    overlap with the previous piece for a crossfade, the first sample after the pause for a pause.
+    Lets callers (tests, the benchmark) look at the joins."""
+    rate = _check_pieces(pieces)
+    overlap = crossfade_samples(pieces, crossfade_s)
+    gap = round(_check_seconds("pause_s", pause_s) * rate)
+    offsets, at = [], 0
+    for piece in pieces[:-1]:
+        at += len(piece.samples) // SAMPLE_WIDTH - overlap + gap
+        offsets.append(at)
+    return offsets
+
+
+def join_pcm(pieces: Sequence[Pcm], *, crossfade_s: float = 0.0, pause_s: float = 0.0) -> Pcm:
+    """The pieces one after another, joined so that no join clicks.
+
+    - `pause_s > 0`: that much silence between pieces; each piece fades out over its last
+      EDGE_FADE_S (5 ms) before it and the next fades in over its first 5 ms after it, so the step
+      to and from silence is not a click.
+    - `crossfade_s > 0`: each piece's tail overlaps the next one's head by crossfade_s, clamped to
+      half the shortest piece (see crossfade_samples). The gains are complementary raised cosines
+      that sum to 1 ("linear" in amplitude, not equal-power), chosen for speech: consecutive pieces
+      of one voice are correlated (same pitch range, often near-silence at both ends), and gains
+      summing to 1 pass correlated audio at its level and can never exceed full scale -- a
+      constant stays constant -- whereas equal-power gains (summing to up to sqrt 2) would swell
+      correlated audio by up to 3 dB in the overlap and could clip. Uncorrelated audio dips by at
+      most 3 dB for the few milliseconds of the overlap, which is inaudible. Arithmetic in float,
+      rounded and clipped to int16, never wrapped.
+    - both 0: plain concatenation, still with the 5 ms edge fades at each join.
+    - both > 0: ValueError (one or the other).
+
+    Length, exactly: sum of the pieces' samples - (n-1) * crossfade_samples(pieces, crossfade_s),
+    or + (n-1) * round(pause_s * rate). The first piece's head and the last piece's tail are left
+    as they are (they are not joins). One piece is returned as is. Raises ValueError for no pieces,
+    a non-Pcm piece, pieces of different rates, or a negative, non-finite or too long
+    (over MAX_JOIN_S) crossfade or pause.
+    """
+    rate = _check_pieces(pieces)
+    crossfade_s = _check_seconds("crossfade_s", crossfade_s)
+    pause_s = _check_seconds("pause_s", pause_s)
+    if crossfade_s > 0 and pause_s > 0:
+        raise ValueError("join with a crossfade or a pause, not both")
+    if len(pieces) == 1:
+        return pieces[0]
+    arrays = [_samples(p) for p in pieces]
+    if crossfade_s > 0:
+        joined = _crossfaded(arrays, crossfade_samples(pieces, crossfade_s))
+    else:
+        joined = _with_pauses(arrays, round(pause_s * rate), round(EDGE_FADE_S * rate))
+    return Pcm(_to_int16(joined).tobytes(), rate)
+
+
+def _with_pauses(arrays: Sequence[Samples], gap: int, edge: int) -> npt.NDArray[np.float64]:
+    last = len(arrays) - 1
+    silence = np.zeros(gap, dtype=np.float64)
+    parts: list[npt.NDArray[np.float64]] = []
+    for i, a in enumerate(arrays):
+        if i:
+            parts.append(silence)
+        parts.append(_faded(a, edge, head=i > 0, tail=i < last))
+    return np.concatenate(parts)
+
+
+def _crossfaded(arrays: Sequence[Samples], overlap: int) -> npt.NDArray[np.float64]:
+    total = sum(len(a) for a in arrays) - (len(arrays) - 1) * overlap
+    out = np.zeros(total, dtype=np.float64)
+    fade_in = _ramp(overlap)
+    fade_out = 1.0 - fade_in  # complementary: the two gains sum to exactly 1 at every sample
+    at = 0
+    for i, a in enumerate(arrays):
+        x = a.astype(np.float64)
+        if i and overlap:
+            x[:overlap] *= fade_in
+        if i < len(arrays) - 1 and overlap:
+            x[len(x) - overlap:] *= fade_out
+        out[at:at + len(x)] += x
+        at += len(x) - overlap
+    return out
+
+
+@dataclass(frozen=True)
+class JoinSteps:
+    """The largest sample-to-sample step near the joins and elsewhere, as fractions of full scale."""
+
+    at_joins: float
+    elsewhere: float
+
+
+def join_steps(pcm: Pcm, joins: Sequence[int], window: int) -> JoinSteps:
+    """The largest absolute step |x[n] - x[n-1]| within `window` samples either side of each join
+    (a sample index, e.g. from join_offsets), and the largest step everywhere else.
+
+    A click is a step far larger than the audio's own: compare at_joins with elsewhere, or with the
+    steps inside the pieces before joining. Raises ValueError for a negative window or a join
+    outside the audio.
+    """
+    x = _samples(pcm).astype(np.int32)
+    if window < 0:
+        raise ValueError(f"window must be >= 0 samples, got {window}")
+    steps = np.abs(np.diff(x))  # steps[k] is the step from sample k to sample k+1
+    near = np.zeros(len(steps), dtype=bool)
+    for j in joins:
+        if not 0 <= j <= len(x):
+            raise ValueError(f"join at sample {j} is outside the audio (0..{len(x)})")
+        near[max(0, j - window - 1):j + window] = True
+    at_joins = int(steps[near].max()) if near.any() else 0
+    elsewhere = int(steps[~near].max()) if (~near).any() else 0
+    return JoinSteps(at_joins / FULL_SCALE, elsewhere / FULL_SCALE)
