@@ -84,8 +84,9 @@ def test_fixed_slots_cap_every_backend(tmp_path: Path) -> None:
             assert get_json(backend["url"] + "/emulator/stats")["max_in_flight"] == 2
 
 
-# Throughput measured per slot count: in the "serial" xdist group (tests/conftest.py).
+# Throughput measured per slot count: alone, with nothing else running (tests/conftest.py).
 @pytest.mark.xdist_group("serial")
+@pytest.mark.alone
 def test_auto_slots_settle_at_the_knee_of_the_throughput_curve(tmp_path: Path) -> None:
     # No jitter and no cold start: what varies is the length of the texts (17x) and the sidecar's
     # own overhead. The cost priors are the emulator's, so the solo estimate of each text is right.
