@@ -18,11 +18,8 @@ import math
 from dataclasses import dataclass, field
 
 from backend.transport import BackendTimeout, BackendUnavailable
-from glmtts.contract import TTSRequest, parse_tts_form
-from glmtts.form import parse_form
 from glmtts.responses import succeeded
 from scheduler.errors import BackendFailed, SidecarError
-from scheduler.http.intake import INLINE_PARSE_BYTES
 from scheduler.http.middleware import REQUEST_ID
 from scheduler.runtime.cache import CachedAnswer, StoppedWaiting, request_key
 from scheduler.runtime.context import Runtime
@@ -57,7 +54,7 @@ class CachedTTS:
         """The answer to ``intake``'s request and where it came from (HIT, MISS, SHARED); or the
         SidecarError of the synthesis (every request sharing it gets the same)."""
         runtime, job = self.runtime, intake.job
-        tts = await _parsed(intake)
+        tts = intake.tts
         cache = runtime.cache
         index = tts.index or None
         generation = cache.generation(index)
@@ -139,11 +136,3 @@ class CachedTTS:
                                   body=body)
             runtime.cache.put(key, answer, index=index, generation=generation)
         return synthesis
-
-
-async def _parsed(intake: Intake) -> TTSRequest:
-    """The request's fields, parsed again from the form intake validated (off the loop when large)."""
-    def parse() -> TTSRequest:
-        return parse_tts_form(parse_form(intake.content_type, intake.body))
-
-    return parse() if len(intake.body) <= INLINE_PARSE_BYTES else await asyncio.to_thread(parse)

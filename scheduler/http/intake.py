@@ -73,7 +73,7 @@ async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float
         tenant=who.tenant.name, weight=who.tenant.weight, band=who.band, tenant_bound=who.tenant.max_queued,
         client_budget_s=client, budget_s=budget_s)
     return Intake(request_id=request_id_of(request), arrived=arrived, body=body, content_type=content_type,
-                  job=job)
+                  tts=tts, job=job)
 
 
 async def _read_valid(runtime: Runtime, request: web.Request,

@@ -24,7 +24,7 @@ from types import TracebackType
 from backend.record import Backend
 from backend.state import BackendState
 from backend.transport import BackendTimeout, BackendUnavailable, Reply
-from glmtts.contract import upstream_length_class
+from glmtts.contract import TTSRequest, upstream_length_class
 from glmtts.responses import succeeded
 from scheduler.core.admission import Rejection
 from scheduler.core.deadlines import shed_message, timeout_message
@@ -48,6 +48,7 @@ class Intake:
     arrived: float
     body: bytes
     content_type: str
+    tts: TTSRequest  # the body as parsed and validated
     job: Job
 
 

@@ -390,7 +390,7 @@ class TaskService:
             now=self.runtime.dispatcher.clock(), tenant=tenant.name, weight=tenant.weight, band=band, budget_s=left)
         future = self.exchange.admit(job, force=True)
         intake = Intake(request_id=f"task-{task.id}", arrived=job.arrived_at, body=body,
-                        content_type=task.content_type, job=job)
+                        content_type=task.content_type, tts=tts, job=job)
         self._run(task, job, future, intake)
         log.info("task %s re-queued after a restart (%.0f s of its deadline left)", task.id, left)
 
