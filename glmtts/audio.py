@@ -10,13 +10,15 @@ AAC encoder.
 bench/reports/audio_formats.md), so callers run it off the event loop.
 
 `join_pcm` joins the audio of a long text synthesized in pieces (crossfade, pause or plain, each
-without a click at the joins); `join_steps` measures the joins for the tests and the benchmark.
+without a click at the joins), and `PcmJoiner` does the same piece by piece for a stream;
+`join_steps` measures the joins for the tests and the benchmark.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -303,27 +305,14 @@ def _to_int16(x: npt.NDArray[np.float64]) -> Samples:
     return out
 
 
-def _faded(samples: Samples, edge: int, *, head: bool, tail: bool) -> npt.NDArray[np.float64]:
-    """`samples` as float with a raised-cosine fade-in of `edge` samples at the head and/or a
-    fade-out at the tail, each clamped to half the piece so the two never overlap."""
-    x = samples.astype(np.float64)
-    n = min(edge, len(x) // 2)
-    if n:
-        ramp = _ramp(n)
-        if head:
-            x[:n] *= ramp
-        if tail:
-            x[len(x) - n:] *= ramp[::-1]
-    return x
-
-
-def crossfade_samples(pieces: Sequence[Pcm], crossfade_s: float) -> int:
-    """The overlap `join_pcm` uses at every join: crossfade_s in samples (rounded), clamped to half
-    the shortest piece, so a piece's head and tail overlaps never meet and every join overlaps by
-    the same amount (which makes the joined length exact: see join_pcm)."""
+def crossfade_overlaps(pieces: Sequence[Pcm], crossfade_s: float) -> list[int]:
+    """The overlap join_pcm uses at each join, in samples: crossfade_s (rounded) clamped to half
+    of either piece it joins, so a piece's head and tail overlaps never meet. Each join is clamped
+    on its own, which a stream can do without knowing the pieces still to come (see PcmJoiner)."""
     rate = _check_pieces(pieces)
     wanted = round(_check_seconds("crossfade_s", crossfade_s) * rate)
-    return min(wanted, min(len(p.samples) // SAMPLE_WIDTH for p in pieces) // 2)
+    sizes = [len(p.samples) // SAMPLE_WIDTH for p in pieces]
+    return [min(wanted, a // 2, b // 2) for a, b in itertools.pairwise(sizes)]
 
 
 def join_offsets(pieces: Sequence[Pcm], *, crossfade_s: float = 0.0, pause_s: float = 0.0) -> list[int]:
@@ -331,10 +320,10 @@ def join_offsets(pieces: Sequence[Pcm], *, crossfade_s: float = 0.0, pause_s: fl
     overlap with the previous piece for a crossfade, the first sample after the pause for a pause.
     Lets callers (tests, the benchmark) look at the joins."""
     rate = _check_pieces(pieces)
-    overlap = crossfade_samples(pieces, crossfade_s)
+    overlaps = crossfade_overlaps(pieces, crossfade_s)
     gap = round(_check_seconds("pause_s", pause_s) * rate)
     offsets, at = [], 0
-    for piece in pieces[:-1]:
+    for piece, overlap in zip(pieces, overlaps, strict=False):  # every piece but the last
         at += len(piece.samples) // SAMPLE_WIDTH - overlap + gap
         offsets.append(at)
     return offsets
@@ -345,66 +334,98 @@ def join_pcm(pieces: Sequence[Pcm], *, crossfade_s: float = 0.0, pause_s: float 
 
     - `pause_s > 0`: that much silence between pieces; each piece fades out over its last
       EDGE_FADE_S (5 ms) before it and the next fades in over its first 5 ms after it, so the step
-      to and from silence is not a click.
-    - `crossfade_s > 0`: each piece's tail overlaps the next one's head by crossfade_s, clamped to
-      half the shortest piece (see crossfade_samples). The gains are complementary raised cosines
-      that sum to 1 ("linear" in amplitude, not equal-power), chosen for speech: consecutive pieces
-      of one voice are correlated (same pitch range, often near-silence at both ends), and gains
-      summing to 1 pass correlated audio at its level and can never exceed full scale -- a
-      constant stays constant -- whereas equal-power gains (summing to up to sqrt 2) would swell
-      correlated audio by up to 3 dB in the overlap and could clip. Uncorrelated audio dips by at
-      most 3 dB for the few milliseconds of the overlap, which is inaudible. Arithmetic in float,
-      rounded and clipped to int16, never wrapped.
-    - both 0: plain concatenation, still with the 5 ms edge fades at each join.
+      to and from silence is not a click. A piece shorter than 10 ms fades over half its length.
+    - `crossfade_s > 0`: each piece's tail overlaps the next one's head by crossfade_s, clamped at
+      each join to half of either piece (see crossfade_overlaps). The gains are complementary
+      raised cosines that sum to 1 ("linear" in amplitude, not equal-power), chosen for speech:
+      consecutive pieces of one voice are correlated (same pitch range, often near-silence at both
+      ends), and gains summing to 1 pass correlated audio at its level and can never exceed full
+      scale -- a constant stays constant -- whereas equal-power gains (summing to up to sqrt 2)
+      would swell correlated audio by up to 3 dB in the overlap and could clip. Uncorrelated audio
+      dips by at most 3 dB for the few milliseconds of the overlap, which is inaudible. Arithmetic
+      in float, rounded and clipped to int16, never wrapped.
+    - both 0: plain concatenation, still with the 5 ms edge fades at each join (as is a crossfade
+      that rounds to 0 samples).
     - both > 0: ValueError (one or the other).
 
-    Length, exactly: sum of the pieces' samples - (n-1) * crossfade_samples(pieces, crossfade_s),
-    or + (n-1) * round(pause_s * rate). The first piece's head and the last piece's tail are left
-    as they are (they are not joins). One piece is returned as is. Raises ValueError for no pieces,
-    a non-Pcm piece, pieces of different rates, or a negative, non-finite or too long
-    (over MAX_JOIN_S) crossfade or pause.
+    Length, exactly: sum of the pieces' samples minus the sum of crossfade_overlaps(pieces,
+    crossfade_s), or plus (n-1) * round(pause_s * rate). The first piece's head and the last
+    piece's tail are left as they are (they are not joins). One piece is returned as is. Raises
+    ValueError for no pieces, a non-Pcm piece, pieces of different rates, or a negative,
+    non-finite or too long (over MAX_JOIN_S) crossfade or pause. The same as pushing the pieces
+    through a PcmJoiner, which it does.
     """
-    rate = _check_pieces(pieces)
-    crossfade_s = _check_seconds("crossfade_s", crossfade_s)
-    pause_s = _check_seconds("pause_s", pause_s)
-    if crossfade_s > 0 and pause_s > 0:
-        raise ValueError("join with a crossfade or a pause, not both")
+    joiner = PcmJoiner(_check_pieces(pieces), crossfade_s=crossfade_s, pause_s=pause_s)
     if len(pieces) == 1:
         return pieces[0]
-    arrays = [_samples(p) for p in pieces]
-    if crossfade_s > 0:
-        joined = _crossfaded(arrays, crossfade_samples(pieces, crossfade_s))
-    else:
-        joined = _with_pauses(arrays, round(pause_s * rate), round(EDGE_FADE_S * rate))
-    return Pcm(_to_int16(joined).tobytes(), rate)
+    parts = [joiner.push(piece).samples for piece in pieces]
+    parts.append(joiner.close().samples)
+    return Pcm(b"".join(parts), joiner.rate)
 
 
-def _with_pauses(arrays: Sequence[Samples], gap: int, edge: int) -> npt.NDArray[np.float64]:
-    last = len(arrays) - 1
-    silence = np.zeros(gap, dtype=np.float64)
-    parts: list[npt.NDArray[np.float64]] = []
-    for i, a in enumerate(arrays):
-        if i:
-            parts.append(silence)
-        parts.append(_faded(a, edge, head=i > 0, tail=i < last))
-    return np.concatenate(parts)
+class PcmJoiner:
+    """join_pcm for a stream: `push` each piece as it comes, `close` after the last.
 
+    Everything `push` and `close` return, concatenated, is join_pcm(pieces) byte for byte. Each
+    piece's end is held back until the next piece (or `close`) says how it joins, and only as much
+    of it as a join can touch: the overlap (round(crossfade_s * rate) samples, at most half the
+    piece) or the edge fade before a pause, so memory does not grow with the stream. Raises
+    ValueError as join_pcm does for a bad rate or bad seconds, and for a non-Pcm piece, a piece of
+    another rate, and a push or close after close. One caller at a time.
+    """
 
-def _crossfaded(arrays: Sequence[Samples], overlap: int) -> npt.NDArray[np.float64]:
-    total = sum(len(a) for a in arrays) - (len(arrays) - 1) * overlap
-    out = np.zeros(total, dtype=np.float64)
-    fade_in = _ramp(overlap)
-    fade_out = 1.0 - fade_in  # complementary: the two gains sum to exactly 1 at every sample
-    at = 0
-    for i, a in enumerate(arrays):
-        x = a.astype(np.float64)
-        if i and overlap:
-            x[:overlap] *= fade_in
-        if i < len(arrays) - 1 and overlap:
-            x[len(x) - overlap:] *= fade_out
-        out[at:at + len(x)] += x
-        at += len(x) - overlap
-    return out
+    def __init__(self, rate: int, *, crossfade_s: float = 0.0, pause_s: float = 0.0) -> None:
+        Pcm(b"", rate)  # refuses a rate no Pcm may have
+        crossfade_s = _check_seconds("crossfade_s", crossfade_s)
+        pause_s = _check_seconds("pause_s", pause_s)
+        if crossfade_s > 0 and pause_s > 0:
+            raise ValueError("join with a crossfade or a pause, not both")
+        self.rate = rate
+        self._overlap = round(crossfade_s * rate)  # > 0: crossfade; 0: edge fades around a pause
+        self._gap = np.zeros(round(pause_s * rate), dtype=np.float64)
+        self._edge = round(EDGE_FADE_S * rate)
+        self._tail: Samples | None = None  # the held-back end of the last piece; None before one
+        self._closed = False
+
+    def push(self, piece: Pcm) -> Pcm:
+        """The samples of the output that `piece` makes final: the previous piece's held-back end
+        joined to this one's head, and this piece up to its own held-back end."""
+        self._check_open()
+        if not isinstance(piece, Pcm):
+            raise ValueError(f"a piece must be Pcm, got {type(piece).__name__}")
+        if piece.rate != self.rate:
+            raise ValueError(f"pieces must share one sample rate, got {self.rate}, {piece.rate} Hz")
+        x = _samples(piece)
+        joined, used = self._join(x) if self._tail is not None else (b"", 0)
+        held = min(self._overlap or self._edge, len(x) // 2)
+        self._tail = x[len(x) - held:]
+        return Pcm(joined + x[used:len(x) - held].tobytes(), self.rate)
+
+    def close(self) -> Pcm:
+        """The rest: the last piece's held-back end, as it is (the end of the audio is no join).
+        An empty Pcm at the rate when nothing was pushed."""
+        self._check_open()
+        self._closed = True
+        tail, self._tail = self._tail, None
+        return Pcm(b"" if tail is None else tail.tobytes(), self.rate)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the joiner is closed")
+
+    def _join(self, x: Samples) -> tuple[bytes, int]:
+        """The held tail joined to the head of `x`, and how many of x's samples that used."""
+        assert self._tail is not None
+        tail = self._tail.astype(np.float64)
+        if self._overlap:
+            n = min(len(tail), len(x) // 2)
+            fade_in = _ramp(n)
+            # Complementary gains: they sum to exactly 1 at every sample.
+            tail[len(tail) - n:] = tail[len(tail) - n:] * (1.0 - fade_in) + x[:n] * fade_in
+            return _to_int16(tail).tobytes(), n
+        n = min(self._edge, len(x) // 2)
+        head = x[:n] * _ramp(n)
+        return _to_int16(np.concatenate([tail * _ramp(len(tail))[::-1], self._gap, head])).tobytes(), n
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from glmtts.audio import (
     MAX_JOIN_S,
     JoinSteps,
     Pcm,
-    crossfade_samples,
+    crossfade_overlaps,
     decode_wav,
     join_offsets,
     join_pcm,
@@ -87,6 +87,19 @@ def test_joins_of_speech_do_not_click(rate: int, mode: str) -> None:
 
 
 @pytest.mark.parametrize("rate", RATES)
+def test_crossfade_clamped_by_a_short_piece_does_not_click(rate: int) -> None:
+    # A crossfade longer than half the middle piece is clamped at both its joins, and only there.
+    pieces = [loud_piece(rate, 8), loud_piece(rate, 9, seconds=0.25), loud_piece(rate, 10)]
+    half = len(as_array(pieces[1])) // 2
+    assert crossfade_overlaps(pieces, 0.2) == [half, half] and half < round(0.2 * rate)
+    joined = join_pcm(pieces, crossfade_s=0.2)
+    steps = join_steps(joined, join_offsets(pieces, crossfade_s=0.2), half + 2)
+    bound = largest_step(pieces) + EPSILON
+    assert steps.at_joins <= bound, f"clamped crossfade steps {steps.at_joins:.3f} of full scale > {bound:.3f}"
+    assert steps.elsewhere <= largest_step(pieces)
+
+
+@pytest.mark.parametrize("rate", RATES)
 def test_raw_concatenation_of_the_same_pieces_breaks_the_bound(rate: int) -> None:
     pieces = [loud_piece(rate, seed) for seed in (1, 2, 3)]
     raw = pcm(np.concatenate([as_array(p) for p in pieces]), rate)
@@ -110,11 +123,15 @@ def test_durations_to_the_sample() -> None:
     assert len(as_array(join_pcm(pieces))) == 4500
     assert len(as_array(join_pcm(pieces, crossfade_s=0.01))) == 4500 - 2 * 240
     assert len(as_array(join_pcm(pieces, pause_s=0.1))) == 4500 + 2 * 2400
-    # A crossfade longer than half the shortest piece (1000 samples) is clamped to 500.
-    assert crossfade_samples(pieces, 1.0) == 500
-    assert len(as_array(join_pcm(pieces, crossfade_s=1.0))) == 4500 - 2 * 500
-    assert join_offsets(pieces, crossfade_s=1.0) == [500, 2000]
+    # A crossfade longer than a piece allows is clamped at each join to half of either piece:
+    # 1000|2000 to 500, 2000|1500 to 750.
+    assert crossfade_overlaps(pieces, 1.0) == [500, 750]
+    assert crossfade_overlaps(pieces, 0.01) == [240, 240]
+    assert crossfade_overlaps(pieces, 0.0) == [0, 0]
+    assert len(as_array(join_pcm(pieces, crossfade_s=1.0))) == 4500 - 500 - 750
+    assert join_offsets(pieces, crossfade_s=1.0) == [500, 1750]
     assert join_offsets(pieces, pause_s=0.1) == [3400, 7800]
+    assert crossfade_overlaps(pieces[:1], 1.0) == [] and join_offsets(pieces[:1]) == []
 
 
 def test_pause_is_silence_between_faded_edges() -> None:
@@ -192,22 +209,27 @@ def test_random_pieces_keep_length_and_never_wrap(
     pieces = [pcm(x, rate) for x in xs]
     out = as_array(join_pcm(pieces, **kwargs)).astype(np.int32)
     n, total = len(xs), sum(len(x) for x in xs)
-    overlap = crossfade_samples(pieces, kwargs.get("crossfade_s", 0))
+    overlaps = crossfade_overlaps(pieces, kwargs.get("crossfade_s", 0))
     gap = round(kwargs.get("pause_s", 0) * rate)
-    assert len(out) == total - (n - 1) * overlap + (n - 1) * gap
+    assert len(out) == total - sum(overlaps) + (n - 1) * gap
+    for a, b, overlap in zip(xs, xs[1:], overlaps, strict=False):
+        assert overlap <= len(a) // 2 and overlap <= len(b) // 2  # head and tail overlaps never meet
     starts = [0, *join_offsets(pieces, **kwargs)]
     for i, (x, at) in enumerate(zip(xs, starts, strict=True)):
         x32 = x.astype(np.int32)
         got = out[at:at + len(x)]
-        if overlap:  # each output sample lies between the two inputs it mixes: no overshoot, no wrap
+        head = overlaps[i - 1] if i else 0  # samples mixed with the previous piece's tail
+        tail = overlaps[i] if i < n - 1 else 0  # and with the next piece's head
+        if kwargs.get("crossfade_s", 0) and round(kwargs["crossfade_s"] * rate):
+            # Each output sample lies between the two inputs it mixes: no overshoot, no wrap.
             other = np.zeros_like(x32)
-            if i:
-                other[:overlap] = xs[i - 1][len(xs[i - 1]) - overlap:]
-            if i < n - 1:
-                other[len(x) - overlap:] = xs[i + 1][:overlap]
+            if head:
+                other[:head] = xs[i - 1][len(xs[i - 1]) - head:]
+            if tail:
+                other[len(x) - tail:] = xs[i + 1][:tail]
             mixed = np.zeros(len(x), dtype=bool)
-            mixed[:overlap if i else 0] = True
-            mixed[len(x) - (overlap if i < n - 1 else 0):] = True
+            mixed[:head] = True
+            mixed[len(x) - tail:] = True
             assert np.all(got[~mixed] == x32[~mixed])
             lo, hi = np.minimum(x32, other), np.maximum(x32, other)
             assert np.all((got[mixed] >= lo[mixed]) & (got[mixed] <= hi[mixed]))
