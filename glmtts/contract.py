@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from glmtts.errors import HTTPDetailError, ValidationFailed
-from glmtts.form import FormData, FormValue, UploadedFile, parse_form
+from glmtts.form import FormData, FormValue, PartValue, UploadedFile, parse_form
 
 SAMPLE_RATES = (24000, 32000)
 LONG_TEXT_THRESHOLD = 200  # upstream's TEXT_LENGTH_THRESHOLD: longer texts are "long_text"
@@ -152,6 +152,25 @@ def validate_fields(form: FormData, fields: tuple[Field, ...]) -> dict[str, Any]
 
 def parse_tts_form(form: FormData) -> TTSRequest:
     return TTSRequest(**validate_fields(form, TTS_FIELDS))
+
+
+def tts_fields(request: TTSRequest, *, input_text: str | None = None) -> list[tuple[str, PartValue]]:
+    """The form fields that make ``request`` again, every field spelled out (``parse_tts_form``
+    reads them back equal), with ``input_text`` in place of its text when given: what each piece
+    of a split request sends, so every piece speaks with the same prompt, seed and sampling."""
+    fields: list[tuple[str, PartValue]] = [("input_text", request.input_text if input_text is None else input_text)]
+    if request.index is not None:
+        fields.append(("index", request.index))
+    if request.prompt_text is not None:
+        fields.append(("prompt_text", request.prompt_text))
+    if request.prompt_audio is not None:
+        fields.append(("prompt_audio", request.prompt_audio))
+    fields += [("seed", str(request.seed)), ("sample_rate", str(request.sample_rate)),
+               ("use_cache", "true" if request.use_cache else "false"),
+               ("use_phoneme", "true" if request.use_phoneme else "false"),
+               ("sample_method", request.sample_method), ("sampling", str(request.sampling)),
+               ("beam_size", str(request.beam_size))]
+    return fields
 
 
 def check_tts(request: TTSRequest, *, prompts: Mapping[str, PromptConfig] | None = None) -> None:

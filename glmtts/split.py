@@ -44,16 +44,20 @@ space and stripping) whenever every cut falls at whitespace, as in Latin text; a
 characters drops no character and needs no space: join those pieces with ``""``.
 
 :func:`split_sentences` shows rules 1-2 alone; :func:`split_spans` gives the pieces as slices.
+:func:`split_balanced` cuts as evenly as a number of parallel slots finishes soonest.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import unicodedata
 from dataclasses import dataclass
 
-__all__ = ["ABBREVIATIONS", "SOFT_ABBREVIATIONS", "split_sentences", "split_spans", "split_text"]
+__all__ = [
+    "ABBREVIATIONS", "SOFT_ABBREVIATIONS", "split_balanced", "split_sentences", "split_spans", "split_text",
+]
 
 # Never end a sentence (titles and "for example"): the word before the period, lowercased.
 ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "vs", "e.g", "i.e", "jr", "sr", "mt"})
@@ -361,3 +365,53 @@ def split_sentences(text: str) -> list[str]:
     bounds = [0, *ends, len(text)]
     pieces = (text[start:end].strip() for start, end in itertools.pairwise(bounds))
     return [piece for piece in pieces if piece]
+
+
+# --- Balanced over parallel slots (the sidecar's fan-out) ---------------------------------------
+
+
+def split_balanced(text: str, *, lanes: int, min_chars: int, max_chars: int,
+                    first_chars: int | None = None) -> list[str]:
+    """``text`` cut at sentence ends into pieces of at most ``max_chars`` (the first at most
+    ``first_chars`` when given), as few and as even as ``lanes`` parallel slots finish soonest:
+    the smallest piece limit, but no less than ``min_chars``, that still cuts the text (after a
+    first piece) into at most ``lanes`` pieces, found by bisection since a larger limit never needs
+    more pieces. A text that needs more pieces than ``lanes`` even at ``max_chars`` gets
+    ``max_chars`` pieces (the extra ones run as slots free up). Empty text gives []. Raises
+    ValueError as split_text does, and for ``lanes`` < 1."""
+    if lanes < 1:
+        raise ValueError(f"lanes must be at least 1, got {lanes}")
+    head: list[str] = []
+    rest = text
+    if first_chars is not None:
+        spans = split_spans(text, min_chars=min(min_chars, max_chars), max_chars=max_chars, first_chars=first_chars)
+        if not spans:
+            return []
+        start, end = spans[0]
+        head, rest = [text[start:end].strip()], text[end:]
+        if not rest.strip():
+            return head
+    return head + _balanced(rest, lanes=lanes, min_chars=min_chars, max_chars=max_chars)
+
+
+def _cut(text: str, limit: int, min_chars: int) -> list[str]:
+    return [text[start:end].strip() for start, end in split_spans(text, min_chars=min(min_chars, limit),
+                                                                     max_chars=limit)]
+
+
+def _balanced(text: str, *, lanes: int, min_chars: int, max_chars: int) -> list[str]:
+    visible = len(text.strip())
+    # Never below ``min_chars``: a text too short to give each lane that much gets fewer pieces.
+    low = min(max_chars, max(min_chars, math.ceil(visible / lanes)))
+    best = _cut(text, max_chars, min_chars)
+    if not best or len(best) > lanes or low >= max_chars:
+        return best  # nothing; or more pieces than lanes even at the most allowed: that is the least
+    high = max_chars  # the smallest limit known to cut into at most ``lanes`` pieces
+    while low < high:
+        middle = (low + high) // 2
+        pieces = _cut(text, middle, min_chars)
+        if len(pieces) <= lanes:
+            high, best = middle, pieces
+        else:
+            low = middle + 1
+    return best
