@@ -11,6 +11,12 @@ Pure: no asyncio, no I/O; time is passed in. Two policies behind one interface, 
   so idleness banks no credit. Inside a tenant: FIFO, or shortest predicted first where a job
   that has waited ``aging_s`` goes ahead of every younger one.
 
+A *continuation* (``Job.continues``: a later piece of a fanned-out request whose first pieces
+started) goes before every other job of its effective band, in arrival order, so what was
+started is finished first (under ``fifo``: before the whole line). It is charged to its tenant
+like any job, but it does not move the band's virtual time: it left the fair order, and moving
+the band's clock would take their places from the other tenants.
+
 ``candidates(now)`` lists jobs best first; the caller dispatches one with ``take`` (which charges
 the tenant and advances virtual time) and asks again.
 """
@@ -18,6 +24,8 @@ the tenant and advances virtual time) and asks again.
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +62,8 @@ class Job:
     predicted_s: float = 0.0  # predicted service seconds (mean)
     p95_s: float = 0.0  # predicted service seconds, 95th percentile
     tenant_bound: int | None = None  # the tenant's own bound on waiting jobs
+    parent: str | None = None  # a piece of a fanned-out request: that request's id
+    continues: bool = False  # a piece of a request already started: goes first in its band
     seq: int = field(default=0, compare=False)  # arrival order, set by the queue
 
 
@@ -80,6 +90,10 @@ class JobQueue(Protocol):
         ...
 
     def tenant_depth(self, tenant: str) -> int: ...
+
+    def check(self, job: Job) -> None:
+        """Raises QueueFullError when ``push(job)`` would (a bound is reached); changes nothing."""
+        ...
 
     def push(self, job: Job, now: float, *, force: bool = False) -> None:
         """Add a job; raises QueueFullError when the total or the tenant's bound is reached.
@@ -122,24 +136,25 @@ class _Bounded:
     def tenant_depth(self, tenant: str) -> int:
         return self._per_tenant.get(tenant, 0)
 
-    def _admit(self, job: Job, force: bool = False) -> None:
-        if force:  # a job coming back (its backend failed) or moved over on a reload: no bound
-            if job.seq:  # it keeps its place; later arrivals still come after it
-                self._next_seq = max(self._next_seq, job.seq + 1)
-            else:
-                job.seq = self._new_seq()
-            self._jobs[job.id] = job
-            self._per_tenant[job.tenant] = self.tenant_depth(job.tenant) + 1
-            return
+    def check(self, job: Job) -> None:
         if len(self._jobs) >= self.max_size:
             raise QueueFullError("queue", len(self._jobs), self.max_size)
         bound = job.tenant_bound if job.tenant_bound is not None else self.max_per_tenant
         depth = self.tenant_depth(job.tenant)
         if bound is not None and depth >= bound:
             raise QueueFullError("tenant", depth, bound)
-        job.seq = self._new_seq()
+
+    def _admit(self, job: Job, force: bool = False) -> None:
+        if force:  # a job coming back (its backend failed) or moved over on a reload: no bound
+            if job.seq:  # it keeps its place; later arrivals still come after it
+                self._next_seq = max(self._next_seq, job.seq + 1)
+            else:
+                job.seq = self._new_seq()
+        else:
+            self.check(job)
+            job.seq = self._new_seq()
         self._jobs[job.id] = job
-        self._per_tenant[job.tenant] = depth + 1
+        self._per_tenant[job.tenant] = self.tenant_depth(job.tenant) + 1
 
     def _new_seq(self) -> int:
         self._next_seq += 1
@@ -165,20 +180,25 @@ class FifoQueue(_Bounded):
     def __init__(self, max_size: int, max_per_tenant: int | None = None) -> None:
         super().__init__(max_size, max_per_tenant)
         self._line: list[Job] = []  # by seq
+        self._continuations: list[Job] = []  # by seq; before the whole line
+
+    def _place(self, job: Job) -> list[Job]:
+        return self._continuations if job.continues else self._line
 
     def push(self, job: Job, now: float, *, force: bool = False) -> None:
         self._admit(job, force)
-        bisect.insort(self._line, job, key=_seq)
+        bisect.insort(self._place(job), job, key=_seq)
 
     def remove(self, job_id: str) -> Job | None:
         job = super().remove(job_id)
         if job is not None:
-            at = bisect.bisect_left(self._line, job.seq, key=_seq)
-            del self._line[at if at < len(self._line) and self._line[at] is job else self._line.index(job)]
+            line = self._place(job)
+            at = bisect.bisect_left(line, job.seq, key=_seq)
+            del line[at if at < len(line) and line[at] is job else line.index(job)]
         return job
 
     def candidates(self, now: float) -> Iterator[Job]:
-        return iter(self._line)
+        return itertools.chain(self._continuations, self._line)
 
     def take(self, job: Job, now: float) -> None:
         self.remove(job.id)
@@ -187,6 +207,7 @@ class FifoQueue(_Bounded):
         other = FifoQueue(self.max_size, self.max_per_tenant)
         self._copy_into(other)
         other._line = list(self._line)
+        other._continuations = list(self._continuations)
         return other
 
 
@@ -200,13 +221,13 @@ class FairQueue(_Bounded):
         self.band_aging_s = band_aging_s
         self._virtual: dict[int, float] = {}  # band -> virtual time
         self._finish: dict[tuple[int, str], float] = {}  # (band, tenant) -> virtual finish tag
-        # What candidates() walks: effective band -> tenant -> its jobs in their order, kept up to
-        # date by push/remove/take for as long as no job ages into another band or rank
-        # (``_span``); rebuilt after. None: to be built.
+        # What candidates() walks: group (``_group``: effective band, continuation or not) ->
+        # tenant -> its jobs in their order, kept up to date by push/remove/take for as long as no
+        # job ages into another band or rank (``_span``); rebuilt after. None: to be built.
         self._groups: dict[int, dict[str, list[Job]]] | None = None
-        self._band_of: dict[str, int] = {}  # job id -> its band in _groups
+        self._band_of: dict[str, int] = {}  # job id -> its group in _groups
         self._span = (math.inf, -math.inf)  # [from, until): when _groups holds
-        self._oldest: dict[tuple[int, str], list[int]] = {}  # shortest_first tie-breaks, built lazily
+        self._oldest: dict[tuple[int, str], list[int]] = {}  # (group, tenant): shortest_first tie-breaks, lazily
 
     def push(self, job: Job, now: float, *, force: bool = False) -> None:
         self._admit(job, force)
@@ -216,30 +237,36 @@ class FairQueue(_Bounded):
         if not self._span[0] <= now < min(self._span[1], until):
             self._groups = None
             return
-        band = self.effective_band(job, now)
-        bisect.insort(self._groups.setdefault(band, {}).setdefault(job.tenant, []), job, key=self._rank(now))
-        self._band_of[job.id] = band
-        self._oldest.pop((band, job.tenant), None)
+        group = self._group(job, now)
+        rank = _by_seq if job.continues else self._rank(now)
+        bisect.insort(self._groups.setdefault(group, {}).setdefault(job.tenant, []), job, key=rank)
+        self._band_of[job.id] = group
+        self._oldest.pop((group, job.tenant), None)
         self._span = (now, min(self._span[1], until))  # times before the push are not asked for again
 
     def remove(self, job_id: str) -> Job | None:
         job = super().remove(job_id)
         if job is not None and self._groups is not None:
-            band = self._band_of.pop(job.id)
-            tenants = self._groups[band]
+            group = self._band_of.pop(job.id)
+            tenants = self._groups[group]
             jobs = tenants[job.tenant]
             jobs.remove(job)  # Job compares by identity
-            self._oldest.pop((band, job.tenant), None)
+            self._oldest.pop((group, job.tenant), None)
             if not jobs:
                 del tenants[job.tenant]
                 if not tenants:
-                    del self._groups[band]
+                    del self._groups[group]
         return job
 
     def effective_band(self, job: Job, now: float) -> int:
         """The job's band after aging: one band higher per ``band_aging_s`` waited."""
         promoted = int(max(0.0, now - job.arrived_at) // self.band_aging_s)
         return max(0, job.band - promoted)
+
+    def _group(self, job: Job, now: float) -> int:
+        """Where ``candidates`` lists the job: its effective band's continuations (``2 * band``)
+        before that band's other jobs (``2 * band + 1``), before the next band's."""
+        return 2 * self.effective_band(job, now) + (0 if job.continues else 1)
 
     def aged(self, job: Job, now: float) -> bool:
         """Shortest-first aging: a job that has waited ``aging_s`` goes ahead of shorter ones."""
@@ -277,35 +304,47 @@ class FairQueue(_Bounded):
         groups: dict[int, dict[str, list[Job]]] = {}
         self._band_of = {}
         for job in self._jobs.values():
-            band = self._band_of[job.id] = self.effective_band(job, now)
-            groups.setdefault(band, {}).setdefault(job.tenant, []).append(job)
+            group = self._band_of[job.id] = self._group(job, now)
+            groups.setdefault(group, {}).setdefault(job.tenant, []).append(job)
         rank = self._rank(now)
-        for tenants in groups.values():
+        for group, tenants in groups.items():
             for jobs in tenants.values():
-                jobs.sort(key=rank)
+                jobs.sort(key=rank if group % 2 else _by_seq)
         self._groups, self._oldest = groups, {}
         self._span = (now, _before(self._next_change(self._jobs.values(), now)))
         return groups
 
-    def _oldest_from(self, band: int, tenant: str) -> list[int]:
-        """``out[i]``: the smallest seq among the tenant's jobs of the band from its ``i``-th on."""
-        cached = self._oldest.get((band, tenant))
+    def _oldest_from(self, group: int, tenant: str) -> list[int]:
+        """``out[i]``: the smallest seq among the tenant's jobs of the group from its ``i``-th on."""
+        cached = self._oldest.get((group, tenant))
         if cached is None:
             assert self._groups is not None
-            cached = self._oldest[(band, tenant)] = _suffix_min_seq(self._groups[band][tenant])
+            cached = self._oldest[(group, tenant)] = _suffix_min_seq(self._groups[group][tenant])
         return cached
 
     def candidates(self, now: float) -> Iterator[Job]:
         groups = self._groups
         if groups is None or not self._span[0] <= now < self._span[1]:
             groups = self._build(now)
-        for band in sorted(groups):
-            yield from self._band_order(band, groups[band])
+        for band in sorted({group // 2 for group in groups}):
+            charged: dict[str, float] = {}  # tags after the band's continuations are charged
+            if 2 * band in groups:
+                yield from self._continuations(band, groups[2 * band], charged)
+            if 2 * band + 1 in groups:
+                yield from self._band_order(band, groups[2 * band + 1], charged)
 
-    def _band_order(self, band: int, tenants: dict[str, list[Job]]) -> Iterator[Job]:
+    def _continuations(self, band: int, tenants: dict[str, list[Job]], charged: dict[str, float]) -> Iterator[Job]:
+        """The band's continuations in arrival order, each charged to ``charged`` as ``take`` would."""
+        for job in heapq.merge(*tenants.values(), key=_seq):
+            yield job
+            start = charged[job.tenant] if job.tenant in charged else self._tag(band, job.tenant)
+            charged[job.tenant] = start + job.predicted_s / job.weight
+
+    def _band_order(self, band: int, tenants: dict[str, list[Job]], charged: dict[str, float]) -> Iterator[Job]:
         # Visit tenants by virtual tag, simulating charges so later candidates follow the order
         # dispatching them one by one would give.
-        tags = {t: self._tag(band, t) for t in tenants}
+        group = 2 * band + 1
+        tags = {t: charged[t] if t in charged else self._tag(band, t) for t in tenants}
         positions = dict.fromkeys(tenants, 0)
 
         def first(tenant: str) -> tuple[float, int]:
@@ -313,7 +352,7 @@ class FairQueue(_Bounded):
             (under FIFO its next one)."""
             if self.within_tenant is WithinTenant.FIFO:
                 return tags[tenant], tenants[tenant][positions[tenant]].seq
-            return tags[tenant], self._oldest_from(band, tenant)[positions[tenant]]
+            return tags[tenant], self._oldest_from(group, tenant)[positions[tenant]]
 
         while tags:
             tenant = next(iter(tags)) if len(tags) == 1 else min(tags, key=first)
@@ -329,7 +368,8 @@ class FairQueue(_Bounded):
     def take(self, job: Job, now: float) -> None:
         band = self.effective_band(job, now)
         start = self._tag(band, job.tenant)
-        self._virtual[band] = max(self._virtual.get(band, 0.0), start)
+        if not job.continues:  # a continuation went out of the fair order: the band's clock stays
+            self._virtual[band] = max(self._virtual.get(band, 0.0), start)
         self._finish[(band, job.tenant)] = start + job.predicted_s / job.weight
         self.remove(job.id)
 
@@ -349,6 +389,11 @@ class FairQueue(_Bounded):
 
 def _seq(job: Job) -> int:
     return job.seq
+
+
+def _by_seq(job: Job) -> tuple[int, float, int]:
+    """A continuation's rank among its tenant's: arrival order (the shape of ``FairQueue._rank``)."""
+    return (0, 0.0, job.seq)
 
 
 def _suffix_min_seq(jobs: Sequence[Job]) -> list[int]:

@@ -12,6 +12,9 @@ queued; ``finish``, ``requeue``, ``answered_early``: running); for any other id 
 admitted, or already closed) it changes nothing and says so in its result. So a late or repeated
 call is harmless, and a caller need not know whether another already closed the job.
 
+A request fanned out into pieces (docs/scheduling.md, "Pieces of a fanned-out request") is
+admitted as one (``offer_pieces``); its pieces then wait and run as jobs of their own.
+
 The dispatch decision itself is scheduler.core.dispatch_step's; ``forecast`` and the other
 predictions (scheduler.core.forecast) run that same decision forward in simulated time on a copy
 of the queue (docs/scheduling.md, "Admission").
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -88,25 +91,108 @@ class Scheduler:
         """Admit the job into the queue, or say why not. ``force``: no admission and no bounds (a
         job that was admitted before, e.g. an async task re-queued after a restart)."""
         if force:
-            self.queue.push(job, now, force=True)
-            heapq.heappush(self._deadlines, (self.expires_at(job), job.seq, job.id))
+            self._enqueue(job, now)
             self.tally.admitted += 1
             return None
+        rejection = self._admit(job, now, backends, lambda: self.queue.push(job, now))
+        if rejection is None:
+            heapq.heappush(self._deadlines, (self.expires_at(job), job.seq, job.id))
+        return rejection
+
+    def _admit(self, job: Job, now: float, backends: Sequence[BackendView],
+               enter: Callable[[], None]) -> Rejection | None:
+        """Judge ``job`` for admission and, when admitted, ``enter`` it (which raises
+        QueueFullError for a bound the outlook did not see); counted either way."""
         room = len(self.queue) < self.queue.max_size and self.queue.tenant_depth(job.tenant) < self._tenant_max(job)
         outlook = self.outlook(job, now, backends, wait=self.reject_unmeetable and room)
         rejection = admit(outlook, reject_unmeetable=self.reject_unmeetable)
         if rejection is None:
             try:
-                self.queue.push(job, now)
+                enter()
             except QueueFullError:  # the outlook saw room; a bound it does not know of did not
                 rejection = admit(replace(outlook, queued=self.queue.max_size), reject_unmeetable=False)
         if rejection is not None:
             self.tally.rejected[rejection.reason.value] += 1
             return rejection
-        heapq.heappush(self._deadlines, (self.expires_at(job), job.seq, job.id))
         self.tally.admitted += 1
         self._admitted.note(job, now)
         return None
+
+    def _enqueue(self, job: Job, now: float) -> None:
+        """Queue a job past the bounds (keeping its place if it had one), with its expiry."""
+        self.queue.push(job, now, force=True)
+        heapq.heappush(self._deadlines, (self.expires_at(job), job.seq, job.id))
+
+    # --- pieces of a fanned-out request --------------------------------------------------------
+
+    def free_slots(self, parent: Job, now: float, backends: Sequence[BackendView]) -> int:
+        """How many jobs like ``parent`` could start right now without taking a slot from
+        anything queued: what a new request may fan out over. 0 while any job is queued (a
+        queue means the pool is not idle); else the free slots of the ready backends (their
+        own: never a class's extra slots), within what ``parent``'s class may still start under
+        its cap, and as many as ``schedule`` would start one after the other (model affinity, and
+        deadlines on a backend that slows down with company, may keep a free slot from such a
+        job)."""
+        if len(self.queue):
+            return 0
+        ready = [b for b in backends if b.ready]
+        in_flight = Counter(run.backend_id for run in self.running.values())
+        free = sum(max(0, b.slots - in_flight[b.id]) for b in ready)
+        cap = self.classes.cap(parent.cls, sum(b.slots for b in ready))
+        if cap is not None:
+            free = min(free, max(0, cap - sum(run.job.cls == parent.cls for run in self.running.values())))
+        return self._would_start(parent, free, now, ready)
+
+    def _would_start(self, parent: Job, most: int, now: float, ready: Sequence[BackendView]) -> int:
+        """How many jobs like ``parent``, queued alone one after the other, ``schedule`` would start
+        at ``now``, up to ``most`` (on copies: nothing here changes). Each is asked alone, as the
+        head of the pieces is: one that may not start stops the count. A class's extra slots are
+        not counted: they are for a short text next to long ones, not for pieces."""
+        own_slots = LengthClasses([replace(rule, extra_slots=0) for rule in self.classes.rules])
+        pool, step, shares = Pool(ready), DispatchStep(own_slots, self.cost), self.shares.copy()
+        running = dict(self.running)
+        loaded: dict[str, ModelKey | None] = {b.id: b.model_key for b in ready}
+        started = 0
+        while started < most:
+            copy = replace(parent, id=f"{parent.id}/{started}", seq=0, continues=False)
+            chosen = step.pick(now, pool, running, loaded, [copy], Demand([copy]), shares)
+            if chosen is None:
+                break
+            shares.note(copy.cls, copy.predicted_s, own_slots, len(ready))
+            running[copy.id] = step.run(chosen, now)
+            loaded[chosen.backend_id] = copy.model_key
+            started += 1
+        return started
+
+    def make_piece(self, parent: Job, *, id: str, chars: int, units: float) -> Job:
+        """A piece of ``parent``'s text as a job of its own: the parent's tenant, weight, band,
+        class (a long text's pieces never take a short text's fast lane or extra slots), model
+        configuration, bound, arrival and deadline, with its own prediction (not yet queued)."""
+        prediction = self.cost.predict(units, parent.model_key)
+        return replace(parent, id=id, chars=chars, units=units, predicted_s=prediction.mean_s,
+                       p95_s=prediction.p95_s, parent=parent.id, continues=False, seq=0)
+
+    def offer_pieces(self, parent: Job, pieces: Sequence[Job], now: float,
+                     backends: Sequence[BackendView]) -> Rejection | None:
+        """Admit ``parent`` by queueing its first ``pieces`` in its place, or say why not. The
+        request is judged and counted exactly as ``offer(parent)`` would judge and count it, but
+        what enters the queue are the pieces (past the bounds: the parent's place is theirs),
+        each with its own expiry."""
+        if not pieces or any(piece.parent != parent.id for piece in pieces):
+            raise ValueError(f"offer_pieces needs pieces made from {parent.id!r}")
+        rejection = self._admit(parent, now, backends, lambda: self.queue.check(parent))
+        if rejection is None:
+            for piece in pieces:
+                self._enqueue(piece, now)
+        return rejection
+
+    def add_piece(self, job: Job, now: float) -> None:
+        """Queue a later piece of a request already admitted and started: past the bounds, with no
+        admission and not counted again, as a continuation (before new work of its band)."""
+        if job.parent is None:
+            raise ValueError(f"{job.id!r} is not a piece of a request")
+        job.continues = True
+        self._enqueue(job, now)
 
     def work_rate(self, now: float, *, above_band: int) -> float:
         """Predicted seconds of work admitted per second into bands higher than ``above_band``
@@ -219,15 +305,17 @@ class Scheduler:
 
     def requeue(self, job_id: str, now: float) -> bool:
         """A dispatched job whose backend failed before answering goes back in line where it was
-        (it keeps its arrival time, place and deadline). False, and nothing changes, for a job
-        not running (unknown, queued, finished) and for one whose client was answered early: that
-        one has nothing to redo and stays running until ``finish``."""
+        (it keeps its arrival time, place and deadline; a piece goes back as a continuation: its
+        request has started). False, and nothing changes, for a job not running (unknown, queued,
+        finished) and for one whose client was answered early: that one has nothing to redo and
+        stays running until ``finish``."""
         run = self.running.get(job_id)
         if run is None or run.answered_early:  # its client already has its answer: nothing to redo
             return False
         del self.running[job_id]
-        self.queue.push(run.job, now, force=True)
-        heapq.heappush(self._deadlines, (self.expires_at(run.job), run.job.seq, run.job.id))
+        if run.job.parent is not None:
+            run.job.continues = True
+        self._enqueue(run.job, now)
         return True
 
     def adopt(self, old: Scheduler) -> None:

@@ -151,10 +151,32 @@ class Dispatcher:
             return rejection
         return self._wait(job)
 
+    def offer_pieces(self, parent: Job, pieces: Sequence[Job]) -> Rejection | list[asyncio.Future[Backend]]:
+        """Admit a fanned-out request by its first ``pieces`` (``Scheduler.offer_pieces``): one
+        future per piece, in their order, each resolving to the backend whose slot that piece
+        holds; or why not. The pieces are dispatched together, in one pump."""
+        self._refresh()
+        rejection = self.scheduler.offer_pieces(parent, pieces, self.clock(), self.views())
+        if rejection is not None:
+            return rejection
+        futures = [self._future(piece) for piece in pieces]
+        self.pump()
+        return futures
+
+    def add_piece(self, job: Job) -> asyncio.Future[Backend]:
+        """Queue a later piece of a request already started (``Scheduler.add_piece``): a future
+        resolving to its backend. Withdrawn, finished and requeued like any job."""
+        self.scheduler.add_piece(job, self.clock())
+        return self._wait(job)
+
     def _wait(self, job: Job) -> asyncio.Future[Backend]:
+        future = self._future(job)
+        self.pump()
+        return future
+
+    def _future(self, job: Job) -> asyncio.Future[Backend]:
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         self._waiting[job.id] = future
-        self.pump()
         return future
 
     def withdraw(self, job: Job, future: asyncio.Future[Backend]) -> None:
