@@ -6,6 +6,7 @@
     │   ├── BadAuthorization        the Authorization header is not ASCII
     │   ├── BadIdempotencyKey       Idempotency-Key is not 1..200 printable ASCII characters
     │   ├── CallbackNotAllowed      X-Callback-URL is outside tasks.callbacks.allow
+    │   ├── BadHeader               X-Fanout is not on or off
     │   ├── NonAsciiHeader          a header a task stores is not ASCII ("header": its name)
     │   ├── InvalidField            a field of a JSON body (the OpenAI API) is wrong (``param``: its name)
     │   └── InvalidConfig           a reload found the file invalid ("problems": what is wrong)
@@ -99,6 +100,10 @@ class InvalidField(BadRequest):
 
 class CallbackNotAllowed(BadRequest):
     reason = "callback_not_allowed"
+
+
+class BadHeader(BadRequest):
+    reason = "bad_header"
 
 
 class NonAsciiHeader(BadRequest):

@@ -28,6 +28,7 @@ from backend.settings import (
 from scheduler.config.backends import BackendsConfig
 from scheduler.config.base import MIN_KEY_CHARS
 from scheduler.config.cache import CacheConfig
+from scheduler.config.fanout import FanoutConfig
 from scheduler.config.loader import load_config, parse_config
 from scheduler.config.openai import ModelConfig, OpenAIConfig, VoiceConfig
 from scheduler.config.root import SidecarConfig
@@ -72,6 +73,7 @@ __all__ = [
     "CostConfig",
     "CrashLoopConfig",
     "DeadlinesConfig",
+    "FanoutConfig",
     "HealthConfig",
     "LearnedDeadlineConfig",
     "LimitsConfig",

@@ -10,6 +10,7 @@ from backend.settings.base import ConfigError, ConfigSection, Key, key_path, rai
 from scheduler.config.backends import BackendsConfig
 from scheduler.config.base import ladder_problems
 from scheduler.config.cache import CACHE_SUBDIR, CacheConfig
+from scheduler.config.fanout import FanoutConfig
 from scheduler.config.openai import OpenAIConfig
 from scheduler.config.scheduling import (
     DEFAULT_CLASSES,
@@ -60,6 +61,7 @@ class SidecarConfig(ConfigSection):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    fanout: FanoutConfig = Field(default_factory=FanoutConfig)
 
     @field_validator("classes")
     @classmethod

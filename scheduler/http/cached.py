@@ -15,34 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass, field
 
-from backend.transport import BackendTimeout, BackendUnavailable
-from glmtts.responses import succeeded
-from scheduler.errors import BackendFailed, SidecarError
+from scheduler.errors import SidecarError
 from scheduler.http.middleware import REQUEST_ID
 from scheduler.runtime.cache import CachedAnswer, StoppedWaiting, request_key
 from scheduler.runtime.context import Runtime
-from scheduler.runtime.exchange import Exchange, Intake, Outcome, expired
+from scheduler.runtime.exchange import Exchange, Intake, Outcome, Whole, expired
+from scheduler.runtime.fanout import decide, synthesize
 
-__all__ = ["HIT", "MISS", "SHARED", "CachedTTS", "Synthesis"]
+__all__ = ["HIT", "MISS", "SHARED", "CachedTTS"]
 
 HIT, MISS, SHARED = "hit", "miss", "shared"  # X-Cache, and the cache metric's result label
-PASSED_HEADERS = ("Content-Type", "Allow", "Retry-After")  # as scheduler.http.tts passes them on
-
-
-@dataclass(frozen=True, kw_only=True)
-class Synthesis:
-    """A backend's whole answer (or the cache's copy of one), and how it was got."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    ok: bool = True
-    outcome: str = "ok"  # the access log's outcome of the request that ran it
-    backend: str | None = None  # None: from the cache
-    queue_s: float = 0.0
-    service_s: float | None = None
 
 
 class CachedTTS:
@@ -50,7 +33,7 @@ class CachedTTS:
         self.runtime = runtime
         self.exchange = exchange
 
-    async def answer(self, intake: Intake) -> tuple[Synthesis, str]:
+    async def answer(self, intake: Intake) -> tuple[Whole, str]:
         """The answer to ``intake``'s request and where it came from (HIT, MISS, SHARED); or the
         SidecarError of the synthesis (every request sharing it gets the same)."""
         runtime, job = self.runtime, intake.job
@@ -61,16 +44,21 @@ class CachedTTS:
         tenant = None if runtime.config.cache.shared else job.tenant
         # The prompt as the backends last reported it: one changed past the sidecar misses once seen.
         prompt_config = runtime.prompts.digest(index) if index else None
-        key = (request_key(tts, tenant=tenant, generation=generation, prompt_config=prompt_config)
+        # A request that may be split may be answered with joined pieces: those are keyed apart
+        # from whole answers, by how they are joined (one that may not is never answered with them).
+        fanout = runtime.config.fanout
+        split = intake.fanout if intake.fanout is not None else fanout.enabled
+        fan_out = {"crossfade_s": fanout.crossfade_s, "pause_s": fanout.pause_s} if split else None
+        key = (request_key(tts, tenant=tenant, generation=generation, prompt_config=prompt_config, fan_out=fan_out)
                if tts.prompt_audio is None else await asyncio.to_thread(
-                   request_key, tts, tenant=tenant, generation=generation, prompt_config=prompt_config))
+                   request_key, tts, tenant=tenant, generation=generation, prompt_config=prompt_config,
+                   fan_out=fan_out))
         stored = cache.get(key)
         if stored is not None:
             runtime.metrics.cache_request(HIT)
-            synthesis = Synthesis(status=stored.status, body=stored.body,
-                                  headers={"Content-Type": stored.content_type})
-            self._report(intake, synthesis, HIT)
-            return synthesis, HIT
+            whole = Whole(status=stored.status, body=stored.body, headers={"Content-Type": stored.content_type})
+            self._report(intake, whole, HIT)
+            return whole, HIT
         flight, leads = cache.flight(key, lambda: self._synthesise(intake, key, index, generation))
         runtime.metrics.cache_request(MISS if leads else SHARED)
         if leads:
@@ -79,7 +67,7 @@ class CachedTTS:
         left = job.deadline_at - runtime.dispatcher.clock()
         try:
             # Its own deadline, not the first request's: past it, its 408; the synthesis goes on.
-            synthesis = await flight.result(within=None if math.isinf(left) else left)
+            whole = await flight.result(within=None if math.isinf(left) else left)
         except StoppedWaiting:
             error = expired(job)
             record.status, record.outcome, record.reason = error.status, "rejected", error.reason
@@ -93,35 +81,23 @@ class CachedTTS:
             record.outcome = "client_gone"
             self.exchange.report(job, record, intake.arrived)
             raise
-        self._report(intake, synthesis, SHARED)
-        return synthesis, SHARED
+        self._report(intake, whole, SHARED)
+        return whole, SHARED
 
-    def _report(self, intake: Intake, synthesis: Synthesis, how: str) -> None:
-        record = Outcome(request_id=intake.request_id, status=synthesis.status, outcome=synthesis.outcome,
-                         reason=f"cache_{how}", backend=synthesis.backend)
+    def _report(self, intake: Intake, whole: Whole, how: str) -> None:
+        record = Outcome(request_id=intake.request_id, status=whole.status, outcome=whole.outcome,
+                         reason=f"cache_{how}", backend=whole.backend)
         self.exchange.report(intake.job, record, intake.arrived)
 
-    async def _synthesise(self, intake: Intake, key: str, index: str | None, generation: tuple[int, int]) -> Synthesis:
-        """One synthesis, as an uncached request runs it but read whole; stored when it succeeds."""
+    async def _synthesise(self, intake: Intake, key: str, index: str | None, generation: tuple[int, int]) -> Whole:
+        """One synthesis, as an uncached request runs it (whole, or split: scheduler.runtime.fanout) but
+        read whole; stored when it succeeds."""
         runtime, job = self.runtime, intake.job
         record = Outcome(request_id=intake.request_id)
-        headers = {"Content-Type": intake.content_type, REQUEST_ID: intake.request_id}
         try:
-            future = self.exchange.admit(job)
-            async with await self.exchange.forward(job, future, intake.body, headers, record) as answered:
-                reply = answered.reply
-                record.status = reply.status
-                try:
-                    body = await reply.read()
-                except (BackendUnavailable, BackendTimeout) as exc:
-                    record.outcome = "backend_cut"
-                    runtime.pool.report_failure(answered.backend, f"answer cut short: {exc}")
-                    raise BackendFailed(f"The backend's answer was cut short: {exc}") from None
-                ok = succeeded(reply.status, body)
-                answered.finish(ok)
-                passed = {name: reply.headers[name] for name in PASSED_HEADERS if name in reply.headers}
-                synthesis = Synthesis(status=reply.status, body=body, headers=passed, ok=ok, outcome=record.outcome,
-                                      backend=answered.backend.id, queue_s=record.queue_s, service_s=record.service_s)
+            plan = decide(runtime, intake, choice=intake.fanout)
+            whole = await synthesize(runtime, self.exchange, intake, record, {REQUEST_ID: intake.request_id}, plan)
+            record.status = whole.status
         except SidecarError as exc:
             if record.outcome == "ok":
                 record.status, record.outcome, record.reason = exc.status, "rejected", exc.reason
@@ -131,8 +107,8 @@ class CachedTTS:
             raise
         finally:
             self.exchange.report(job, record, intake.arrived)
-        if ok:
-            answer = CachedAnswer(status=reply.status, content_type=passed.get("Content-Type", "application/json"),
-                                  body=body)
+        if whole.ok:
+            answer = CachedAnswer(status=whole.status,
+                                  content_type=whole.headers.get("Content-Type", "application/json"), body=whole.body)
             runtime.cache.put(key, answer, index=index, generation=generation)
-        return synthesis
+        return whole

@@ -23,13 +23,15 @@ from glmtts.form import parse_form
 from glmtts.text import units
 from scheduler.core.deadlines import client_budget
 from scheduler.core.tenants import DEFAULT_TENANT, TenantError
-from scheduler.errors import BadTimeout, BodyTimeout, Draining, NotAttributed, PayloadTooLarge, SidecarError
+from scheduler.errors import BadHeader, BadTimeout, BodyTimeout, Draining, NotAttributed, PayloadTooLarge, SidecarError
 from scheduler.http.middleware import request_id_of, too_large_body
 from scheduler.runtime.context import Runtime
 from scheduler.runtime.exchange import Intake
 from scheduler.runtime.metrics import UNKNOWN_CLASS, classify
 
-__all__ = ["INLINE_PARSE_BYTES", "Translate", "read_intake"]
+__all__ = ["FANOUT_HEADER", "INLINE_PARSE_BYTES", "Translate", "fanout_choice", "read_intake"]
+
+FANOUT_HEADER = "X-Fanout"  # on|off: split this request's text over free backends, or never (docs/fanout.md)
 
 INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop
 
@@ -58,6 +60,7 @@ async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float
                                             priority_header=request.headers.get("X-Priority"),
                                             unknown_key_is_default=unknown_key_is_default)
             client = _client_budget(runtime, request)
+            choice = fanout_choice(request)
         except TenantError as exc:
             raise NotAttributed(exc.status, exc.reason, exc.detail) from None
         except ValueError as exc:
@@ -73,7 +76,7 @@ async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float
         tenant=who.tenant.name, weight=who.tenant.weight, band=who.band, tenant_bound=who.tenant.max_queued,
         client_budget_s=client, budget_s=budget_s)
     return Intake(request_id=request_id_of(request), arrived=arrived, body=body, content_type=content_type,
-                  tts=tts, job=job)
+                  tts=tts, job=job, fanout=choice)
 
 
 async def _read_valid(runtime: Runtime, request: web.Request,
@@ -123,3 +126,15 @@ def _client_budget(runtime: Runtime, request: web.Request) -> float | None:
     if header is None or not runtime.config.deadlines.client_header:
         return None
     return client_budget(float("inf"), header)
+
+
+def fanout_choice(request: web.Request) -> bool | None:
+    """The client's ``X-Fanout``: True (on), False (off), None (absent: the configuration decides);
+    any other value is a 400 naming the header."""
+    value = request.headers.get(FANOUT_HEADER)
+    if value is None:
+        return None
+    choice = {"on": True, "off": False}.get(value.strip().lower())
+    if choice is None:
+        raise BadHeader(f"{FANOUT_HEADER} must be 'on' or 'off'; got {value[:40]!r}")
+    return choice

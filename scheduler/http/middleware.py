@@ -69,21 +69,25 @@ def request_id(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
-def openai_error_response(exc: SidecarError | HTTPDetailError) -> web.Response:
-    """An error in OpenAI's shape, for the /v1/ routes."""
-    status = exc.status
+def openai_error_body(exc: SidecarError | HTTPDetailError) -> dict[str, object]:
+    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
     message = exc.detail if isinstance(exc.detail, str) else "Invalid request"
     param = exc.param if isinstance(exc, SidecarError) else None
     reason = exc.reason if isinstance(exc, SidecarError) else None
+    return {"error": {"message": message, "type": _openai_type(exc.status), "param": param,
+                      "code": _openai_code(exc, reason)}}
+
+
+def openai_error_response(exc: SidecarError | HTTPDetailError) -> web.Response:
+    """An error in OpenAI's shape, for the /v1/ routes."""
+    status = exc.status
     headers = exc.headers() if isinstance(exc, SidecarError) else {}
     retry_after = exc.retry_after if isinstance(exc, SidecarError) else None
     if retry_after is not None:
         headers["retry-after-ms"] = str(max(1, math.ceil(retry_after * 1000)))
     if not retryable(exc):
         headers["x-should-retry"] = "false"
-    body = {"error": {"message": message, "type": _openai_type(status), "param": param,
-                      "code": _openai_code(exc, reason)}}
-    response = json_response(body, status, headers)
+    response = json_response(openai_error_body(exc), status, headers)
     if isinstance(exc, SidecarError) and exc.close:
         response.force_close()
     return response

@@ -15,19 +15,18 @@ Errors are raised, and rendered in OpenAI's shape by scheduler.http.middleware.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import contextlib
 import json
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from backend.transport import BackendTimeout, BackendUnavailable
-from glmtts.audio import FORMATS, Pcm, available, decode_wav, encode
+from glmtts.audio import FORMATS, Pcm, available, encode
+from glmtts.audio_stream import STREAMABLE
 from glmtts.contract import BEAM_SIZE_RANGE, SAMPLE_METHODS, SAMPLE_RATES, SAMPLING_RANGE
 from glmtts.form import PartValue, encode_multipart, multipart_content_type
 from glmtts.responses import succeeded
@@ -45,8 +44,11 @@ from scheduler.errors import (
 from scheduler.http.cached import CachedTTS
 from scheduler.http.intake import INLINE_PARSE_BYTES, read_intake
 from scheduler.http.middleware import REQUEST_ID
+from scheduler.http.speech_stream import SpeechStream
+from scheduler.http.tts import PIECES_HEADER, timing
 from scheduler.runtime.context import Runtime
-from scheduler.runtime.exchange import Answered, Exchange, Intake, Outcome
+from scheduler.runtime.exchange import Exchange, Intake, Outcome, Whole
+from scheduler.runtime.fanout import PieceFailed, SplitRun, answer_pcm, decide, synthesize
 
 __all__ = ["OWNER", "OpenAIHandler", "Speech", "parse_speech"]
 
@@ -56,6 +58,7 @@ SEED_RANGE = (-(2**63), 2**63 - 1)  # what a backend's integer parsing surely ho
 MAX_NAME_CHARS = 200  # model and voice names, and instructions' bound is MAX_INSTRUCTIONS_CHARS
 MAX_INSTRUCTIONS_CHARS = 4096
 DEFAULT_SAMPLE_RATE = 24000
+STREAM_FORMATS = ("audio", "sse")
 # The fields OpenAI's API defines, then GLM-TTS's own (the official client's extra_body).
 FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions", "stream_format",
           "seed", "sample_rate", "use_phoneme", "sampling", "beam_size", "sample_method")
@@ -75,6 +78,7 @@ class Speech:
     sampling: int | None = None
     beam_size: int | None = None
     sample_method: str | None = None
+    stream_format: str | None = None  # "audio" or "sse": streamed (scheduler.http.speech_stream); None: whole
 
     def form(self) -> tuple[bytes, str]:
         """Upstream's multipart form for this request, and its Content-Type."""
@@ -112,11 +116,7 @@ def parse_speech(body: bytes, config: OpenAIConfig, *, max_chars: int) -> tuple[
         raise InvalidField(why, param="response_format")
     _check_speed(fields.get("speed"))
     _text(fields, "instructions", limit=MAX_INSTRUCTIONS_CHARS)  # accepted, and ignored: GLM-TTS takes none
-    stream = _text(fields, "stream_format", limit=MAX_NAME_CHARS) or "audio"
-    if stream != "audio":
-        detail = ("stream_format 'sse' is not supported yet: use 'audio'" if stream == "sse"
-                  else f"stream_format must be 'audio' or 'sse'; got {_shown(stream)!r}")
-        raise InvalidField(detail, param="stream_format")
+    stream = _text(fields, "stream_format", limit=MAX_NAME_CHARS, choices=STREAM_FORMATS) or None
     rate = (_choice(fields, "sample_rate", SAMPLE_RATES) or config.models[model].sample_rate
             or (configured.sample_rate if configured is not None else None) or DEFAULT_SAMPLE_RATE)
     speech = Speech(
@@ -124,7 +124,8 @@ def parse_speech(body: bytes, config: OpenAIConfig, *, max_chars: int) -> tuple[
         response_format=fmt, sample_rate=rate, seed=_integer(fields, "seed", SEED_RANGE),
         use_phoneme=_flag(fields, "use_phoneme"), sampling=_integer(fields, "sampling", SAMPLING_RANGE),
         beam_size=_integer(fields, "beam_size", BEAM_SIZE_RANGE),
-        sample_method=_text(fields, "sample_method", limit=MAX_NAME_CHARS, choices=SAMPLE_METHODS))
+        sample_method=_text(fields, "sample_method", limit=MAX_NAME_CHARS, choices=SAMPLE_METHODS),
+        stream_format=stream)
     return speech, None if configured is not None else voice
 
 
@@ -230,17 +231,8 @@ def _flag(fields: Mapping[str, Any], name: str) -> bool | None:
     return value
 
 
-def _audio_of(answer: bytes) -> Pcm:
-    """The samples in a backend's successful JSON answer (CPU-bound for a long text: off the loop)."""
-    try:
-        payload = json.loads(answer)
-        return decode_wav(base64.b64decode(payload["audio_base64"], validate=True))
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise BackendFailed(f"The backend's answer held no usable audio: {exc}") from None
-
-
 def _encoded(answer: bytes, fmt: str) -> bytes:
-    return encode(_audio_of(answer), fmt)
+    return encode(answer_pcm(answer), fmt)
 
 
 class OpenAIHandler:
@@ -270,16 +262,17 @@ class OpenAIHandler:
                 raise InvalidField(f"The request cannot be sent to the backend: {exc}", param=None) from None
 
         intake = await read_intake(self.runtime, request, translate=translate, unknown_key_is_default=True)
+        speech = parsed[0]
+        if speech.stream_format is not None:
+            return await self._stream(request, speech, intake)
         if self.runtime.config.cache.enabled:
-            return await self._through_cache(parsed[0], intake)
-        speech, job, rid = parsed[0], intake.job, intake.request_id
+            return await self._through_cache(speech, intake)
+        job, rid = intake.job, intake.request_id
         record = Outcome(request_id=rid)
-        headers = {"Content-Type": intake.content_type, REQUEST_ID: rid}
         try:
-            future = self.exchange.admit(job)
-            async with await self.exchange.forward(job, future, intake.body, headers, record) as answered:
-                answer = await self._answer(answered)
-                backend = answered.backend.id
+            plan = decide(self.runtime, intake, choice=intake.fanout)
+            whole = await synthesize(self.runtime, self.exchange, intake, record, {REQUEST_ID: rid}, plan)
+            answer = _checked(whole.status, whole.body)
             # The slot is free again: encoding takes CPU here, never a backend.
             audio = await asyncio.to_thread(_encoded, answer, speech.response_format)
         except SidecarError as exc:
@@ -291,37 +284,47 @@ class OpenAIHandler:
             raise
         finally:
             self.exchange.report(job, record, intake.arrived)
-        timing = f"queue;dur={record.queue_s * 1000:.1f}, service;dur={(record.service_s or 0.0) * 1000:.1f}"
-        return web.Response(body=audio, headers={
-            "Content-Type": FORMATS[speech.response_format].content_type, "X-Backend": backend,
-            "X-Queue-Wait": f"{record.queue_s:.3f}", "Server-Timing": timing})
+        return web.Response(body=audio, headers=_made_by(whole, speech.response_format))
 
     async def _through_cache(self, speech: Speech, intake: Intake) -> web.Response:
         """The backend's JSON answer through the result cache (scheduler.http.cached), encoded after."""
-        synthesis, how = await self.cached.answer(intake)
-        answer = _checked(synthesis.status, synthesis.body)
+        whole, how = await self.cached.answer(intake)
+        answer = _checked(whole.status, whole.body)
         audio = await asyncio.to_thread(_encoded, answer, speech.response_format)
-        headers = {"Content-Type": FORMATS[speech.response_format].content_type, "X-Cache": how}
-        if synthesis.backend is not None:
-            timing = f"queue;dur={synthesis.queue_s * 1000:.1f}, service;dur={(synthesis.service_s or 0.0) * 1000:.1f}"
-            headers.update({"X-Backend": synthesis.backend, "X-Queue-Wait": f"{synthesis.queue_s:.3f}",
-                            "Server-Timing": timing})
-        return web.Response(body=audio, headers=headers)
+        return web.Response(body=audio, headers={**_made_by(whole, speech.response_format), "X-Cache": how})
 
-    async def _answer(self, answered: Answered) -> bytes:
-        """The backend's whole successful answer; its failure as the error to answer (502, or what
-        the client's request caused: a prompt gone since it was checked is an unknown voice)."""
-        reply, record = answered.reply, answered.record
-        record.status = reply.status
+    async def _stream(self, request: web.Request, speech: Speech, intake: Intake) -> web.StreamResponse:
+        """A streamed answer (scheduler.http.speech_stream): split so the first audio comes early."""
+        runtime, job = self.runtime, intake.job
+        record = Outcome(request_id=intake.request_id)
+        stream = SpeechStream(runtime, request, fmt=speech.response_format, sse=speech.stream_format == "sse",
+                              input_chars=len(speech.input), arrived=intake.arrived, record=record, pieces=1)
+        if runtime.config.cache.enabled:  # the cache reports the request itself
+            whole, _ = await self.cached.answer(intake)
+            return await stream.send(_one(whole))
+        run: SplitRun | None = None
         try:
-            answer = await reply.read()
-        except (BackendUnavailable, BackendTimeout) as exc:
-            # The backend died mid-answer: nothing went to the client yet, but the work is lost.
-            record.outcome = "backend_cut"
-            self.runtime.pool.report_failure(answered.backend, f"answer cut short: {exc}")
-            raise BackendFailed(f"The backend's answer was cut short: {exc}") from None
-        answered.finish(succeeded(reply.status, answer))
-        return _checked(reply.status, answer)
+            plan = decide(runtime, intake, choice=intake.fanout, stream=speech.response_format in STREAMABLE)
+            if plan is None:
+                whole = await synthesize(runtime, self.exchange, intake, record, {REQUEST_ID: intake.request_id}, None)
+                return await stream.send(_one(whole))
+            run = SplitRun(runtime, self.exchange, intake, plan, record, {REQUEST_ID: intake.request_id})
+            stream.pieces = run.pieces
+            run.start()
+            async with contextlib.aclosing(_pieces(run)) as audio:
+                return await stream.send(audio)
+        except SidecarError as exc:
+            if record.outcome == "ok":
+                record.status, record.outcome, record.reason = exc.status, "rejected", exc.reason
+            raise
+        except asyncio.CancelledError:
+            record.outcome, record.reason = "client_gone", "client_gone"
+            raise
+        finally:
+            if run is not None:
+                record.service_s = run.service_s
+                await run.close()
+            self.exchange.report(job, record, intake.arrived)
 
     async def models(self, request: web.Request) -> web.Response:
         self._check_key(request)
@@ -347,6 +350,32 @@ class OpenAIHandler:
                                            priority_header=None, unknown_key_is_default=True)
         except TenantError as exc:
             raise NotAttributed(exc.status, exc.reason, exc.detail) from None
+
+
+def _made_by(whole: Whole, fmt: str) -> dict[str, str]:
+    """A whole answer's headers: its format, and the backend(s) and times that made it."""
+    headers = {"Content-Type": FORMATS[fmt].content_type}
+    if whole.backend is not None:
+        headers.update({"X-Backend": whole.backend, "X-Queue-Wait": f"{whole.queue_s:.3f}",
+                        "Server-Timing": timing(whole.queue_s, whole.service_s)})
+    if whole.pieces > 1:
+        headers[PIECES_HEADER] = str(whole.pieces)
+    return headers
+
+
+async def _one(whole: Whole) -> AsyncIterator[Pcm]:
+    """A whole answer's audio, as a stream of one piece; its failure as the error to answer."""
+    yield await asyncio.to_thread(answer_pcm, _checked(whole.status, whole.body))
+
+
+async def _pieces(run: SplitRun) -> AsyncGenerator[Pcm, None]:
+    """A split request's pieces of audio in order; a failed piece's answer as the error to answer."""
+    try:
+        async for pcm in run.audio():
+            yield pcm
+    except PieceFailed as failed:
+        _checked(failed.whole.status, failed.whole.body)
+        raise BackendFailed("A piece of the request failed on the backend") from None
 
 
 def _checked(status: int, answer: bytes) -> bytes:

@@ -21,17 +21,17 @@ from aiohttp import web
 from backend.transport import BackendTimeout, BackendUnavailable
 from glmtts.responses import succeeded
 from scheduler.errors import SidecarError
-from scheduler.http.cached import CachedTTS, Synthesis
+from scheduler.http.cached import CachedTTS
 from scheduler.http.intake import read_intake
 from scheduler.http.middleware import REQUEST_ID
 from scheduler.runtime.context import Runtime
-from scheduler.runtime.exchange import Answered, Exchange, Outcome
+from scheduler.runtime.exchange import PASSED_HEADERS, Answered, Exchange, Outcome, Whole
+from scheduler.runtime.fanout import decide, synthesize
 
-__all__ = ["PASSED_HEADERS", "STREAM_CHUNK", "TTSHandler", "sendable"]
+__all__ = ["PIECES_HEADER", "STREAM_CHUNK", "TTSHandler", "sendable", "timing"]
 
 STREAM_CHUNK = 64 * 1024
-# Backend answer headers worth passing on; hop-by-hop and framing headers are ours to set.
-PASSED_HEADERS = ("Content-Type", "Allow", "Retry-After")
+PIECES_HEADER = "X-Fanout-Pieces"  # how many pieces the answer was synthesized in (scheduler.runtime.fanout)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,12 +56,17 @@ class TTSHandler:
             return await self.submit_task(request)
         intake = await read_intake(self.runtime, request)
         if self.runtime.config.cache.enabled:
-            synthesis, how = await self.cached.answer(intake)
-            return _cached_response(synthesis, how, intake.request_id)
+            whole, how = await self.cached.answer(intake)
+            return whole_response(whole, intake.request_id, cache=how)
         job, rid = intake.job, intake.request_id
         record = Outcome(request_id=rid)
         headers = {"Content-Type": sendable(intake.content_type), REQUEST_ID: rid}
         try:
+            plan = decide(self.runtime, intake, choice=intake.fanout)
+            if plan is not None:  # split: the pieces' joined answer, whole
+                whole = await synthesize(self.runtime, self.exchange, intake, record, {REQUEST_ID: rid}, plan)
+                record.status = whole.status
+                return whole_response(whole, rid)
             future = self.exchange.admit(job)
             async with await self.exchange.forward(job, future, intake.body, headers, record) as answered:
                 return await self._stream_back(request, answered)
@@ -84,8 +89,7 @@ class TTSHandler:
         out.headers["X-Backend"] = backend.id
         out.headers["X-Queue-Wait"] = f"{record.queue_s:.3f}"
         # Service = until the backend's answer began: the synthesis itself.
-        out.headers["Server-Timing"] = (f"queue;dur={record.queue_s * 1000:.1f}, "
-                                        f"service;dur={(record.service_s or 0.0) * 1000:.1f}")
+        out.headers["Server-Timing"] = timing(record.queue_s, record.service_s)
         if reply.content_length is not None:
             out.content_length = reply.content_length
         record.status = reply.status
@@ -111,16 +115,24 @@ class TTSHandler:
         return out
 
 
-def _cached_response(synthesis: Synthesis, how: str, request_id: str) -> web.Response:
-    """An answer through the cache: the backend's status, body and headers, and where it came from."""
-    out = web.Response(status=synthesis.status, body=synthesis.body)
-    for name, value in synthesis.headers.items():
+def timing(queue_s: float, service_s: float | None) -> str:
+    """Server-Timing: the queue wait, and the synthesis until the backend's answer began."""
+    return f"queue;dur={queue_s * 1000:.1f}, service;dur={(service_s or 0.0) * 1000:.1f}"
+
+
+def whole_response(whole: Whole, request_id: str, *, cache: str | None = None) -> web.Response:
+    """An answer read whole (through the cache, or joined from pieces): the backend's status, body
+    and headers, where it came from (``cache``: X-Cache) and how it was made."""
+    out = web.Response(status=whole.status, body=whole.body)
+    for name, value in whole.headers.items():
         out.headers[name] = sendable(value)
     out.headers[REQUEST_ID] = request_id
-    out.headers["X-Cache"] = how
-    if synthesis.backend is not None:  # the backend that made it (for a shared one: the first request's)
-        out.headers["X-Backend"] = synthesis.backend
-        out.headers["X-Queue-Wait"] = f"{synthesis.queue_s:.3f}"
-        out.headers["Server-Timing"] = (f"queue;dur={synthesis.queue_s * 1000:.1f}, "
-                                        f"service;dur={(synthesis.service_s or 0.0) * 1000:.1f}")
+    if cache is not None:
+        out.headers["X-Cache"] = cache
+    if whole.backend is not None:  # the backend(s) that made it (for a shared one: the first request's)
+        out.headers["X-Backend"] = whole.backend
+        out.headers["X-Queue-Wait"] = f"{whole.queue_s:.3f}"
+        out.headers["Server-Timing"] = timing(whole.queue_s, whole.service_s)
+    if whole.pieces > 1:
+        out.headers[PIECES_HEADER] = str(whole.pieces)
     return out

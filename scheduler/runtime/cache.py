@@ -76,7 +76,8 @@ def request_key(tts: TTSRequest, *, tenant: str | None, generation: tuple[int, i
     """The digest of every input that changes a synthesis. ``tenant``: None in a shared cache.
     ``generation``: (the global generation, the index's), from ``ResultCache.generation``.
     ``prompt_config``: the prompt's configuration as the backends report it, where known.
-    ``fan_out``: a future setting that splits one request over several backends (None today).
+    ``fan_out``: None for a request always synthesized whole, else how a split one's pieces are
+    joined (scheduler.runtime.fanout): its answer may be joined pieces.
     CPU-bound only for a large uploaded prompt (hashed here)."""
     upload = tts.prompt_audio
     fields = {

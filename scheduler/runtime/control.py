@@ -242,6 +242,7 @@ RELOAD: Mapping[str, Reloading] = {
     # Runtime.reconfigure re-bounds the cache (evicting down to a smaller max_bytes, emptying it when
     # disabled); enabled, shared and ttl_s are read at use. The disk copy is opened and read at start.
     "cache": Reloading(restart_keys=("disk",)),
+    "fanout": LIVE,  # read at use, when a request is split
 }
 
 

@@ -34,7 +34,10 @@ from scheduler.runtime.context import Runtime
 from scheduler.runtime.dispatcher import QueuedDeadline
 from scheduler.runtime.metrics import classify
 
-__all__ = ["Answered", "Exchange", "Intake", "Outcome", "Permit"]
+__all__ = ["PASSED_HEADERS", "Answered", "Exchange", "Intake", "Outcome", "Permit", "Whole"]
+
+# Backend answer headers worth passing on; hop-by-hop and framing headers are ours to set.
+PASSED_HEADERS = ("Content-Type", "Allow", "Retry-After")
 
 log = logging.getLogger("glmtts_sidecar.proxy")
 access_log = logging.getLogger("glmtts_sidecar.access")
@@ -50,6 +53,7 @@ class Intake:
     content_type: str
     tts: TTSRequest  # the body as parsed and validated
     job: Job
+    fanout: bool | None = None  # the client's X-Fanout: on, off, or None (the configuration decides)
 
 
 @dataclass
@@ -66,6 +70,21 @@ class Outcome:
     service_s: float | None = None
     attempts: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Whole:
+    """A backend's whole answer to a TTS request (or the joined answer of its pieces), and how it was got."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    ok: bool = True  # upstream's success
+    outcome: str = "ok"  # the access log's outcome of the request that ran it
+    backend: str | None = None  # the backend that made it (pieces: each one's, comma separated); None: a cache's copy
+    queue_s: float = 0.0
+    service_s: float | None = None
+    pieces: int = 1
 
 
 class Permit:
@@ -213,6 +232,25 @@ class Exchange:
             if retrying:
                 runtime.retries.release()
 
+    async def answer_whole(self, job: Job, future: asyncio.Future[Backend], body: bytes, headers: dict[str, str],
+                           record: Outcome) -> Whole:
+        """``forward``, then the backend's answer read whole and judged; the slot is free on return.
+        An answer cut short is a BackendFailed (nothing went to the client yet, but the work is lost)."""
+        async with await self.forward(job, future, body, headers, record) as answered:
+            reply = answered.reply
+            record.status = reply.status
+            try:
+                data = await reply.read()
+            except (BackendUnavailable, BackendTimeout) as exc:
+                record.outcome = "backend_cut"
+                self.runtime.pool.report_failure(answered.backend, f"answer cut short: {exc}")
+                raise BackendFailed(f"The backend's answer was cut short: {exc}") from None
+            ok = succeeded(reply.status, data)
+            answered.finish(ok)
+            passed = {name: reply.headers[name] for name in PASSED_HEADERS if name in reply.headers}
+            return Whole(status=reply.status, body=data, headers=passed, ok=ok, outcome=record.outcome,
+                         backend=answered.backend.id, queue_s=record.queue_s, service_s=record.service_s)
+
     def _retry_permit(self, job: Job, record: Outcome, *, held: bool) -> bool:
         """After a failed attempt: give back the retry permit it held (``held``), then whether the
         job may be tried again, taking a permit of the retry budget if so."""
@@ -322,12 +360,15 @@ class Exchange:
             "backend": record.backend, "status": record.status, "outcome": record.outcome,
             "reason": record.reason, "attempts": record.attempts,
         }
+        pieces = record.extra.get("pieces")
+        if pieces is not None:  # split (scheduler.runtime.fanout): its service is the pieces' wall time
+            entry["pieces"] = pieces
         # Text logs carry the entry as a JSON message; JSON logs merge its fields into the record.
         access_log.info(json.dumps(entry, ensure_ascii=False), extra={"access": entry})
         runtime.metrics.request_finished(
             cls=job.cls, tenant=job.tenant, outcome=classify(record.status, record.outcome),
             total_s=runtime.dispatcher.clock() - arrived, queue_s=record.queue_s if record.attempts else None,
-            service_s=record.service_s, predicted_s=job.predicted_s)
+            service_s=record.service_s, predicted_s=None if pieces is not None else job.predicted_s)
 
     async def close(self) -> None:
         """Wait for orphaned backend work, so no slot accounting is left dangling."""

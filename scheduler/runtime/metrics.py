@@ -39,6 +39,9 @@ log = logging.getLogger("glmtts_sidecar.metrics")
 PREFIX = "glmtts_sidecar_"
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 300, 600, 900)
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10)
+PIECE_BUCKETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+# Why a TTS request was synthesized whole (scheduler.runtime.fanout).
+FANOUT_DECLINED = ("disabled", "client_off", "short_text", "busy", "one_piece")
 UNKNOWN_CLASS = "unknown"  # the class of a request refused before its text was read
 DRAINING = "draining"  # the admission rejection reason of a request refused while draining
 
@@ -136,11 +139,35 @@ class Metrics:
         self.cache_entries = Gauge(
             PREFIX + "cache_entries", "Backend answers held in the result cache now (0 while cache.enabled is "
             "false).", registry=r)
+        self.fanout_pieces = Histogram(
+            PREFIX + "fanout_pieces",
+            "Pieces a split TTS request (fanout) was synthesized in, observed once per split request.",
+            buckets=PIECE_BUCKETS, registry=r)
+        self.fanout_declined = Counter(
+            PREFIX + "fanout_declined",
+            "TTS requests synthesized whole rather than split (fanout), by reason: disabled (fanout.enabled is "
+            "false and no X-Fanout: on), client_off (X-Fanout: off), short_text (under fanout.min_text_chars), "
+            "busy (fewer than 2 backend slots free when it arrived, or anything queued), one_piece (the text "
+            "does not cut into 2 pieces).", ["reason"], registry=r)
+        for reason in FANOUT_DECLINED:
+            self.fanout_declined.labels(reason)
+        self.first_audio = Histogram(
+            PREFIX + "time_to_first_audio_seconds",
+            "Seconds from the arrival of a streamed speech request (POST /v1/audio/speech with stream_format "
+            "audio or sse) until its first audio bytes were sent, by stream_format.",
+            ["stream_format"], buckets=SECONDS_BUCKETS, registry=r)
         Gauge(PREFIX + "build_info", "Always 1; labels: the sidecar's version and the Python version running it.",
               ["version", "python"], registry=r).labels(__version__, platform.python_version()).set(1)
         self.draining_rejections = 0
         self.sources: Sources | None = None
         r.register(_StateCollector(self))
+
+    def fanout(self, *, pieces: int | None = None, declined: str | None = None) -> None:
+        """A TTS request was split into ``pieces``, or synthesized whole for the ``declined`` reason."""
+        if pieces is not None:
+            self.fanout_pieces.observe(pieces)
+        if declined is not None:
+            self.fanout_declined.labels(declined).inc()
 
     def watch(self, sources: Sources) -> None:
         """Read state from ``sources`` at every scrape (before this, state metrics have no samples)."""

@@ -229,7 +229,7 @@ async def test_models_and_voices_are_listed(sidecar: Sidecar) -> None:
     ({"extra_body": {"sampling": 0}}, "sampling", "sampling must be between 1 and 100"),
     ({"extra_body": {"use_phoneme": "yes"}}, "use_phoneme", "use_phoneme must be true or false"),
     ({"extra_body": {"sample_method": "greedy"}}, "sample_method", "sample_method must be one of ras, topk"),
-    ({"extra_body": {"stream_format": "sse"}}, "stream_format", "stream_format 'sse' is not supported yet"),
+    ({"extra_body": {"stream_format": "chunks"}}, "stream_format", "stream_format must be one of audio, sse"),
     ({"extra_body": {"pitch": 2}}, "pitch", "Unrecognized request argument supplied: pitch"),
 ])
 async def test_a_bad_field_is_a_bad_request_naming_it(sidecar: Sidecar, fields: dict[str, Any], param: str,

@@ -62,6 +62,7 @@ CHANGES = [
     Change("cache", "cache: {enabled: true}\n", []),
     Change("cache", "cache: {max_bytes: 1024, ttl_s: 5.0, shared: true}\n", []),
     Change("cache", "cache: {disk: true}\n", ["cache.disk"]),  # opened and read back at start
+    Change("fanout", "fanout: {enabled: true, max_chars: 120, pause_s: 0.1, crossfade_s: 0.0}\n", []),  # read at use
 ]
 
 

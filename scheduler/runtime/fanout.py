@@ -1,0 +1,289 @@
+"""Fan-out (docs/fanout.md): one long TTS request split into pieces synthesized at once, joined in order.
+
+``decide`` says whether a request is split and how: only when fan-out is on for it (``fanout``
+config, or the client's ``X-Fanout``), its text is long enough, and at least two backend slots are
+free with nothing queued (``Scheduler.free_slots``); the text is then cut at sentence ends into
+pieces balanced over those free slots, its "lanes" (glmtts.split.split_balanced). Under load nothing is
+free, and a request runs whole exactly as without fan-out: splitting never takes a slot another
+request waits for. A streamed answer is split even on one lane (its pieces one after another), for
+an early first piece.
+
+``SplitRun`` runs one split request. Admission judges it whole (``Dispatcher.offer_pieces``); its
+first pieces, one per lane, are queued together and start at once; each lane, when its piece is
+answered, queues the next piece nobody started as a continuation, which goes before new requests of
+its band. Every piece keeps the request's class, band, tenant and deadline, is retried like any
+request (the exchange), and is charged to the tenant (its own predicted seconds: the tenant pays
+the sum). A piece whose backend answers other than success fails the request with that answer
+(``PieceFailed``): no partial audio in upstream's JSON. ``close`` on every path (a failure, the
+client leaving): pieces still queued leave the queue, pieces not made are never made, and a piece
+a backend is running finishes there (GLM-TTS cannot cancel), freeing its slot then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from backend.record import Backend
+from glmtts.audio import Pcm, decode_wav, encode, join_pcm
+from glmtts.contract import tts_fields
+from glmtts.errors import dump_json
+from glmtts.form import encode_multipart, multipart_content_type
+from glmtts.split import split_balanced
+from glmtts.text import units
+from scheduler.core.admission import Rejection
+from scheduler.core.queue import Job
+from scheduler.errors import BackendFailed, Rejected, SidecarError
+from scheduler.runtime.context import Runtime
+from scheduler.runtime.exchange import Exchange, Intake, Outcome, Whole
+
+__all__ = ["PieceFailed", "Plan", "SplitRun", "answer_pcm", "decide", "synthesize"]
+
+log = logging.getLogger("glmtts_sidecar.fanout")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A split: the pieces' texts in order, and how many may run at once."""
+
+    texts: tuple[str, ...]
+    lanes: int
+
+
+def decide(runtime: Runtime, intake: Intake, *, choice: bool | None, stream: bool = False) -> Plan | None:
+    """The split of ``intake``'s request, or None to synthesize it whole (the reason counted).
+    ``choice``: the client's ``X-Fanout`` (None: the configuration decides). ``stream``: the answer
+    is streamed, so its first piece is short (``first_chars``) and one lane is enough."""
+    config = runtime.config.fanout
+    tts, job = intake.tts, intake.job
+    reason = None
+    if choice is False:
+        reason = "client_off"
+    elif choice is None and not config.enabled:
+        reason = "disabled"
+    elif choice is None and tts.chars < config.min_text_chars:
+        reason = "short_text"
+    lanes = 0
+    if reason is None:
+        dispatcher = runtime.dispatcher
+        lanes = runtime.scheduler.free_slots(job, dispatcher.clock(), dispatcher.views())
+        if lanes < 2:
+            lanes = 1 if stream else 0
+            reason = None if stream else "busy"
+    texts: list[str] = []
+    if reason is None:
+        texts = split_balanced(tts.input_text, lanes=lanes, min_chars=config.min_chars, max_chars=config.max_chars,
+                                first_chars=config.first_chars if stream else None)
+        if len(texts) < 2:
+            reason = "one_piece"
+    if reason is not None:
+        runtime.metrics.fanout(declined=reason)
+        return None
+    runtime.metrics.fanout(pieces=len(texts))
+    return Plan(tuple(texts), min(lanes, len(texts)))
+
+
+class PieceFailed(Exception):
+    """A piece's backend answered, but not with success (after its retries): the request's answer."""
+
+    def __init__(self, whole: Whole) -> None:
+        super().__init__(f"a piece failed with HTTP {whole.status}")
+        self.whole = whole
+
+
+def answer_pcm(answer: bytes) -> Pcm:
+    """The samples in a backend's successful JSON answer (CPU-bound for a long text: off the loop)."""
+    try:
+        payload = json.loads(answer)
+        return decode_wav(base64.b64decode(payload["audio_base64"], validate=True))
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise BackendFailed(f"The backend's answer held no usable audio: {exc}") from None
+
+
+class SplitRun:
+    """One split request's pieces in flight. ``start`` (admission), then ``audio`` or ``joined``,
+    and always ``close``. ``record`` collects the request's access-log outcome across its pieces.
+    ``headers``: what every piece is forwarded with (the request id), its Content-Type added."""
+
+    def __init__(self, runtime: Runtime, exchange: Exchange, intake: Intake, plan: Plan, record: Outcome,
+                 headers: dict[str, str]) -> None:
+        self.runtime = runtime
+        self.exchange = exchange
+        self.intake = intake
+        self.plan = plan
+        self.record = record
+        self._headers = headers
+        self._done: list[asyncio.Future[Pcm]] = []
+        self._lanes: set[asyncio.Task[None]] = set()
+        self._next = 0  # the next piece no lane has taken
+        self._backends: list[str] = []
+        self._first_start: float | None = None
+        self._last_answer: float | None = None
+        record.extra["pieces"] = len(plan.texts)
+
+    @property
+    def pieces(self) -> int:
+        return len(self.plan.texts)
+
+    def start(self) -> None:
+        """Admission of the request, judged whole; its first pieces (one per lane) are queued
+        together. Raises Rejected as a whole request's admission would."""
+        runtime, parent = self.runtime, self.intake.job
+        runtime.retries.record_request(runtime.dispatcher.clock())
+        first = [self._job(i) for i in range(self.plan.lanes)]
+        admitted = runtime.dispatcher.offer_pieces(parent, first)
+        if isinstance(admitted, Rejection):
+            raise Rejected(admitted.status, admitted.reason.value, admitted.detail, retry_after=admitted.retry_after_s)
+        loop = asyncio.get_running_loop()
+        self._done = [loop.create_future() for _ in self.plan.texts]
+        self._next = len(first)
+        for index, (job, future) in enumerate(zip(first, admitted, strict=True)):
+            lane = asyncio.ensure_future(self._lane(index, job, future))
+            self._lanes.add(lane)
+            lane.add_done_callback(self._lanes.discard)
+
+    def _job(self, index: int, *, continues: bool = False) -> Job:
+        text = self.plan.texts[index]
+        job = self.runtime.scheduler.make_piece(self.intake.job, id=f"{self.intake.job.id}.{index}", chars=len(text),
+                                                units=units(text))
+        job.continues = continues
+        return job
+
+    def _body(self, index: int) -> tuple[bytes, str]:
+        fields = tts_fields(self.intake.tts, input_text=self.plan.texts[index])
+        for _ in range(3):  # a random delimiter inside an uploaded prompt: practically never, then another
+            boundary = uuid.uuid4().hex
+            try:
+                return encode_multipart(fields, boundary=boundary), multipart_content_type(boundary)
+            except ValueError:
+                continue
+        raise BackendFailed("The request's pieces could not be encoded for the backend")
+
+    async def _lane(self, index: int, job: Job, future: asyncio.Future[Backend]) -> None:
+        """Run pieces one after another on this lane's slot until none is left unstarted."""
+        try:
+            while True:
+                self._done[index].set_result(await self._piece(index, job, future))
+                if self._next >= self.pieces:
+                    return
+                index, self._next = self._next, self._next + 1
+                job = self._job(index, continues=True)
+                future = self.runtime.dispatcher.add_piece(job)
+        except asyncio.CancelledError:
+            raise
+        except (SidecarError, PieceFailed) as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug: the request fails, the lane does not die silently
+            log.exception("request %s: piece %d failed", self.record.request_id, index)
+            self._fail(BackendFailed(f"A piece of the request failed: {exc.__class__.__name__}"))
+
+    def _fail(self, exc: BaseException) -> None:
+        """The request failed: every piece not yet answered gets the failure (the reader learns at
+        once, not after the pieces before it), and the other lanes stop."""
+        for done in self._done:
+            if not done.done():
+                done.set_exception(exc)
+        for lane in list(self._lanes):
+            if lane is not asyncio.current_task():
+                lane.cancel()
+
+    async def _piece(self, index: int, job: Job, future: asyncio.Future[Backend]) -> Pcm:
+        body, content_type = self._body(index)
+        piece = Outcome(request_id=self.record.request_id)
+        headers = {**self._headers, "Content-Type": content_type}
+        try:
+            whole = await self.exchange.answer_whole(job, future, body, headers, piece)
+        finally:
+            self._note(piece)
+        if not whole.ok:
+            raise PieceFailed(whole)
+        return await asyncio.to_thread(answer_pcm, whole.body)
+
+    def _note(self, piece: Outcome) -> None:
+        """Fold one piece's attempt into the request's record."""
+        record, clock = self.record, self.runtime.dispatcher.clock
+        record.attempts += piece.attempts
+        if piece.backend is not None and piece.backend not in self._backends:
+            self._backends.append(piece.backend)
+            record.backend = ",".join(self._backends)
+        if piece.attempts and self._first_start is None:
+            self._first_start = piece.started
+            record.queue_s, record.started = piece.queue_s, piece.started
+        if piece.service_s is not None:
+            self._last_answer = clock()
+        if piece.outcome != "ok" and record.outcome == "ok":
+            record.outcome = piece.outcome
+        if piece.status:
+            record.status = piece.status
+
+    @property
+    def service_s(self) -> float | None:
+        """Wall seconds from the first piece's forwarding to the last answer: the request's synthesis."""
+        if self._first_start is None or self._last_answer is None:
+            return None
+        return max(0.0, self._last_answer - self._first_start)
+
+    async def audio(self) -> AsyncIterator[Pcm]:
+        """Each piece's samples in order, as soon as it and every piece before it are answered;
+        the request's failure (SidecarError or PieceFailed) as soon as any piece fails."""
+        for done in self._done:
+            yield await asyncio.shield(done)
+
+    async def joined(self) -> Whole:
+        """The whole answer in upstream's JSON shape: the pieces joined (``fanout.crossfade_s`` or
+        ``pause_s``) into one WAV, ``generation_time`` the pieces' wall time; or the failed piece's
+        answer as it came."""
+        try:
+            pcms = [pcm async for pcm in self.audio()]
+        except PieceFailed as failed:
+            self.record.service_s = self.service_s
+            return failed.whole
+        config = self.runtime.config.fanout
+        seconds = self.service_s or 0.0
+        self.record.service_s = seconds
+        body = await asyncio.to_thread(_joined_answer, pcms, config.crossfade_s, config.pause_s, seconds)
+        return Whole(status=200, body=body, headers={"Content-Type": "application/json"}, ok=True,
+                     outcome=self.record.outcome, backend=self.record.backend, queue_s=self.record.queue_s,
+                     service_s=seconds, pieces=self.pieces)
+
+    async def close(self) -> None:
+        """Stop every lane (queued pieces leave the queue; a running one is left to finish on its
+        backend, which frees its slot then) and wait until they have."""
+        lanes = list(self._lanes)
+        for lane in lanes:
+            lane.cancel()
+        if lanes:
+            await asyncio.gather(*lanes, return_exceptions=True)
+        for done in self._done:
+            if done.done() and not done.cancelled():
+                done.exception()  # retrieved: a failure already answered is not "never retrieved"
+            else:
+                done.cancel()
+
+
+def _joined_answer(pcms: Sequence[Pcm], crossfade_s: float, pause_s: float, seconds: float) -> bytes:
+    joined = join_pcm(pcms, crossfade_s=crossfade_s, pause_s=pause_s)
+    return dump_json({"success": True, "message": "TTS generation successful",
+                      "audio_base64": base64.b64encode(encode(joined, "wav")).decode("ascii"),
+                      "sample_rate": joined.rate, "generation_time": round(seconds, 2), "error": None})
+
+
+async def synthesize(runtime: Runtime, exchange: Exchange, intake: Intake, record: Outcome, headers: dict[str, str],
+                     plan: Plan | None) -> Whole:
+    """The request's whole answer: forwarded as it came (``plan`` None), or split and joined."""
+    if plan is None:
+        job = intake.job
+        return await exchange.answer_whole(job, exchange.admit(job), intake.body,
+                                           {**headers, "Content-Type": intake.content_type}, record)
+    run = SplitRun(runtime, exchange, intake, plan, record, headers)
+    run.start()
+    try:
+        return await run.joined()
+    finally:
+        await run.close()
