@@ -169,7 +169,10 @@ class SplitRun:
         """Run pieces one after another on this lane's slot until none is left unstarted."""
         try:
             while True:
-                self._done[index].set_result(await self._piece(index, job, future))
+                pcm = await self._piece(index, job, future)
+                if self._done[index].done():  # the request already failed elsewhere
+                    return
+                self._done[index].set_result(pcm)
                 if self._next >= self.pieces:
                     return
                 index, self._next = self._next, self._next + 1

@@ -380,3 +380,37 @@ async def test_a_deadline_it_cannot_meet_is_not_retried_by_the_sdk(start_sidecar
     assert info.value.status_code in (408, 429)
     assert info.value.response.headers["x-should-retry"] == "false"
     assert sidecar.attempts.count("/v1/audio/speech") == 1
+
+
+# --- streamed answers (docs/fanout.md) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "wav", "pcm"])
+async def test_a_streamed_answer_of_the_emulator_s_speech_decodes_in_every_streamable_format(
+        start_sidecar: SidecarFactory, fmt: str) -> None:
+    sidecar = await start_sidecar("fanout: {min_text_chars: 20, min_chars: 5, max_chars: 40, first_chars: 12}\n")
+    text = "今天天气很好。我们去公园散步吧！你觉得怎么样？" * 2
+    client = sidecar.make()
+
+    def streamed() -> tuple[str | None, bytes]:
+        with client.audio.speech.with_streaming_response.create(
+                model="tts-1", voice="alloy", input=text, response_format=fmt,  # type: ignore[arg-type]
+                stream_format="audio", extra_headers={"X-Fanout": "on"}) as response:
+            assert response.headers["content-type"] == FORMATS[fmt].content_type
+            return response.headers.get("x-fanout-pieces"), response.read()
+
+    pieces, data = await asyncio.to_thread(streamed)
+    assert pieces is not None and int(pieces) >= 3  # the short first piece, then the rest
+    samples, rate = decoded(data, fmt) if fmt != "wav" else _streamed_wav(data)
+    whole, whole_rate = decoded(await speak(sidecar, input=text, response_format="pcm"), "pcm")
+    assert rate == whole_rate == 24000  # the backend's rate (Opus takes 24 kHz as it is)
+    # The pieces' speech lasts about as long as the whole text's (each piece's own pauses differ a little).
+    assert abs(len(samples) / rate - len(whole) / whole_rate) < 0.15 * len(whole) / whole_rate
+    assert np.abs(samples).max() > 0.05  # speech, not silence
+
+
+def _streamed_wav(data: bytes) -> tuple[np.ndarray[Any, Any], int]:
+    """A streamed WAV: its size fields are 0xFFFFFFFF, so the samples are whatever follows the header."""
+    assert data[:4] == b"RIFF" and data[4:8] == b"\xff\xff\xff\xff" and data[36:44] == b"data\xff\xff\xff\xff"
+    rate = int.from_bytes(data[24:28], "little")
+    return np.frombuffer(data[44:], dtype="<i2").astype(np.float64) / 32768, rate
