@@ -23,13 +23,14 @@ of the queue (docs/scheduling.md, "Admission").
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from scheduler.core.admission import Outlook, Rejection, admit
-from scheduler.core.classes import ClassShares, LengthClasses
+from scheduler.core.admission import Outlook, Reason, Rejection, admit
+from scheduler.core.classes import RATE_WINDOW_S, ClassShares, LengthClasses
 from scheduler.core.cost import CostModel
 from scheduler.core.deadlines import DeadlinePolicy
 from scheduler.core.dispatch_step import Demand, DispatchStep, Pool
@@ -68,6 +69,7 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, str]] = []  # heap of queued jobs' expiries (``expires_at``)
         self._admitted = AdmittedWork()
         self.shares = ClassShares()
+        self._pressed_until = -math.inf  # the pool fell short of capacity lately: until then (``pressure``)
 
     # --- jobs in -------------------------------------------------------------------------------
 
@@ -113,6 +115,8 @@ class Scheduler:
                 rejection = admit(replace(outlook, queued=self.queue.max_size), reject_unmeetable=False)
         if rejection is not None:
             self.tally.rejected[rejection.reason.value] += 1
+            if rejection.reason in (Reason.QUEUE_FULL, Reason.DEADLINE_UNMEETABLE):
+                self._pressed(job, now)  # turned away for want of capacity, not for a tenant's own bound
             return rejection
         self.tally.admitted += 1
         self._admitted.note(job, now)
@@ -194,6 +198,18 @@ class Scheduler:
         job.continues = True
         self._enqueue(job, now)
 
+    def pressure(self, now: float) -> bool:
+        """Whether the pool fell short of capacity lately, so even slots free right now are not to
+        be split over: a request was turned away for want of capacity (queue full, deadline
+        unmeetable) or a queued one ran out of time, within the last RATE_WINDOW_S or the predicted
+        service of that request, whichever is longer. A split takes every free slot for a while, so
+        the next arrivals find none: in a calm pool they are few; in a pressed one they are the
+        requests that then wait behind the pieces and miss their deadlines."""
+        return now < self._pressed_until
+
+    def _pressed(self, job: Job, now: float) -> None:
+        self._pressed_until = max(self._pressed_until, now + max(RATE_WINDOW_S, job.predicted_s))
+
     def work_rate(self, now: float, *, above_band: int) -> float:
         """Predicted seconds of work admitted per second into bands higher than ``above_band``
         (0 = highest), averaged over about RATE_WINDOW_S: what will keep jumping ahead of a job
@@ -262,6 +278,7 @@ class Scheduler:
             job = self.queue.remove(job_id)
             if job is not None:
                 expired.append(job)
+                self._pressed(job, now)
                 if now < job.deadline_at:
                     self.tally.shed += 1
                 else:
@@ -329,6 +346,7 @@ class Scheduler:
         self.tally = old.tally
         self._admitted = old._admitted.copy()
         self.shares = old.shares.copy()
+        self._pressed_until = old._pressed_until
 
     # --- predictions (scheduler.core.forecast) -------------------------------------------------
 

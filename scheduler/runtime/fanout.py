@@ -1,8 +1,10 @@
 """Fan-out (docs/fanout.md): one long TTS request split into pieces synthesized at once, joined in order.
 
 ``decide`` says whether a request is split and how: only when fan-out is on for it (``fanout``
-config, or the client's ``X-Fanout``), its text is long enough, and at least two backend slots are
-free with nothing queued (``Scheduler.free_slots``); the text is then cut at sentence ends into
+config, or the client's ``X-Fanout``), its text is long enough, the pool is calm (no request
+turned away for want of capacity or run out of time in the queue lately: ``Scheduler.pressure``)
+and at least two backend slots are free with nothing queued
+(``Scheduler.free_slots``); the text is then cut at sentence ends into
 pieces balanced over those free slots, its "lanes" (glmtts.split.split_balanced). Under load nothing is
 free, and a request runs whole exactly as without fan-out: splitting never takes a slot another
 request waits for. A streamed answer is split even on one lane (its pieces one after another), for
@@ -71,11 +73,13 @@ def decide(runtime: Runtime, intake: Intake, *, choice: bool | None, stream: boo
         reason = "short_text"
     lanes = 0
     if reason is None:
-        dispatcher = runtime.dispatcher
-        lanes = runtime.scheduler.free_slots(job, dispatcher.clock(), dispatcher.views())
-        if lanes < 2:
+        dispatcher, scheduler = runtime.dispatcher, runtime.scheduler
+        now, views = dispatcher.clock(), dispatcher.views()
+        pressed = scheduler.pressure(now)
+        lanes = 0 if pressed else scheduler.free_slots(job, now, views)
+        if lanes < 2:  # a streamed answer is still split, its pieces one after another, for early audio
+            reason = None if stream else ("pressure" if pressed else "busy")
             lanes = 1 if stream else 0
-            reason = None if stream else "busy"
     texts: list[str] = []
     if reason is None:
         texts = split_balanced(tts.input_text, lanes=lanes, min_chars=config.min_chars, max_chars=config.max_chars,

@@ -41,7 +41,7 @@ SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 300, 60
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10)
 PIECE_BUCKETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 # Why a TTS request was synthesized whole (scheduler.runtime.fanout).
-FANOUT_DECLINED = ("disabled", "client_off", "short_text", "busy", "one_piece")
+FANOUT_DECLINED = ("disabled", "client_off", "short_text", "pressure", "busy", "one_piece")
 UNKNOWN_CLASS = "unknown"  # the class of a request refused before its text was read
 DRAINING = "draining"  # the admission rejection reason of a request refused while draining
 
@@ -147,8 +147,10 @@ class Metrics:
             PREFIX + "fanout_declined",
             "TTS requests synthesized whole rather than split (fanout), by reason: disabled (fanout.enabled is "
             "false and no X-Fanout: on), client_off (X-Fanout: off), short_text (under fanout.min_text_chars), "
-            "busy (fewer than 2 backend slots free when it arrived, or anything queued), one_piece (the text "
-            "does not cut into 2 pieces).", ["reason"], registry=r)
+            "pressure (a request was turned away for want of capacity, or a queued one ran out of time, in the "
+            "last 30 s or that request's predicted service, whichever is longer), busy (fewer than 2 backend slots free "
+            "when it arrived, or anything queued), one_piece (the text does not cut into 2 pieces).",
+            ["reason"], registry=r)
         for reason in FANOUT_DECLINED:
             self.fanout_declined.labels(reason)
         self.first_audio = Histogram(

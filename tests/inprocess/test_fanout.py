@@ -418,3 +418,23 @@ async def test_the_openai_client_reads_a_streamed_answer_and_an_sse_answer(start
     assert b"".join(base64.b64decode(d["audio"]) for d in deltas[:-1]) == audio  # the same audio either way
     assert len(audio) > 2 * 24000 * SECONDS_PER_CHAR * 100
     await sidecar.assert_idle()
+
+
+async def test_a_pool_that_turned_requests_away_lately_runs_long_texts_whole(start: SidecarFactory) -> None:
+    """Free slots right after an overload are not split over: the next arrivals would need them."""
+    sidecar = await start(urls=URLS[:2], queue={"max_size": 1})
+    gate = sidecar.gate()
+    medium = "A text of medium length, too long for the short class's extra slot"  # no express slot
+    first = [asyncio.create_task(sidecar.tts(f"{medium} {i}.", **{"X-Fanout": "off"})) for i in range(3)]
+    await until(lambda: sum(b.busy for b in sidecar.backends) == 2 and len(sidecar.runtime.scheduler.queue) == 1,
+                "both backends busy and one request queued")
+    status, _, _ = await sidecar.tts(f"{medium}: one too many.", **{"X-Fanout": "off"})
+    assert status == 429
+    gate.set()
+    assert [(await t)[0] for t in first] == [200, 200, 200]
+    await sidecar.assert_idle()
+    status, headers, _ = await sidecar.tts()
+    assert status == 200 and "X-Fanout-Pieces" not in headers and LONG in sidecar.texts()
+    metrics = generate_latest(sidecar.runtime.metrics.registry).decode()
+    assert 'glmtts_sidecar_fanout_declined_total{reason="pressure"} 1.0' in metrics
+    await sidecar.assert_idle()

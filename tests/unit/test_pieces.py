@@ -673,3 +673,59 @@ TestPiecesFair = PiecesMachine.TestCase
 TestPiecesFair.settings = settings(max_examples=60, stateful_step_count=30, deadline=None, database=None)
 TestPiecesFifo = FifoPiecesMachine.TestCase
 TestPiecesFifo.settings = settings(max_examples=60, stateful_step_count=30, deadline=None, database=None)
+
+
+# --- pressure: when even free slots are not split over ---------------------------------------------
+
+
+def test_a_calm_pool_has_no_pressure() -> None:
+    assert not make(reject_unmeetable=True).pressure(0.0)
+
+
+def test_a_request_turned_away_for_capacity_is_pressure_for_a_rate_window_or_its_service() -> None:
+    scheduler = make(max_size=1)
+    backends = [view("a")]
+    run_one(scheduler, "busy", backends, chars=60)
+    assert scheduler.offer(parent_job(scheduler, "queued", chars=60), 1.0, backends) is None
+    refused = parent_job(scheduler, "refused", chars=60)
+    rejection = scheduler.offer(refused, 2.0, backends)
+    assert rejection is not None and rejection.reason is Reason.QUEUE_FULL
+    assert refused.predicted_s < 30.0  # so the rate window, 30 s, is the longer
+    assert scheduler.pressure(2.0) and scheduler.pressure(2.0 + 29.9)
+    assert not scheduler.pressure(2.0 + 30.0)
+    # A long request turned away keeps the pool pressed for its own predicted service.
+    long = parent_job(scheduler, "long", chars=2000, now=40.0)
+    assert long.predicted_s > 30.0
+    assert scheduler.offer(long, 40.0, backends) is not None
+    assert scheduler.pressure(40.0 + long.predicted_s - 0.1) and not scheduler.pressure(40.0 + long.predicted_s)
+
+
+def test_a_tenant_s_own_bound_is_not_pressure() -> None:
+    scheduler = make()
+    backends = [view("a")]
+    run_one(scheduler, "busy", backends)
+    assert scheduler.offer(parent_job(scheduler, "q1", tenant="x", bound=1), 1.0, backends) is None
+    refused = scheduler.offer(parent_job(scheduler, "q2", tenant="x", bound=1), 1.0, backends)
+    assert refused is not None and refused.reason is Reason.TENANT_QUEUE_FULL
+    assert not scheduler.pressure(1.0)
+
+
+def test_a_queued_job_running_out_of_time_is_pressure() -> None:
+    scheduler = make(timeout_s=5.0)
+    backends = [view("a")]
+    run_one(scheduler, "busy", backends)
+    assert scheduler.offer(parent_job(scheduler, "waiting", now=1.0), 1.0, backends) is None
+    assert not scheduler.pressure(5.0)
+    assert [j.id for j in scheduler.expire(6.0)] == ["waiting"]
+    assert scheduler.pressure(6.0)
+
+
+def test_pressure_survives_a_reload() -> None:
+    old = make(max_size=1)
+    backends = [view("a")]
+    run_one(old, "busy", backends)
+    assert old.offer(parent_job(old, "queued"), 1.0, backends) is None
+    assert old.offer(parent_job(old, "refused"), 1.0, backends) is not None
+    new = make()
+    new.adopt(old)
+    assert new.pressure(2.0)
