@@ -316,28 +316,45 @@ def split_spans(text: str, *, min_chars: int, max_chars: int, first_chars: int |
     _validate(min_chars, max_chars, first_chars)
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
-    measure = _Measure(text)
-    cuts = _cut_points(text, measure)
-    positions = [cut.pos for cut in cuts]
-    spans: list[tuple[int, int]] = []
-    limits: list[int] = []
-    pos = 0
-    while measure.first_visible[pos] < len(text):
-        first = not spans
-        limit = first_chars if first and first_chars is not None else max_chars
-        minimum = 1 if first and first_chars is not None else min_chars
-        if measure.length(pos, len(text)) <= limit:
-            end = len(text)
-        else:
-            end = _next_cut(measure, cuts, positions, pos, limit, minimum)
-        spans.append((pos, end))
-        limits.append(limit)
-        pos = end
-    if len(spans) >= 2 and measure.length(*spans[-1]) < min_chars:
-        merged = (spans[-2][0], spans[-1][1])
-        if measure.length(*merged) <= limits[-2]:
-            spans[-2:] = [merged]
-    return spans
+    return _Cuts(text).pack(min_chars=min_chars, max_chars=max_chars, first_chars=first_chars)
+
+
+class _Cuts:
+    """A text's cut points, found once (the scan is the costly part), packed into pieces as often
+    as asked (split_balanced packs one text under many limits)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.measure = _Measure(text)
+        self.cuts = _cut_points(text, self.measure)
+        self.positions = [cut.pos for cut in self.cuts]
+
+    def pack(self, *, min_chars: int, max_chars: int, first_chars: int | None) -> list[tuple[int, int]]:
+        text, measure = self.text, self.measure
+        spans: list[tuple[int, int]] = []
+        limits: list[int] = []
+        pos = 0
+        while measure.first_visible[pos] < len(text):
+            first = not spans
+            limit = first_chars if first and first_chars is not None else max_chars
+            minimum = 1 if first and first_chars is not None else min_chars
+            if measure.length(pos, len(text)) <= limit:
+                end = len(text)
+            else:
+                end = _next_cut(measure, self.cuts, self.positions, pos, limit, minimum)
+            spans.append((pos, end))
+            limits.append(limit)
+            pos = end
+        if len(spans) >= 2 and measure.length(*spans[-1]) < min_chars:
+            merged = (spans[-2][0], spans[-1][1])
+            if measure.length(*merged) <= limits[-2]:
+                spans[-2:] = [merged]
+        return spans
+
+    def pieces(self, limit: int, min_chars: int) -> list[str]:
+        """The stripped pieces with every piece's limit ``limit`` (and a minimum no higher)."""
+        return [self.text[start:end].strip()
+                for start, end in self.pack(min_chars=min(min_chars, limit), max_chars=limit, first_chars=None)]
 
 
 def split_text(text: str, *, min_chars: int, max_chars: int, first_chars: int | None = None) -> list[str]:
@@ -394,22 +411,19 @@ def split_balanced(text: str, *, lanes: int, min_chars: int, max_chars: int,
     return head + _balanced(rest, lanes=lanes, min_chars=min_chars, max_chars=max_chars)
 
 
-def _cut(text: str, limit: int, min_chars: int) -> list[str]:
-    return [text[start:end].strip() for start, end in split_spans(text, min_chars=min(min_chars, limit),
-                                                                     max_chars=limit)]
-
-
 def _balanced(text: str, *, lanes: int, min_chars: int, max_chars: int) -> list[str]:
+    _validate(min_chars, max_chars, None)
+    cuts = _Cuts(text)
     visible = len(text.strip())
     # Never below ``min_chars``: a text too short to give each lane that much gets fewer pieces.
     low = min(max_chars, max(min_chars, math.ceil(visible / lanes)))
-    best = _cut(text, max_chars, min_chars)
+    best = cuts.pieces(max_chars, min_chars)
     if not best or len(best) > lanes or low >= max_chars:
         return best  # nothing; or more pieces than lanes even at the most allowed: that is the least
     high = max_chars  # the smallest limit known to cut into at most ``lanes`` pieces
     while low < high:
         middle = (low + high) // 2
-        pieces = _cut(text, middle, min_chars)
+        pieces = cuts.pieces(middle, min_chars)
         if len(pieces) <= lanes:
             high, best = middle, pieces
         else:

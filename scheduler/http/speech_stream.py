@@ -39,6 +39,7 @@ __all__ = ["SPEECH_TOKENS_PER_S", "SpeechStream"]
 
 SPEECH_TOKENS_PER_S = 25  # GLM-TTS's speech tokens per second of audio: the usage's output tokens
 SSE_CONTENT_TYPE = "text/event-stream"
+FIRST_CHUNK_S = 0.25  # the first audio sent: encoded on its own, so it leaves without waiting for its piece's rest
 
 
 class SpeechStream:
@@ -69,11 +70,16 @@ class SpeechStream:
             async for pcm in audio:
                 if joiner is None:
                     joiner = PcmJoiner(pcm.rate, crossfade_s=config.crossfade_s, pause_s=config.pause_s)
-                    encoder = stream_encoder(self.fmt, pcm.rate) if self.fmt in STREAMABLE else None
+                    if self.fmt in STREAMABLE:  # opening an encoder may take a moment: off the loop
+                        encoder = await asyncio.to_thread(stream_encoder, self.fmt, pcm.rate)
+                ready = await asyncio.to_thread(joiner.push, pcm)
                 if encoder is None:
-                    whole.append(joiner.push(pcm))
+                    whole.append(ready)
                     continue
-                await self._write(await asyncio.to_thread(_feed, encoder, joiner, pcm))
+                # The first audio goes out after its first FIRST_CHUNK_S are encoded, not the whole piece.
+                parts = [ready] if self._sent_any else _first_chunk(ready)
+                for part in parts:
+                    await self._write(await asyncio.to_thread(_feed, encoder, part))
             if joiner is None:
                 raise RuntimeError("no audio to stream")  # a split request has 2 pieces or more; whole has 1
             if encoder is None:
@@ -156,9 +162,16 @@ def _seconds(pcm: Pcm) -> float:
     return pcm.duration_s
 
 
-def _feed(encoder: StreamEncoder, joiner: PcmJoiner, pcm: Pcm) -> tuple[bytes, float]:
-    ready = joiner.push(pcm)
-    return encoder.feed(ready), _seconds(ready)
+def _feed(encoder: StreamEncoder, pcm: Pcm) -> tuple[bytes, float]:
+    return encoder.feed(pcm), _seconds(pcm)
+
+
+def _first_chunk(pcm: Pcm) -> list[Pcm]:
+    """``pcm`` as its first FIRST_CHUNK_S and the rest (or whole, when that short)."""
+    at = round(FIRST_CHUNK_S * pcm.rate) * 2
+    if len(pcm.samples) <= 2 * at:
+        return [pcm]
+    return [Pcm(pcm.samples[:at], pcm.rate), Pcm(pcm.samples[at:], pcm.rate)]
 
 
 def _finish(encoder: StreamEncoder, joiner: PcmJoiner) -> tuple[bytes, float]:
