@@ -21,14 +21,17 @@ class FanoutConfig(ConfigSection):
     (a request's ``X-Fanout: on|off`` header decides for itself). ``min_chars``/``max_chars``: a
     piece's length, at least (where whole sentences allow; the last piece may be shorter) and at
     most. ``first_chars``: a streamed answer's first piece is at most this long, so its audio
-    starts early. ``crossfade_s``: consecutive pieces overlap by this much; ``pause_s``: or this
-    much silence between them instead (one of the two may be above 0)."""
+    starts early. ``pieces_per_slot``: the text is cut into about this many pieces per free slot,
+    so a slot whose piece finishes early takes another and a slow piece holds the answer up less;
+    each piece adds a join. ``crossfade_s``: consecutive pieces overlap by this much; ``pause_s``:
+    or this much silence between them instead (one of the two may be above 0)."""
 
     enabled: StrictBool = False
     min_text_chars: StrictInt = Field(default=100, ge=2)
     min_chars: StrictInt = Field(default=40, ge=1)
     max_chars: StrictInt = Field(default=200, ge=1)
     first_chars: StrictInt = Field(default=20, ge=1)
+    pieces_per_slot: StrictInt = Field(default=2, ge=1, le=8)
     crossfade_s: StrictFloat = Field(default=0.01, ge=0.0, le=MAX_JOIN_S)
     pause_s: StrictFloat = Field(default=0.0, ge=0.0, le=MAX_JOIN_S)
 

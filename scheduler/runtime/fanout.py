@@ -5,7 +5,8 @@ config, or the client's ``X-Fanout``), its text is long enough, the pool is calm
 turned away for want of capacity or run out of time in the queue lately: ``Scheduler.pressure``)
 and at least two backend slots are free with nothing queued
 (``Scheduler.free_slots``); the text is then cut at sentence ends into
-pieces balanced over those free slots, its "lanes" (glmtts.split.split_balanced). Under load nothing is
+pieces balanced over those free slots, its "lanes" (glmtts.split.split_balanced; ``pieces_per_slot``
+pieces per lane, so a lane that finishes early takes more). Under load nothing is
 free, and a request runs whole exactly as without fan-out: splitting never takes a slot another
 request waits for. A streamed answer is split even on one lane (its pieces one after another), for
 an early first piece.
@@ -82,8 +83,8 @@ def decide(runtime: Runtime, intake: Intake, *, choice: bool | None, stream: boo
             lanes = 1 if stream else 0
     texts: list[str] = []
     if reason is None:
-        texts = split_balanced(tts.input_text, lanes=lanes, min_chars=config.min_chars, max_chars=config.max_chars,
-                                first_chars=config.first_chars if stream else None)
+        texts = split_balanced(tts.input_text, lanes=lanes * config.pieces_per_slot, min_chars=config.min_chars,
+                               max_chars=config.max_chars, first_chars=config.first_chars if stream else None)
         if len(texts) < 2:
             reason = "one_piece"
     if reason is not None:

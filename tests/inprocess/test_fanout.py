@@ -44,7 +44,7 @@ SENTENCES = ["The quick brown fox jumps over the dog.", "A second sentence follo
              "Fifth: the pieces must stay in order.", "Sixth and last, it ends the text."]
 LONG = " ".join(SENTENCES)  # 220 characters
 FANOUT = {"enabled": True, "min_text_chars": 50, "min_chars": 10, "max_chars": 80, "first_chars": 25,
-          "crossfade_s": 0.005, "pause_s": 0.0}
+          "pieces_per_slot": 1, "crossfade_s": 0.005, "pause_s": 0.0}
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
@@ -182,6 +182,17 @@ async def test_a_long_text_on_an_idle_pool_is_split_over_every_backend_and_joine
     await sidecar.assert_idle()
 
 
+async def test_with_two_pieces_per_slot_a_lane_done_early_takes_the_next_piece(start: SidecarFactory) -> None:
+    sidecar = await start(fanout={"pieces_per_slot": 2})
+    status, headers, body = await sidecar.tts()
+    pieces = sorted(sidecar.texts(), key=LONG.index)
+    assert status == 200 and 4 < len(pieces) <= 8 and int(headers["X-Fanout-Pieces"]) == len(pieces)
+    assert sum(1 for b in sidecar.backends if b.texts) == 4  # every free backend took part
+    samples, rate, _ = joined_audio(body)
+    assert segments(samples, pieces, rate, round(FANOUT["crossfade_s"] * rate)) == [level(p) for p in pieces]
+    await sidecar.assert_idle()
+
+
 @pytest.mark.parametrize(("sections", "headers", "reason"), [
     ({"fanout": {"enabled": False}}, {}, "disabled"),
     ({}, {"X-Fanout": "off"}, "client_off"),
@@ -304,27 +315,14 @@ def speech(**fields: Any) -> dict[str, Any]:
 
 async def test_a_streamed_answer_sends_the_first_piece_before_the_others_are_done(start: SidecarFactory) -> None:
     sidecar = await start()
-    gate = asyncio.Event()
-    first_text: list[str] = []
-    # Hold every piece but the first (the short one that starts the text) until the first audio arrived.
-    for backend in sidecar.backends:
-        original = backend._tts
-
-        async def held(request: FakeRequest, original: Any = original) -> FakeAnswer:
-            text = parse_tts_form(parse_form(request.headers.get("Content-Type"), request.body)).input_text
-            if not LONG.startswith(text):
-                await gate.wait()
-            else:
-                first_text.append(text)
-            return await original(request)
-
-        backend._tts = held  # type: ignore[method-assign]
+    gate, held = hold_all_but_the_first_piece(sidecar)
     async with sidecar.client.post("/v1/audio/speech", json=speech(response_format="pcm", stream_format="audio"),
                                    timeout=ClientTimeout(total=10)) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"] == "audio/pcm"
         assert resp.headers.get("Transfer-Encoding") == "chunked"
         first = await asyncio.wait_for(resp.content.readany(), 5)
-        assert first and not gate.is_set()  # audio came while the other pieces were still held
+        assert first and held  # audio came while the other pieces were still held
+        first_text = [t for t in sidecar.texts() if LONG.startswith(t)]
         assert len(first_text) == 1 and len(first_text[0]) <= FANOUT["first_chars"]
         gate.set()
         rest = await resp.read()
@@ -368,21 +366,40 @@ async def test_sse_sends_delta_events_then_done_with_usage(start: SidecarFactory
 
 async def test_a_disconnect_mid_stream_leaves_no_piece_queued(start: SidecarFactory) -> None:
     sidecar = await start(urls=URLS[:2], fanout={"max_chars": 40, "min_chars": 10})
-    gate = asyncio.Event()
-    for backend in sidecar.backends[1:]:
-        backend.gate = gate
+    gate, held = hold_all_but_the_first_piece(sidecar)
     resp = await sidecar.client.post("/v1/audio/speech", json=speech(response_format="pcm", stream_format="audio"))
     assert resp.status == 200
     assert await asyncio.wait_for(resp.content.readany(), 5)  # the first piece streamed
-    await until(lambda: any(j.parent for j in sidecar.runtime.scheduler.queue.jobs())
-                or sidecar.backends[1].busy, "the next pieces to be queued or running")
-    started = len(sidecar.texts()) + len([j for j in sidecar.runtime.scheduler.queue.jobs() if j.parent])
+    # Each lane makes its next piece only when its own is answered: two held, none queued or made.
+    await until(lambda: len(held) == 2, "two pieces held on the backends")
+    assert not any(j.parent for j in sidecar.runtime.scheduler.queue.jobs())
+    reached = len(sidecar.texts()) + len(held)
     resp.close()  # the client goes away mid-stream
     await until(lambda: sidecar.gone() == 1, "the request to be over")
     assert not any(j.parent for j in sidecar.runtime.scheduler.queue.jobs())  # no piece queued
     gate.set()
     await sidecar.assert_idle()
-    assert len(sidecar.texts()) <= started < int(resp.headers["X-Fanout-Pieces"])  # the rest never ran
+    assert len(sidecar.texts()) == reached == 3 < int(resp.headers["X-Fanout-Pieces"])  # the rest never ran
+
+
+def hold_all_but_the_first_piece(sidecar: Sidecar) -> tuple[asyncio.Event, list[str]]:
+    """Every piece but the first (the one that starts the text) waits on the returned gate; the
+    list holds the texts waiting there."""
+    gate = asyncio.Event()
+    waiting: list[str] = []
+    for backend in sidecar.backends:
+        original = backend._tts
+
+        async def held(request: FakeRequest, original: Any = original) -> FakeAnswer:
+            text = parse_tts_form(parse_form(request.headers.get("Content-Type"), request.body)).input_text
+            if not LONG.startswith(text):
+                waiting.append(text)
+                await gate.wait()
+                waiting.remove(text)
+            return await original(request)
+
+        backend._tts = held  # type: ignore[method-assign]
+    return gate, waiting
 
 
 async def test_a_failure_before_the_first_audio_is_a_whole_error_answer(start: SidecarFactory) -> None:

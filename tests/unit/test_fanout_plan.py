@@ -71,6 +71,8 @@ def test_the_config_section_checks_its_bounds_by_key() -> None:
     assert "fanout.max_chars: must be at least min_chars (50)" in text
     assert "fanout.first_chars: must be at most max_chars (40)" in text
     assert "fanout.pause_s: join with a crossfade or a pause, not both" in text
+    with pytest.raises(ConfigError, match=r"fanout\.pieces_per_slot"):
+        parse_config("fanout: {pieces_per_slot: 0}", check_paths=False)
     with pytest.raises(ConfigError, match=r"fanout\.crossfade_s"):
         parse_config("fanout: {crossfade_s: 9.0}", check_paths=False)
     with pytest.raises(ConfigError, match=r"fanout\.enabled"):
