@@ -58,6 +58,7 @@ from bench.overload_spec import (
     CURVES,
     DEFAULT_ARMS,
     DEFAULT_LOADS,
+    FANOUT_ARMS,
     FLAT_ARMS,
     NGINX,
     PRIOR_ERROR,
@@ -99,10 +100,23 @@ def _flow(value: Any) -> str:
     return json.dumps(round(value, 12) if isinstance(value, float) else value)
 
 
+PRODUCTION_EXAMPLE = procs.ROOT / "config" / "glmtts-production.yaml"
+
+
+def production_fanout() -> dict[str, Any]:
+    """The production example's `fanout` section, switched on (`enabled: true`) whatever it says:
+    what an operator who turns fan-out on runs (an example without the section: the defaults)."""
+    section = procs.config_sections(PRODUCTION_EXAMPLE.read_text()).get("fanout")
+    return {**(section if isinstance(section, dict) else {}), "enabled": True}
+
+
 def sidecar_yaml(arm: str, setup: Setup, cell: Cell, *, port: int, base_port: int) -> str:
     """The whole config file of sidecar arm `arm` (listen on `port`, backends from `base_port`)."""
+    if arm in FANOUT_ARMS:
+        base = sidecar_yaml(FANOUT_ARMS[arm], setup, cell, port=port, base_port=base_port)
+        return base + f"fanout: {_flow(production_fanout())}\n"
     if arm not in SIDECAR_ARMS:
-        raise ValueError(f"unknown sidecar arm {arm!r}; known: {', '.join(SIDECAR_ARMS)}")
+        raise ValueError(f"unknown sidecar arm {arm!r}; known: {', '.join([*SIDECAR_ARMS, *FANOUT_ARMS])}")
     command = ["{python}", "-m", "glmtts.emulator", "--port", "{port}", *emulator_args(setup, cell.curve),
                "--seed", "{index}"]
     slots = f"  slots: {ARM_SLOTS[arm]}\n" if arm in ARM_SLOTS else ""

@@ -28,6 +28,10 @@ SIDECAR_ARMS = ARMS[1:]
 # Each arm's cost priors as a multiple of the emulator's true model.
 PRIOR_ERROR = {SEED: 1.0, HIGH: 2.0, LOW: 0.5, SLOTS1: 2.0, **{arm: 1.0 for arm in ORACLES}}
 ARM_SLOTS = {SEED: 13, SLOTS1: 1, **{arm: n for n, arm in enumerate(ORACLES, 1)}}  # backends.slots written
+# Arms run by bench.fanout, not by this benchmark's command line: a sidecar arm above plus the
+# production example's `fanout` section (bench.overload.production_fanout).
+HIGH_FANOUT = f"{HIGH}+fanout"
+FANOUT_ARMS = {HIGH_FANOUT: HIGH}
 _UPSTREAM = UpstreamConfig()
 
 

@@ -1,4 +1,5 @@
-"""The overload benchmark runs end to end (its --smoke size) and writes a report whose figures are the JSON's."""
+"""The overload and fan-out benchmarks run end to end (their --smoke sizes) and write reports whose figures are
+the JSON's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bench import fanout, fanout_report
 from bench.loadgen import Record
 from bench.nginx import nginx_binary
 from bench.overload import run
@@ -21,7 +23,7 @@ from bench.overload_report import (
     VERDICT_COLUMNS,
     write_report,
 )
-from bench.overload_spec import HIGH, SMOKE
+from bench.overload_spec import HIGH, HIGH_FANOUT, SMOKE
 from bench.summary import CLASSES, FAILURE_KINDS, failure_kind, jain_index, max_min_fair, percentile
 from tests.support import pid_gone, wait_until
 
@@ -159,3 +161,42 @@ def test_failures_are_told_apart_by_status_and_reason() -> None:
     assert failure_kind(_record(502, "backend_failed")) == "backend error"
     assert failure_kind(_record(200, success=False)) == "backend error"
     assert failure_kind(_record(None, "timeout")) == "no answer"
+
+
+# The fan-out benchmark at its smoke size: one idle pool of 4 backends, then sidecar-high with and
+# without fan-out at 2.5x on the bimodal trace.
+@pytest.mark.slow
+@pytest.mark.xdist_group("serial")
+@pytest.mark.timeout(150)
+def test_fanout_smoke_benchmark_measures_valid_answers_and_reports_them(tmp_path: Path) -> None:
+    result = fanout.run(fanout.SMOKE, command="python -m bench.fanout --smoke", progress=False)
+    text = fanout_report.write_report(result, tmp_path).read_text()
+    data = json.loads((tmp_path / fanout_report.DATA).read_text())
+    assert result.skipped == {} and result.idle is not None and result.overload is not None, result.skipped
+
+    samples = {s.arm: s for s in result.idle.samples}
+    assert set(samples) == {a.name for a in fanout_report.IDLE_ARMS}
+    assert all(s.valid for s in samples.values()), [s for s in samples.values() if not s.valid]
+    assert samples[fanout_report.ZH_OFF].pieces in (None, 1)  # not split (the header is optional there)
+    assert (samples[fanout_report.ZH_ON].pieces or 0) > 1  # an idle pool of 4 splits a 500-character text
+    for arm in fanout_report.STREAM_ARMS:
+        ttfb = samples[arm].ttfb_s
+        assert ttfb is not None and 0 < ttfb <= samples[arm].latency_s
+
+    (cell,) = result.overload.cells
+    assert cell.skipped == {} and {(r.summary.config, r.summary.load) for r in cell.runs} == \
+        {(HIGH, 2.5), (HIGH_FANOUT, 2.5)}
+    fanout_yaml = next(r.config_yaml for r in cell.runs if r.summary.config == HIGH_FANOUT)
+    assert fanout_yaml is not None and "\nfanout: {enabled: true" in fanout_yaml and fanout_yaml.rstrip() in text
+    assert all(r.summary.goodput > 0 for r in cell.runs)
+
+    for verdict in data["verdicts"]:
+        shown = "–" if verdict["measured"] is None else f"{verdict['measured']:.2f}"
+        assert f"| {verdict['name']} | {shown} | {verdict['op']} {verdict['target']:g} |" in text
+    assert [v["met"] is None for v in data["verdicts"]] == [False] * 4 + [True, False]  # no 1.3x run in a smoke
+    for plot in (fanout_report.LATENCY_PLOT, fanout_report.TTFB_PLOT, fanout_report.GOODPUT_PLOT):
+        assert (tmp_path / plot).read_bytes()[:8] == PNG_MAGIC
+
+    pids = result.idle.pids + [pid for r in cell.runs for pid in r.pids]
+    assert len(pids) == (1 + len(cell.runs)) * (1 + cell.cell.backends)
+    wait_until(lambda: all(pid_gone(pid) for pid in pids), timeout=10, what="benchmark processes to exit")
