@@ -18,6 +18,9 @@ from typing import Any
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
 
+from bench.markdown import met as _met
+from bench.markdown import num as _num
+from bench.markdown import table as _table
 from bench.overload_spec import HIGH, HIGH_FANOUT, BenchResult, CellResult, RunResult
 from bench.summary import CLASSES, percentile
 
@@ -226,22 +229,6 @@ def all_verdicts(result: FanoutResult) -> list[Verdict]:
 
 
 # --- Markdown ---------------------------------------------------------------------------------
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _row(cells: Sequence[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
-
-
-def _met(met: bool | None) -> str:
-    return "–" if met is None else "yes" if met else "**no**"
 
 
 VERDICT_COLUMNS = ("target", "measured", "required", "met", "note")

@@ -18,6 +18,9 @@ from typing import Any
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
 
 from bench.loadgen import MIXES, TIMEOUT_REASON
+from bench.markdown import met as _met
+from bench.markdown import num as _num
+from bench.markdown import table as _table
 from bench.nginx import nginx_conf
 from bench.overload_spec import (
     ARMS,
@@ -182,22 +185,6 @@ def cell_verdicts(result: CellResult) -> list[Verdict]:
         return flat_verdicts(cell.key, runs, cell.loads)
     classes = cell_classes(cell.trace)
     return [v for arm in (HIGH, LOW) if arm in cell.arms for v in arm_verdicts(cell.key, arm, runs, classes)]
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _row(cells: Sequence[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
-
-
-def _met(met: bool | None) -> str:
-    return "–" if met is None else "yes" if met else "**no**"
 
 
 def verdict_table(verdicts: Sequence[Verdict]) -> list[str]:

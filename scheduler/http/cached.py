@@ -94,19 +94,11 @@ class CachedTTS:
         read whole; stored when it succeeds."""
         runtime, job = self.runtime, intake.job
         record = Outcome(request_id=intake.request_id)
-        try:
+        # Cancelled only at exit: a client leaving does not cancel a flight.
+        with self.exchange.reporting(job, record, intake.arrived, gone="shutdown"):
             plan = decide(runtime, intake, choice=intake.fanout)
             whole = await synthesize(runtime, self.exchange, intake, record, {REQUEST_ID: intake.request_id}, plan)
             record.status = whole.status
-        except SidecarError as exc:
-            if record.outcome == "ok":
-                record.status, record.outcome, record.reason = exc.status, "rejected", exc.reason
-            raise
-        except asyncio.CancelledError:  # only at exit: a client leaving does not cancel a flight
-            record.outcome, record.reason = "client_gone", "shutdown"
-            raise
-        finally:
-            self.exchange.report(job, record, intake.arrived)
         if whole.ok:
             answer = CachedAnswer(status=whole.status,
                                   content_type=whole.headers.get("Content-Type", "application/json"), body=whole.body)

@@ -37,7 +37,6 @@ from scheduler.errors import (
     InvalidField,
     NotAttributed,
     PayloadTooLarge,
-    SidecarError,
     UnknownModel,
     UnknownVoice,
 )
@@ -269,21 +268,12 @@ class OpenAIHandler:
             return await self._through_cache(speech, intake)
         job, rid = intake.job, intake.request_id
         record = Outcome(request_id=rid)
-        try:
+        with self.exchange.reporting(job, record, intake.arrived):
             plan = decide(self.runtime, intake, choice=intake.fanout)
             whole = await synthesize(self.runtime, self.exchange, intake, record, {REQUEST_ID: rid}, plan)
             answer = _checked(whole.status, whole.body)
             # The slot is free again: encoding takes CPU here, never a backend.
             audio = await asyncio.to_thread(_encoded, answer, speech.response_format)
-        except SidecarError as exc:
-            if record.outcome == "ok":
-                record.status, record.outcome, record.reason = exc.status, "rejected", exc.reason
-            raise
-        except asyncio.CancelledError:
-            record.outcome, record.reason = "client_gone", "client_gone"
-            raise
-        finally:
-            self.exchange.report(job, record, intake.arrived)
         return web.Response(body=audio, headers=_made_by(whole, speech.response_format))
 
     async def _through_cache(self, speech: Speech, intake: Intake) -> web.Response:
@@ -303,28 +293,22 @@ class OpenAIHandler:
             whole, _ = await self.cached.answer(intake)
             return await stream.send(_one(whole))
         run: SplitRun | None = None
-        try:
-            plan = decide(runtime, intake, choice=intake.fanout, stream=speech.response_format in STREAMABLE)
-            if plan is None:
-                whole = await synthesize(runtime, self.exchange, intake, record, {REQUEST_ID: intake.request_id}, None)
-                return await stream.send(_one(whole))
-            run = SplitRun(runtime, self.exchange, intake, plan, record, {REQUEST_ID: intake.request_id})
-            stream.pieces = run.pieces
-            run.start()
-            async with contextlib.aclosing(_pieces(run)) as audio:
-                return await stream.send(audio)
-        except SidecarError as exc:
-            if record.outcome == "ok":
-                record.status, record.outcome, record.reason = exc.status, "rejected", exc.reason
-            raise
-        except asyncio.CancelledError:
-            record.outcome, record.reason = "client_gone", "client_gone"
-            raise
-        finally:
-            if run is not None:
-                record.service_s = run.service_s
-                await run.close()
-            self.exchange.report(job, record, intake.arrived)
+        with self.exchange.reporting(job, record, intake.arrived):
+            try:
+                plan = decide(runtime, intake, choice=intake.fanout, stream=speech.response_format in STREAMABLE)
+                if plan is None:
+                    whole = await synthesize(runtime, self.exchange, intake, record, {REQUEST_ID: intake.request_id},
+                                             None)
+                    return await stream.send(_one(whole))
+                run = SplitRun(runtime, self.exchange, intake, plan, record, {REQUEST_ID: intake.request_id})
+                stream.pieces = run.pieces
+                run.start()
+                async with contextlib.aclosing(_pieces(run)) as audio:
+                    return await stream.send(audio)
+            finally:
+                if run is not None:
+                    record.service_s = run.service_s
+                    await run.close()
 
     async def models(self, request: web.Request) -> web.Response:
         self._check_key(request)

@@ -20,7 +20,6 @@ from aiohttp import web
 
 from backend.transport import BackendTimeout, BackendUnavailable
 from glmtts.responses import succeeded
-from scheduler.errors import SidecarError
 from scheduler.http.cached import CachedTTS
 from scheduler.http.intake import read_intake
 from scheduler.http.middleware import REQUEST_ID
@@ -61,7 +60,7 @@ class TTSHandler:
         job, rid = intake.job, intake.request_id
         record = Outcome(request_id=rid)
         headers = {"Content-Type": sendable(intake.content_type), REQUEST_ID: rid}
-        try:
+        with self.exchange.reporting(job, record, intake.arrived):
             plan = decide(self.runtime, intake, choice=intake.fanout)
             if plan is not None:  # split: the pieces' joined answer, whole
                 whole = await synthesize(self.runtime, self.exchange, intake, record, {REQUEST_ID: rid}, plan)
@@ -70,14 +69,6 @@ class TTSHandler:
             future = self.exchange.admit(job)
             async with await self.exchange.forward(job, future, intake.body, headers, record) as answered:
                 return await self._stream_back(request, answered)
-        except SidecarError as exc:
-            record.status, record.outcome, record.reason = exc.status, "rejected", exc.reason
-            raise
-        except asyncio.CancelledError:
-            record.outcome, record.reason = "client_gone", "client_gone"
-            raise
-        finally:
-            self.exchange.report(job, record, intake.arrived)
 
     async def _stream_back(self, request: web.Request, answered: Answered) -> web.StreamResponse:
         reply, record, backend = answered.reply, answered.record, answered.backend

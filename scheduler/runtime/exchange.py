@@ -16,8 +16,10 @@ are counted in one place (``_orphan``; the core scheduler counts those past a de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -29,7 +31,7 @@ from glmtts.responses import succeeded
 from scheduler.core.admission import Rejection
 from scheduler.core.deadlines import shed_message, timeout_message
 from scheduler.core.queue import Job
-from scheduler.errors import BackendFailed, DeadlineExpired, Rejected
+from scheduler.errors import BackendFailed, DeadlineExpired, Rejected, SidecarError
 from scheduler.runtime.context import Runtime
 from scheduler.runtime.dispatcher import QueuedDeadline
 from scheduler.runtime.metrics import classify
@@ -347,6 +349,24 @@ class Exchange:
         orphan = asyncio.ensure_future(finish())
         self._orphans.add(orphan)
         orphan.add_done_callback(self._orphans.discard)
+
+    @contextlib.contextmanager
+    def reporting(self, job: Job, record: Outcome, arrived: float, *, gone: str = "client_gone") -> Iterator[None]:
+        """Run one request's handling and report it once, however it ends: a SidecarError answered
+        is "rejected" with its status and reason, unless the attempt already said what happened
+        (a deadline passed while running, an answer cut short); cancellation is the client gone
+        (``gone``: the reason, e.g. "shutdown" for work no client waits on)."""
+        try:
+            yield
+        except SidecarError as exc:
+            if record.outcome == "ok":
+                record.status, record.outcome, record.reason = exc.status, "rejected", exc.reason
+            raise
+        except asyncio.CancelledError:
+            record.outcome, record.reason = "client_gone", gone
+            raise
+        finally:
+            self.report(job, record, arrived)
 
     def report(self, job: Job, record: Outcome, arrived: float) -> None:
         """The access log line and the metrics of one finished request."""

@@ -148,8 +148,8 @@ class Metrics:
             "TTS requests synthesized whole rather than split (fanout), by reason: disabled (fanout.enabled is "
             "false and no X-Fanout: on), client_off (X-Fanout: off), short_text (under fanout.min_text_chars), "
             "pressure (a request was turned away for want of capacity, or a queued one ran out of time, in the "
-            "last 30 s or that request's predicted service, whichever is longer), busy (fewer than 2 backend slots free "
-            "when it arrived, or anything queued), one_piece (the text does not cut into 2 pieces).",
+            "last 30 s or that request's predicted service, whichever is longer), busy (fewer than 2 backend "
+            "slots free when it arrived, or anything queued), one_piece (the text does not cut into 2 pieces).",
             ["reason"], registry=r)
         for reason in FANOUT_DECLINED:
             self.fanout_declined.labels(reason)
