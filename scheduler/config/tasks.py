@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -21,7 +23,11 @@ from backend.settings.base import ConfigSection, Key, Problems, raise_if
 from scheduler.config.base import resolve_secret
 from scheduler.config.callback_urls import CallbackURLError, allowed_target, entry_problem
 
-__all__ = ["CallbacksConfig", "TasksConfig"]
+__all__ = ["CallbacksConfig", "RedisTasksConfig", "TasksConfig"]
+
+SQLITE = "sqlite"
+_ENV = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
+_CLUSTER = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 
 
 class CallbacksConfig(ConfigSection):
@@ -68,8 +74,26 @@ class CallbacksConfig(ConfigSection):
         return None
 
 
+class RedisTasksConfig(ConfigSection):
+    """How sidecars share tasks through Redis (``tasks.store`` a redis:// URL; docs/scale-out.md).
+    ``cluster``: the key prefix and consumer group: sidecars with the same cluster share one task
+    queue. ``replica``: this sidecar's name in it (None: host name and listen port). ``lease_s``: a
+    claimed task's lease, renewed every third of it while the task waits and runs; a task whose
+    lease lapsed (its sidecar died) is claimed by another. ``claim_ahead``: tasks a sidecar claims
+    beyond its free slots (a short local queue). ``connect_timeout_s``; ``reconnect_max_s``: the
+    longest wait between reconnection attempts (backoff doubles up to it)."""
+
+    cluster: StrictStr = Field(default="glmtts", pattern=_CLUSTER)
+    replica: StrictStr | None = Field(default=None, pattern=_CLUSTER)
+    lease_s: StrictFloat = Field(default=30.0, ge=3.0, le=3600.0)
+    claim_ahead: StrictInt = Field(default=2, ge=0, le=1000)
+    connect_timeout_s: StrictFloat = Field(default=2.0, gt=0, le=60.0)
+    reconnect_max_s: StrictFloat = Field(default=30.0, gt=0, le=600.0)
+
+
 class TasksConfig(ConfigSection):
-    """The async task mode: POST /api/v1/tasks, persisted in SQLite under `state_dir`."""
+    """The async task mode: POST /api/v1/tasks, persisted in SQLite under `state_dir`, or shared by
+    several sidecars in Redis (``store``: a redis:// or rediss:// URL; "env:NAME" reads it at load)."""
 
     enabled: StrictBool = True
     state_dir: Path | None = None  # None: $STATE_DIRECTORY (systemd's StateDirectory=), else ./glmtts-sidecar-state
@@ -80,6 +104,39 @@ class TasksConfig(ConfigSection):
     max_bytes_per_tenant: StrictInt = Field(default=1 << 30, ge=1 << 20)  # its request bodies plus audio on disk
     min_free_bytes: StrictInt = Field(default=1 << 30, ge=0)  # new tasks refused (503) below this much free disk
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
+    store: SecretStr = SecretStr(SQLITE)  # masked in reprs: a Redis URL may hold a password
+    redis: RedisTasksConfig = Field(default_factory=RedisTasksConfig)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _check_store(cls, value: object) -> object:
+        """"sqlite", or a redis:// / rediss:// URL with a host; the message never shows the URL."""
+        if not isinstance(value, str):
+            raise Problems([((), "must be a string: sqlite, or a redis:// or rediss:// URL")])
+        if (named := _ENV.fullmatch(value)) is not None:
+            if named[1] not in os.environ:
+                raise Problems([((), f"environment variable {named[1]} is not set")])
+            value = os.environ[named[1]]
+        if value == SQLITE:
+            return SecretStr(value)
+        try:
+            parts = urlsplit(value)
+            host = parts.hostname
+            _ = parts.port  # ValueError for a port out of range
+        except ValueError:
+            raise Problems([((), "is not a valid URL (sqlite, or redis://host:port/db)")]) from None
+        if parts.scheme not in ("redis", "rediss"):
+            raise Problems([((), "must be sqlite, or a URL whose scheme is redis or rediss")])
+        if not host:
+            raise Problems([((), "a redis URL needs a host (redis://host:port/db)")])
+        if parts.path not in ("", "/") and not re.fullmatch(r"/\d{1,2}", parts.path):
+            raise Problems([((), "a redis URL's path is a database number (redis://host:port/0)")])
+        return SecretStr(value)
+
+    def redis_url(self) -> str | None:
+        """The Redis URL tasks are kept under, or None for SQLite."""
+        url = self.store.get_secret_value()
+        return None if url == SQLITE else url
 
     @field_validator("state_dir", mode="before")
     @classmethod

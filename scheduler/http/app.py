@@ -3,10 +3,11 @@
 Shutdown order (aiohttp's, on SIGTERM/SIGINT): stop listening; let in-flight requests -- queued
 ones included -- finish, up to ``shutdown.drain_timeout_s``; cancel what is left; then this
 module's cleanup contexts, the reverse of their start: cancel the controls' background work (a
-reload, a topology change), close the task service (unfinished tasks stay stored), cancel the
-result cache's syntheses in flight, wait for orphaned backend work, stop the backends (TERM, then
-KILL after ``backends.stop_grace_s``), close the backend client, stop the watchdog pings and the
-loop-lag probe. A start that fails cleans up only what had started before it.
+reload, a topology change), close the task service (unfinished tasks stay stored), close the
+connection to Redis, cancel the result cache's syntheses in flight, wait for orphaned backend
+work, stop the backends (TERM, then KILL after ``backends.stop_grace_s``), close the backend
+client, stop the watchdog pings and the loop-lag probe. A start that fails cleans up only what
+had started before it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from scheduler.runtime.exchange import Exchange
 from scheduler.runtime.looplag import LoopLagCollector, LoopLagProbe
 from scheduler.runtime.metrics import PREFIX, Metrics, Sources
 from scheduler.runtime.prompts import PromptCatalogue, fetch_prompts
+from scheduler.runtime.redislink import RedisLink
 from scheduler.runtime.sdnotify import ServiceStatus, watchdog_loop
 from scheduler.runtime.tasks import TaskService
 
@@ -86,7 +88,9 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
     tenants = build_tenants(config)
     runtime = Runtime(config, pool, client, catalogue, dispatcher, tenants, metrics=metrics)
     exchange = Exchange(runtime)
-    tasks = TaskService(runtime, exchange, config.tasks) if config.tasks.enabled else None
+    # With tasks.store a Redis URL: one connection for the cluster's tasks (and its tenant rates).
+    runtime.redis = RedisLink.from_config(config.tasks) if config.tasks.enabled else None
+    tasks = TaskService(runtime, exchange, config.tasks, redis=runtime.redis) if config.tasks.enabled else None
     control = Control(runtime, pool, config_path=config_path, stop=stop, systemd=systemd, tasks=tasks)
     metrics.watch(Sources(scheduler=lambda: dispatcher.scheduler, bands=lambda: runtime.tenants.band_names,
                           backends=lambda: pool.backends, draining=lambda: runtime.draining,
@@ -195,6 +199,15 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
         runtime.cache.keep_copy(None)
         await disk.close()  # what was asked is written or deleted before the sidecar stops
 
+    async def redis_link(app: web.Application) -> AsyncIterator[None]:
+        link = runtime.redis
+        if link is None:
+            yield
+            return
+        await link.open()  # a Redis that is down now is reconnected to in the background
+        yield
+        await link.close()
+
     async def task_service(app: web.Application) -> AsyncIterator[None]:
         if tasks is None:
             yield
@@ -214,7 +227,7 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
         await control.close()
 
     app.cleanup_ctx.extend([loop_lag, watchdog, backend_client, backend_pool, orphan_wait, cache_disk, result_cache,
-                             task_service, controls])
+                             redis_link, task_service, controls])
     return app
 
 

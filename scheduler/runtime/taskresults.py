@@ -1,6 +1,7 @@
 """What a task's submit and run come to besides the store: the result of a backend's answer, and
-the errors that refuse a submit (quota, store), with their exact wording, and how a task reads
-to its client."""
+the errors that refuse a submit (quota, store, a reused Idempotency-Key), with their exact
+wording, how a task reads to its client, and the job a stored task runs as. Shared by the task
+service's two stores (SQLite, scheduler.runtime.tasks; Redis, scheduler.runtime.taskcluster)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from glmtts.contract import TTSRequest
 from glmtts.responses import succeeded
+from glmtts.text import units
 from glmtts.wav import WavError, read_wav
 from scheduler.config import TasksConfig
 from scheduler.core.queue import Job
 from scheduler.core.scheduler import Scheduler
-from scheduler.errors import StoreUnavailable, TaskQuotaExceeded
+from scheduler.core.tenants import TenantDirectory
+from scheduler.errors import IdempotencyKeyReused, StoreUnavailable, TaskQuotaExceeded
 from scheduler.runtime.dispatcher import Dispatcher
 from scheduler.runtime.taskstore import QuotaExceeded, Task, TaskState
 
-__all__ = ["STORE_RETRY_AFTER_S", "TaskResult", "describe", "over_quota", "queue_estimates", "read_answer",
-           "unavailable"]
+__all__ = ["IDEMPOTENCY_KEY", "STORE_RETRY_AFTER_S", "TaskResult", "callback_stale_s", "cluster_estimates",
+           "describe", "over_quota", "queue_estimates", "read_answer", "replayed", "task_job", "unavailable"]
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
 
 STORE_RETRY_AFTER_S = 30.0
 
@@ -102,3 +108,46 @@ def queue_estimates(scheduler: Scheduler, dispatcher: Dispatcher, job: Job, wall
     start = wall() + outlook.wait_s
     return {"position": order.index(job.id) + 1, "estimated_start": round(start, 3),
             "estimated_done": round(start + job.predicted_s, 3)}
+
+
+def cluster_estimates(scheduler: Scheduler, dispatcher: Dispatcher, job: Job, position: int | None,
+                      wall: Callable[[], float]) -> dict[str, Any]:
+    """Position in the cluster's queue (scheduler.runtime.taskcluster) and predicted start/finish
+    of a task not yet taken by any replica: as if this sidecar's scheduler admitted ``job`` now
+    (another replica may take it; an estimate, as the SQLite store's are)."""
+    wait_s = scheduler.predicted_wait_s(job, dispatcher.clock(), dispatcher.views())
+    start = wall() + wait_s
+    return {"position": position if position is not None else 0, "estimated_start": round(start, 3),
+            "estimated_done": round(start + job.predicted_s, 3)}
+
+
+def replayed(task: Task, key: str, digest: str) -> tuple[Task, int]:
+    """The answer to a retry with an Idempotency-Key: the same task (200 once it left the queue,
+    else 202) if the same request, else IdempotencyKeyReused (422)."""
+    if task.request_sha256 != digest:
+        raise IdempotencyKeyReused(f"{IDEMPOTENCY_KEY} {key!r} was already used for a different request "
+                                   "(another body or Content-Type); a new request needs a new key")
+    return task, 200 if task.state is not TaskState.QUEUED else 202
+
+
+def task_job(scheduler: Scheduler, tenants: TenantDirectory, task: Task, tts: TTSRequest, *, now: float,
+             budget_s: float) -> Job:
+    """The job a stored task runs as (re-queued after a restart, or taken from the cluster's
+    queue), in the band it was given: by name, since a reload may have reordered the bands; one
+    that is gone means the default band, as an unknown tenant means the default tenant."""
+    try:
+        tenant = tenants.tenant(task.tenant)
+    except KeyError:
+        tenant = tenants.default
+    band = tenants.band_names.index(task.band) if task.band in tenants.band_names else tenants.default_band
+    return scheduler.make_job(id=f"task-{task.id}", chars=tts.chars, units=units(tts.input_text),
+                              model_key=tts.model_key, now=now, tenant=tenant.name, weight=tenant.weight, band=band,
+                              budget_s=budget_s)
+
+
+def callback_stale_s(config: TasksConfig) -> float:
+    """The longest one callback's announcement can take (every attempt and backoff), plus a
+    minute: one begun longer ago was left by a sidecar that stopped, and is announced again."""
+    callbacks = config.callbacks
+    backoff = callbacks.backoff_s * float(2 ** min(callbacks.attempts - 1, 20) - 1)
+    return float(min(callbacks.attempts * callbacks.timeout_s + backoff, config.ttl_s)) + 60.0

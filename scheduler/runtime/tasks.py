@@ -9,6 +9,10 @@ tenant that created a task can see, fetch or cancel it (404 to others). Its atte
 go through scheduler.runtime.exchange, as a synchronous request's do; its HTTP endpoints are
 scheduler.http.tasks.
 
+With ``tasks.store`` a Redis URL, every sidecar of a cluster shares the tasks instead
+(scheduler.runtime.taskcluster): a submit is stored and queued in Redis, and whichever sidecar can
+start it soon claims it; the methods below hand over to it.
+
 A submit is stored first and admitted second: whatever ends the request early (a store error, the
 client leaving while the body is written, admission refusing it) leaves neither a queued job nobody
 awaits nor a stored task nobody runs. Each tenant's stored tasks and bytes are capped (429), and no
@@ -30,13 +34,11 @@ from backend.transport import BackendTimeout, BackendUnavailable
 from glmtts.contract import parse_tts_form
 from glmtts.errors import GLMTTSError
 from glmtts.form import parse_form
-from glmtts.text import units
 from scheduler.config import TasksConfig
 from scheduler.core.queue import Job
 from scheduler.errors import (
     DeadlineExpired,
     DiskSpaceLow,
-    IdempotencyKeyReused,
     NoAudio,
     SidecarError,
     UnknownTask,
@@ -44,7 +46,19 @@ from scheduler.errors import (
 from scheduler.runtime.callbacks import deliver
 from scheduler.runtime.context import Runtime
 from scheduler.runtime.exchange import Exchange, Intake, Outcome
-from scheduler.runtime.taskresults import TaskResult, describe, over_quota, queue_estimates, read_answer, unavailable
+from scheduler.runtime.redislink import RedisLink
+from scheduler.runtime.taskcluster import ClusterTasks
+from scheduler.runtime.taskresults import (
+    IDEMPOTENCY_KEY,
+    TaskResult,
+    describe,
+    over_quota,
+    queue_estimates,
+    read_answer,
+    replayed,
+    task_job,
+    unavailable,
+)
 from scheduler.runtime.taskstore import (
     DiskLow,
     Quota,
@@ -58,7 +72,8 @@ from scheduler.runtime.taskstore import (
 
 log = logging.getLogger("glmtts_sidecar.tasks")
 
-IDEMPOTENCY_KEY = "Idempotency-Key"
+__all__ = ["IDEMPOTENCY_KEY", "REQUEST_ID", "Runner", "TaskService"]
+
 REQUEST_ID = "X-Request-ID"
 
 T = TypeVar("T")
@@ -74,10 +89,12 @@ class Runner:
 
 class TaskService:
     """The tasks of one sidecar. ``config`` is read where it is used: ``reconfigure`` makes later
-    work follow a new ``tasks`` section (the store's directory is the one opened at start)."""
+    work follow a new ``tasks`` section (the store's directory is the one opened at start).
+    ``redis``: the link to the cluster's Redis when ``tasks.store`` names one (``cluster`` then
+    keeps the tasks, and ``store`` stays None)."""
 
     def __init__(self, runtime: Runtime, exchange: Exchange, config: TasksConfig, *,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, redis: RedisLink | None = None) -> None:
         self.runtime = runtime
         self.exchange = exchange
         self.config = config
@@ -89,15 +106,21 @@ class TaskService:
         self._withdrawals: set[asyncio.Task[None]] = set()
         # (tenant, Idempotency-Key) of submits being stored or removed: a retry waits for the outcome.
         self._claims: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self.cluster = ClusterTasks(runtime, exchange, config, redis, wall=wall) if redis is not None else None
 
     def reconfigure(self, config: TasksConfig) -> None:
         """A reload: quotas, deadlines, TTL, sweeping and callbacks follow ``config`` from now on."""
         self.config = config
+        if self.cluster is not None:
+            self.cluster.reconfigure(config)
 
     # --- lifetime -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the store and re-queue what a previous run left queued or running."""
+        if self.cluster is not None:  # the cluster's queue keeps what is unfinished
+            await self.cluster.start()
+            return
         directory = self.config.directory()
         try:
             self.store = await asyncio.to_thread(TaskStore, directory)
@@ -121,6 +144,8 @@ class TaskService:
         self._spawn(self._sweeper())
 
     async def close(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.close()
         runners = [runner.work for runner in self._runners.values()]
         background = list(self._background)
         for work in (*runners, *background):
@@ -168,6 +193,13 @@ class TaskService:
 
     # --- submitting (POST /api/v1/tasks, and Prefer: respond-async) --------------------------------
 
+    def require_open(self) -> None:
+        """StoreUnavailable (503) unless tasks can be stored now."""
+        if self.cluster is not None:
+            self.cluster.require()
+        else:
+            self.require_store()
+
     def require_store(self) -> TaskStore:
         """The open store, or StoreUnavailable (503) when it could not be opened at start."""
         if self.store is None:
@@ -178,6 +210,8 @@ class TaskService:
         """Store and admit a validated request as a task: (the task, 202), or (the task an
         earlier submit with the same Idempotency-Key made, 200 once it left the queue); or the
         SidecarError that refuses it."""
+        if self.cluster is not None:
+            return await self.cluster.accept(intake, key, callback)
         if key is None:
             return await self._store_and_admit(intake, key, callback, "")
         # What the key is bound to; hashed off the event loop (a body may be megabytes).
@@ -244,10 +278,7 @@ class TaskService:
 
     def _replay(self, task: Task, key: str, digest: str) -> tuple[Task, int]:
         """The answer to a retry with an Idempotency-Key: the same task, if the same request."""
-        if task.request_sha256 != digest:
-            raise IdempotencyKeyReused(f"{IDEMPOTENCY_KEY} {key!r} was already used for a different request "
-                                       "(another body or Content-Type); a new request needs a new key")
-        return task, 200 if task.state is not TaskState.QUEUED else 202
+        return replayed(task, key, digest)
 
     def _withdraw(self, creating: asyncio.Future[tuple[Task, bool]],
                   claim: tuple[str, str] | None) -> asyncio.Task[None]:
@@ -277,6 +308,10 @@ class TaskService:
 
             removal.add_done_callback(unclaim)
         return removal
+
+    async def accepted_body(self, task: Task, job: Job) -> dict[str, Any]:
+        """What a submit of ``job`` that made (or found) ``task`` answers."""
+        return await self.cluster.accepted(task, job) if self.cluster is not None else self.accepted(task)
 
     def accepted(self, task: Task) -> dict[str, Any]:
         """What a submit answers: the task's id and status, and while it waits, its estimates."""
@@ -378,16 +413,8 @@ class TaskService:
             return
         if task.state is TaskState.RUNNING:
             await asyncio.to_thread(store.requeue, task.id, self.wall())
-        directory = self.runtime.tenants
-        try:
-            tenant = directory.tenant(task.tenant)
-        except KeyError:
-            tenant = directory.default
-        # By name: a reload may have reordered the bands; one that is gone means the default band.
-        band = directory.band_names.index(task.band) if task.band in directory.band_names else directory.default_band
-        job = self.runtime.scheduler.make_job(
-            id=f"task-{task.id}", chars=tts.chars, units=units(tts.input_text), model_key=tts.model_key,
-            now=self.runtime.dispatcher.clock(), tenant=tenant.name, weight=tenant.weight, band=band, budget_s=left)
+        job = task_job(self.runtime.scheduler, self.runtime.tenants, task, tts, now=self.runtime.dispatcher.clock(),
+                       budget_s=left)
         future = self.exchange.admit(job, force=True)
         intake = Intake(request_id=f"task-{task.id}", arrived=job.arrived_at, body=body,
                         content_type=task.content_type, tts=tts, job=job)
@@ -416,13 +443,23 @@ class TaskService:
         """A task as GET /api/v1/tasks/{id} answers it."""
         return describe(task, self._queue_estimates(task))
 
+    async def status_body(self, task: Task) -> dict[str, Any]:
+        """A task as GET /api/v1/tasks/{id} answers it, from either store."""
+        return await self.cluster.describe(task) if self.cluster is not None else self.describe(task)
+
     async def owned(self, tenant: str, task_id: str) -> Task:
         """The tenant's task; UnknownTask (404) for one that does not exist or is another tenant's,
         the same answer, so ids leak nothing."""
+        if self.cluster is not None:
+            return await self.cluster.owned(tenant, task_id)
         task = await self._call(f"cannot read task {task_id}", self.require_store().get, task_id, tenant=tenant)
         if task is None:
             raise _unknown(task_id)
         return task
+
+    async def audio(self, task: Task) -> Path | bytes:
+        """The WAV of a succeeded task: a file (SQLite) or its bytes (Redis); NoAudio (409) otherwise."""
+        return await self.cluster.audio(task) if self.cluster is not None else await self.audio_path(task)
 
     async def audio_path(self, task: Task) -> Path:
         """The WAV file of a succeeded task; NoAudio (409) otherwise."""
@@ -433,6 +470,8 @@ class TaskService:
 
     async def cancel(self, task: Task) -> Task:
         """Cancel the task (a finished one stays as it is): the task as it is now."""
+        if self.cluster is not None:
+            return await self.cluster.cancel(task)
         updated = await self._call(f"cannot cancel task {task.id}", self._require().cancel, task.id,
                                    tenant=task.tenant, now=self.wall())
         if updated is None:
