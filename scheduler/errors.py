@@ -22,6 +22,7 @@
     ├── PayloadTooLarge       413   body or text over the configured limit
     ├── IdempotencyKeyReused  422   an Idempotency-Key already names a task with another request
     ├── TaskQuotaExceeded     429   a tenant's stored tasks or bytes are at tasks.max_*_per_tenant
+    ├── RateLimited           429   a tenant's requests are over its rate (tenants.*.rate)
     ├── Refused            4xx/5xx  status and reason named by a layer that knows no HTTP
     │   ├── Rejected                admission said no (scheduler.core.admission names the reason)
     │   └── NotAttributed           the request names no tenant it may use (scheduler.core.tenants)
@@ -178,6 +179,13 @@ class IdempotencyKeyReused(SidecarError):
 class TaskQuotaExceeded(SidecarError):
     status = 429
     reason = "task_quota"
+
+
+class RateLimited(SidecarError):
+    """Retry-After: the seconds until the tenant's bucket has a token (scheduler.runtime.ratelimit)."""
+
+    status = 429
+    reason = "rate_limited"
 
 
 class Refused(SidecarError):

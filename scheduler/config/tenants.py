@@ -7,18 +7,28 @@ from pydantic import Field, SecretStr, StrictBool, StrictFloat, StrictInt, Stric
 from backend.settings.base import ConfigSection, Key, Problems, raise_if
 from scheduler.config.base import resolve_key
 
-__all__ = ["TenantConfig", "TenantPolicy", "TenantsConfig"]
+__all__ = ["RateConfig", "TenantConfig", "TenantPolicy", "TenantsConfig"]
 
 _TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
+class RateConfig(ConfigSection):
+    """A tenant's request rate: ``per_s`` requests a second on average, up to ``burst`` at once
+    (a token bucket). With tasks in Redis it holds across every sidecar of the cluster."""
+
+    per_s: StrictFloat = Field(gt=0, le=1e6)
+    burst: StrictInt = Field(default=1, ge=1, le=1_000_000)
+
+
 class TenantPolicy(ConfigSection):
-    """What a tenant may do: its fair-queueing weight, the bands it may use, its queue bound."""
+    """What a tenant may do: its fair-queueing weight, the bands it may use, its queue bound, its
+    request rate (None: unlimited)."""
 
     weight: StrictFloat = Field(default=1.0, gt=0)
     # None: every band for a named tenant; priorities.default and the bands below it for the default tenant
     bands: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
     max_queued: StrictInt | None = Field(default=None, ge=1)  # None: queue.max_per_tenant
+    rate: RateConfig | None = None
 
 
 class TenantConfig(TenantPolicy):

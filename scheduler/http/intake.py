@@ -7,6 +7,10 @@ request refused here raises the error to answer, counted in the metrics as refus
 A route whose clients send another body (the OpenAI API's JSON) passes a ``translate`` that turns
 the bytes read into upstream's form; the form is then validated, attributed and limited exactly as
 a client's own form would be, so both APIs share admission, queueing, deadlines and metrics.
+
+An attributed request over its tenant's request rate (``tenants.*.rate``; scheduler.runtime.ratelimit)
+is refused last, with 429 ``rate_limited`` and the seconds until the tenant may send again: a
+request refused for anything else takes none of its tenant's rate.
 """
 
 from __future__ import annotations
@@ -23,11 +27,21 @@ from glmtts.form import parse_form
 from glmtts.text import units
 from scheduler.core.deadlines import client_budget
 from scheduler.core.tenants import DEFAULT_TENANT, TenantError
-from scheduler.errors import BadHeader, BadTimeout, BodyTimeout, Draining, NotAttributed, PayloadTooLarge, SidecarError
+from scheduler.errors import (
+    BadHeader,
+    BadTimeout,
+    BodyTimeout,
+    Draining,
+    NotAttributed,
+    PayloadTooLarge,
+    RateLimited,
+    SidecarError,
+)
 from scheduler.http.middleware import request_id_of, too_large_body
 from scheduler.runtime.context import Runtime
 from scheduler.runtime.exchange import Intake
 from scheduler.runtime.metrics import UNKNOWN_CLASS, classify
+from scheduler.runtime.ratelimit import rate_of
 
 __all__ = ["FANOUT_HEADER", "INLINE_PARSE_BYTES", "Translate", "fanout_choice", "read_intake"]
 
@@ -47,6 +61,7 @@ async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float
     ``unknown_key_is_default``: scheduler.core.tenants' leniency for APIs whose clients always send a key."""
     arrived = runtime.dispatcher.clock()
     cls = UNKNOWN_CLASS  # known once the text is
+    tenant = DEFAULT_TENANT  # the metrics name a refused request's tenant only when its rate refused it
     try:
         body, content_type, tts = await _read_valid(runtime, request, translate)
         limits = runtime.config.limits
@@ -65,9 +80,11 @@ async def read_intake(runtime: Runtime, request: web.Request, *, budget_s: float
             raise NotAttributed(exc.status, exc.reason, exc.detail) from None
         except ValueError as exc:
             raise BadTimeout(str(exc)) from None
+        tenant = who.tenant.name
+        await _within_rate(runtime, tenant)
     except (SidecarError, HTTPDetailError) as exc:
-        # Answered at the edge, before the request became a job (its tenant unknown).
-        runtime.metrics.request_finished(cls=cls, tenant=DEFAULT_TENANT, outcome=classify(exc.status, "refused"),
+        # Answered at the edge, before the request became a job.
+        runtime.metrics.request_finished(cls=cls, tenant=tenant, outcome=classify(exc.status, "refused"),
                                          total_s=runtime.dispatcher.clock() - arrived)
         raise
     # Job ids are ours: clients may reuse an X-Request-ID, the scheduler needs unique keys.
@@ -106,6 +123,18 @@ async def _read_valid(runtime: Runtime, request: web.Request,
     if tts.index and not await runtime.prompts.has(tts.index):
         check_tts(tts, prompts={})  # upstream's 404 for an index no backend knows
     return body, content_type or "", tts
+
+
+async def _within_rate(runtime: Runtime, tenant: str) -> None:
+    """Take one of the tenant's requests from its rate, cluster-wide when tasks are in Redis; or
+    raise RateLimited with the seconds until it may send again."""
+    rate = rate_of(runtime.config.tenants, tenant)
+    if rate is None:
+        return
+    wait = await runtime.rates.take(tenant, rate, link=runtime.redis, cluster=runtime.config.tasks.redis.cluster)
+    if wait is not None:
+        raise RateLimited(f"Tenant {tenant!r} is over its request rate ({rate.per_s:g} per second, bursts of "
+                          f"{rate.burst}); retry in {wait:.2f} s", retry_after=wait)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

@@ -120,7 +120,7 @@ def _openai_code(exc: SidecarError | HTTPDetailError, reason: str | None) -> str
     if isinstance(exc, PayloadTooLarge) and exc.param == "input":
         return "string_above_max_length"
     if exc.status == 429:
-        return _OPENAI_CODES[429] if reason in ("queue_full", "tenant_queue_full") else reason
+        return _OPENAI_CODES[429] if reason in ("queue_full", "tenant_queue_full", "rate_limited") else reason
     return _OPENAI_CODES.get(exc.status, reason)
 
 

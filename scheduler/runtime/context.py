@@ -18,6 +18,10 @@ API:
 - ``retries: RetryBudget`` -- the retry budget shared by every request.
 - ``cache: ResultCache`` -- backends' successful TTS answers and the syntheses in flight
   (scheduler.runtime.cache); used only while ``config.cache.enabled``.
+- ``redis: RedisLink | None`` -- the connection to the cluster's Redis when ``tasks.store`` names
+  one (scheduler.runtime.redislink: ``client``, ``up``); None with SQLite.
+- ``rates`` -- the tenants' request-rate buckets (scheduler.runtime.ratelimit), shared through
+  ``redis`` when there is one.
 - ``served: dict[str, int]`` -- answers by upstream's 200-character split (short_text, long_text),
   for /api/v1/stats/concurrency.
 - ``reconfigure(config, scheduler, tenants)`` -- a reload: new policies from now on; the new
@@ -38,6 +42,8 @@ from scheduler.runtime.cache import ResultCache
 from scheduler.runtime.dispatcher import Dispatcher
 from scheduler.runtime.metrics import Metrics
 from scheduler.runtime.prompts import PromptCatalogue
+from scheduler.runtime.ratelimit import RateLimiter
+from scheduler.runtime.redislink import RedisLink
 
 __all__ = ["Runtime"]
 
@@ -56,6 +62,8 @@ class Runtime:
         self.retries = RetryBudget(ratio=config.retries.budget_ratio, min_concurrent=config.retries.budget_min)
         self.served = {"short_text": 0, "long_text": 0}
         self.cache = ResultCache(config.cache, clock=dispatcher.clock)
+        self.redis: RedisLink | None = None  # set by scheduler.http.app when tasks.store is a Redis URL
+        self.rates = RateLimiter(clock=dispatcher.clock)  # tenants' request rates (tenants.*.rate)
 
     @property
     def scheduler(self) -> Scheduler:

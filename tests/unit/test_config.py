@@ -652,7 +652,7 @@ def test_keys_never_appear_in_reprs() -> None:
         (
             "tenants: {list: [{name: a, keys: [0123456789abcdef], wieght: 2}]}",
             r"^tenants\.list\[0\]\.wieght: unknown key \(did you mean 'weight'\? "
-            r"known: weight, bands, max_queued, name, keys\)$",
+            r"known: weight, bands, max_queued, rate, name, keys\)$",
         ),
         ("tenants: {require_key: true}", r"^tenants\.require_key: no tenant is listed, so every request would get 401"),
         (
