@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from glmtts import __version__
 from glmtts.loop import new_event_loop
-from scheduler.config import ConfigError, default_config_path, default_config_text, load_config
+from scheduler.config import ConfigError, SidecarConfig, default_config_path, default_config_text, load_config
 from scheduler.logs import setup_logging
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
@@ -103,23 +106,96 @@ def main(argv: Sequence[str] | None = None) -> int:
     systemd = ServiceStatus(Notifier.from_environ(unset=True))
     app = build_app(config, config_path=args.config, install_signals=True, systemd=systemd)
 
-    def listening(message: str) -> None:  # run_app calls this once every site listens
+    def listening() -> None:  # once the listener accepts connections
         logging.getLogger("glmtts_sidecar").info("listening on http://%s:%d", config.listen.host,
                                                  config.listen.port)
         systemd.listening()
 
     try:
-        # Our own signal handlers drain first (scheduler.runtime.control); run_app's would stop at once.
-        web.run_app(app, host=config.listen.host, port=config.listen.port, loop=new_event_loop(),
-                    shutdown_timeout=config.shutdown.drain_timeout_s, handler_cancellation=True,
-                    keepalive_timeout=config.limits.idle_timeout_s,
-                    handle_signals=False,
-                    access_log=None, print=listening)
+        run(app, config, listening)
     except OSError as exc:
         logging.getLogger("glmtts_sidecar").error("cannot serve on %s:%d: %s", config.listen.host,
                                                   config.listen.port, exc)
         return EXIT_RUNTIME
     return EXIT_OK
+
+
+def run(app: web.Application, config: SidecarConfig, listening: Callable[[], None]) -> None:
+    """Serve `app` until a drain (or a failed start) ends it: what web.run_app does, except that the
+    listening site stays ours, for a drain to close (scheduler.runtime.control.register_listener)
+    while the handlers of open connections go on. A finished drain raises web.GracefulExit out of
+    the loop; the runner's cleanup then waits for running handlers and runs the app's cleanup."""
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(app, config, listening))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)
+        finally:
+            _cancel_all(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+async def _serve(app: web.Application, config: SidecarConfig, listening: Callable[[], None]) -> None:
+    from scheduler.http.app import RUNTIME
+    from scheduler.runtime.control import register_listener
+
+    # Our own signal handlers drain first (scheduler.runtime.control); aiohttp's would stop at once.
+    # drain_timeout_s is also the runner's wait for running handlers at stop.
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown.drain_timeout_s,
+                           handler_cancellation=True, keepalive_timeout=config.limits.idle_timeout_s,
+                           access_log=None)
+    await runner.setup()  # the app's startup: backends, task store
+    try:
+        site = web.TCPSite(runner, config.listen.host, config.listen.port)
+        await site.start()
+
+        async def stop_listening() -> None:
+            # BaseSite.stop closes the listening socket only: connections already accepted, and
+            # the handlers on them, go on. A proxy in front (nginx's upstream keepalive) must not
+            # go on sending new requests over connections it keeps open: those close too.
+            if site in runner.sites:
+                await site.stop()
+            for connection in runner.server.connections if runner.server is not None else ():
+                _close_after_answer(connection)
+
+        register_listener(app[RUNTIME], stop_listening)
+        listening()
+        await asyncio.Event().wait()  # until a drain's GracefulExit leaves the loop
+    finally:
+        await runner.cleanup()
+
+
+def _close_after_answer(connection: RequestHandler) -> None:
+    """Close a connection now when it waits for its next request (the test aiohttp's own keep-alive
+    timeout makes: the future its loop awaits between requests is pending), else once the answer
+    in progress is written. aiohttp's pre_shutdown is no substitute before its shutdown: an idle
+    connection it closes stops reading but stays open, and a request sent on it would hang."""
+    waiter = connection._waiter
+    if waiter is not None and not waiter.done():
+        connection.force_close()
+    else:
+        connection.close()
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is still running on `loop` and let it end, as asyncio.run does at exit."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler({"message": "unhandled exception during shutdown",
+                                         "exception": task.exception(), "task": task})
 
 
 if __name__ == "__main__":

@@ -126,7 +126,12 @@ class AdminConfig(ConfigSection):
 
 
 class ShutdownConfig(ConfigSection):
+    """A drain (SIGTERM, POST /admin/drain): /readyz fails at once; ``unready_s`` later the listener
+    closes, so a load balancer that has not yet seen /readyz fail finds the connection refused and
+    tries another sidecar; the work already admitted finishes up to ``drain_timeout_s``."""
+
     drain_timeout_s: StrictFloat = Field(default=30.0, ge=0)
+    unready_s: StrictFloat = Field(default=5.0, ge=0, le=3600.0)  # 0: the listener closes at once
 
 
 class LoggingConfig(ConfigSection):

@@ -1,8 +1,10 @@
 """Operating the running sidecar: drain, live reload, backend restarts, and the signals for them.
 
 - **Drain** (SIGTERM, SIGINT, ``POST /admin/drain``): stop admitting (new TTS requests get 503
-  ``draining`` with Retry-After, readiness turns false), let queued and running work finish up to
-  ``shutdown.drain_timeout_s``, then stop: the app's cleanup stops the backends.
+  ``draining`` with Retry-After, readiness turns false), close the listening socket
+  ``shutdown.unready_s`` later (new connections are refused, so a load balancer in front goes to
+  another sidecar; open connections stay, their answers still stream), let queued and running
+  work finish up to ``shutdown.drain_timeout_s``, then stop: the app's cleanup stops the backends.
 - **Reload** (SIGHUP, ``POST /admin/reload``): re-read and validate the file; a bad one keeps the
   running configuration and says why. `RELOAD` says, for every section, whether a new value
   applies at once or needs a restart: a value the running sidecar read once, at start, is not
@@ -16,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from aiohttp import web
 
@@ -30,6 +33,20 @@ from scheduler.runtime.sdnotify import ServiceStatus
 from scheduler.runtime.tasks import TaskService
 
 log = logging.getLogger("glmtts_sidecar.control")
+
+# How each running sidecar stops accepting connections. The CLI opens the listening socket and
+# scheduler.http.app builds the Control: the Runtime is what both hold, so the CLI registers the
+# closing here (`register_listener`) and the drain finds it. Keys are weak: a runtime that is gone
+# takes its entry along.
+_LISTENERS: WeakKeyDictionary[Runtime, Callable[[], Awaitable[None]]] = WeakKeyDictionary()
+
+
+def register_listener(runtime: Runtime, close: Callable[[], Awaitable[None]]) -> None:
+    """Say how the sidecar of ``runtime`` stops listening: ``close`` closes its listening sockets
+    and its idle keep-alive connections; requests in progress go on and their connections close
+    once answered. A drain calls it once, ``shutdown.unready_s`` after it starts, or sooner when
+    nothing is left to do."""
+    _LISTENERS[runtime] = close
 
 
 @dataclass
@@ -75,16 +92,43 @@ class Control:
         self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        timeout = self.runtime.config.shutdown.drain_timeout_s
+        shutdown = self.runtime.config.shutdown
         # A job leaves `running` once its backend finished with it (its answer began, or the backend
         # stopped working on it). Answers still streaming to clients after that are aiohttp's to
         # wait for: at stop it lets running handlers finish before the backends are stopped.
-        if not await self.runtime.dispatcher.wait_idle(timeout):
+        idle = asyncio.ensure_future(self.runtime.dispatcher.wait_idle(shutdown.drain_timeout_s))
+        # Until unready_s has passed a load balancer may not yet have seen /readyz fail: new
+        # connections are still accepted (and answered 503 draining). Work done sooner ends the
+        # wait: the stop closes the listener anyway.
+        unready = asyncio.ensure_future(asyncio.sleep(shutdown.unready_s))
+        try:
+            await asyncio.wait((idle, unready), return_when=asyncio.FIRST_COMPLETED)
+            await self._close_listener()
+            drained = await idle
+        finally:
+            idle.cancel()
+            unready.cancel()
+        if not drained:
             left = len(self.runtime.scheduler.queue) + len(self.runtime.scheduler.running)
-            log.error("drain timeout (%g s) with %d request(s) unfinished; stopping anyway", timeout, left)
+            log.error("drain timeout (%g s) with %d request(s) unfinished; stopping anyway",
+                      shutdown.drain_timeout_s, left)
         else:
             log.info("drained; stopping")
         self._stop()
+
+    async def _close_listener(self) -> None:
+        """Stop accepting connections, once; without a registered listener (a sidecar not run by
+        the CLI, as in-process tests run it) there is nothing to close."""
+        close = _LISTENERS.pop(self.runtime, None)
+        if close is None:
+            return
+        try:
+            await close()
+        except Exception:  # the drain goes on: the stop closes the listener too
+            log.exception("closing the listener failed")
+            return
+        log.warning("listener closed: new connections are refused; finishing %d queued and %d running",
+                    len(self.runtime.scheduler.queue), len(self.runtime.scheduler.running))
 
     # --- reload -------------------------------------------------------------------------------
 
@@ -230,10 +274,10 @@ RELOAD: Mapping[str, Reloading] = {
     "tenants": Reloading(then=Control._prepare_series),  # the rebuilt tenant directory
     "retries": LIVE,  # the retry budget is re-set by Runtime.reconfigure; max_attempts is read at use
     # The task routes are added and the store opened at start; the rest is TaskService.reconfigure's.
-    "tasks": Reloading(restart_keys=("enabled", "state_dir"), then=Control._apply_tasks),
+    "tasks": Reloading(restart_keys=("enabled", "state_dir", "store", "redis"), then=Control._apply_tasks),
     "admin": LIVE,  # read at use
     "prompts": LIVE,  # read at use
-    # drain_timeout_s is also web.run_app's shutdown_timeout (its wait for handlers at stop), fixed at start.
+    # drain_timeout_s is also the AppRunner's shutdown_timeout (its wait for handlers at stop), fixed at start.
     "shutdown": RESTART,
     "logging": RESTART,  # set up once by the CLI; backend_output is given to the pool at start
     "metrics": RESTART,  # its listener, or the /metrics route on the main one, is set up at start

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -219,6 +220,35 @@ def test_sigterm_under_load_drains_and_leaves_nothing(tmp_path: Path) -> None:
         assert all(pid_gone(pid) for pid in pids)
     finally:
         service.stop()
+
+
+def test_a_drain_closes_the_listener_after_unready_s_while_work_finishes(tmp_path: Path) -> None:
+    """A load balancer sees /readyz fail at once; shutdown.unready_s later new connections are
+    refused (so it goes elsewhere even without health checks), while the request in progress
+    still gets its answer and the sidecar then exits 0."""
+    text, port = sidecar_config(backends=1, time_scale=0.05, extra="shutdown: {unready_s: 0.5, drain_timeout_s: 30.0}")
+    service = start_sidecar(text, port, tmp_path)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(tts, service, SHORT * 8)  # ~1.3 s of synthesis
+            wait_until(lambda: details(service, "/api/v1/queue")["in_service"] == 1, what="the request to run")
+            os.kill(service.pid, signal.SIGTERM)
+            wait_until(lambda: http("GET", service.url + "/readyz")[0] == 503, what="readiness to drop")
+            wait_until(lambda: refused(port), timeout=5.0, what="the listener to close")
+            assert not running.done()  # closed while the work went on
+            status, answer = running.result(timeout=30)
+            assert status == 200 and answer["success"] is True
+        assert service.proc.wait(30) == 0
+    finally:
+        service.stop()
+
+
+def refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return False
+    except ConnectionRefusedError:
+        return True
 
 
 def test_admin_endpoints_need_the_token_and_restart_a_backend(tmp_path: Path) -> None:
