@@ -259,7 +259,7 @@ def backend_slots(url: str) -> dict[str, float]:
     return {backend: float(value) for backend, value in SLOTS_METRIC.findall(text)}
 
 
-def _sidecar_busy(service: procs.Proc) -> bool:
+def sidecar_busy(service: procs.Proc) -> bool:
     status = _get_json(service.url + "/api/v1/queue", service.admin_token)
     return not isinstance(status, dict) or bool(status.get("in_service") or status.get("depth"))
 
@@ -269,7 +269,7 @@ def _emulators_busy(urls: Sequence[str]) -> bool:
     return any(not isinstance(s, dict) or s.get("in_flight") for s in stats)
 
 
-def _settle(setup: Setup, busy: Callable[[], bool]) -> None:
+def settle(setup: Setup, busy: Callable[[], bool]) -> None:
     # Work orphaned by a 408 keeps its backend busy until the backend answers: let it finish,
     # for at most about one long text's service time.
     deadline = time.monotonic() + 1.5 * ServiceModel().mean_seconds(LONG_CHARS) * setup.time_scale
@@ -277,7 +277,7 @@ def _settle(setup: Setup, busy: Callable[[], bool]) -> None:
         time.sleep(0.1)
 
 
-def _replay(url: str, trace: Sequence[Arrival], setup: Setup, label: str, progress: bool) -> list[Record]:
+def replay_trace(url: str, trace: Sequence[Arrival], setup: Setup, label: str, progress: bool) -> list[Record]:
     # Every request has at least its SLO before the cap: enough for every measure but the
     # latency of answers later than that (recorded as "no answer", a miss).
     return asyncio.run(replay(url + "/api/v1/tts", trace, TENANTS,
@@ -286,7 +286,10 @@ def _replay(url: str, trace: Sequence[Arrival], setup: Setup, label: str, progre
 
 
 @dataclass
-class _Ran:
+class Ran:
+    """What one arm's run saw: every record, orphaned backend seconds (None: not reported), the pids
+    it started (all stopped), each backend's slots at the end, the config file(s) it ran with."""
+
     records: list[Record]
     orphaned: float | None
     pids: list[int]
@@ -295,7 +298,7 @@ class _Ran:
 
 
 def run_nginx(setup: Setup, cell: Cell, trace: Sequence[Arrival], label: str, work_dir: Path,
-              progress: bool) -> _Ran:
+              progress: bool) -> Ran:
     """Emulators started here (same command, scale, GPU ids as the sidecar's) behind nginx."""
     env = procs.isolated_env(work_dir / "runtime")
     emulators = procs.start_emulators(cell.backends, emulator_args(setup, cell.curve), gpus=cell.gpus, env=env)
@@ -305,18 +308,18 @@ def run_nginx(setup: Setup, cell: Cell, trace: Sequence[Arrival], label: str, wo
         proxy = start_nginx(work_dir / "nginx", [u.removeprefix("http://") for u in urls])
         started.insert(0, proxy)
         asyncio.run(warm_up_direct(urls, setup))
-        records = _replay(proxy.url, trace, setup, label, progress)
+        records = replay_trace(proxy.url, trace, setup, label, progress)
         if emulator_orphaned_seconds(urls) is not None:  # waiting is worth it only when they report it
-            _settle(setup, lambda: _emulators_busy(urls))
+            settle(setup, lambda: _emulators_busy(urls))
         orphaned = emulator_orphaned_seconds(urls)
     finally:
         for proc in started:
             proc.stop()
-    return _Ran(records=records, orphaned=orphaned, pids=[p.pid for p in started])
+    return Ran(records=records, orphaned=orphaned, pids=[p.pid for p in started])
 
 
 def run_sidecar(arm: str, setup: Setup, cell: Cell, trace: Sequence[Arrival], label: str, work_dir: Path,
-                progress: bool) -> _Ran:
+                progress: bool) -> Ran:
     """A fresh sidecar (which starts the emulators) with arm `arm`'s configuration."""
     port = procs.free_port()
     text = sidecar_yaml(arm, setup, cell, port=port, base_port=procs.free_ports(cell.backends))
@@ -327,14 +330,14 @@ def run_sidecar(arm: str, setup: Setup, cell: Cell, trace: Sequence[Arrival], la
         seen = asyncio.run(warm_up(service.url, setup, cell.backends, TENANTS[0].key))
         if len(seen) < cell.backends:
             raise RuntimeError(f"warm-up reached only backends {sorted(seen)}:\n{service.output(4000)}")
-        records = _replay(service.url, trace, setup, label, progress)
+        records = replay_trace(service.url, trace, setup, label, progress)
         slots = backend_slots(service.url)
-        _settle(setup, lambda: _sidecar_busy(service))
+        settle(setup, lambda: sidecar_busy(service))
         orphaned = orphaned_backend_seconds(service.url, service.admin_token)
     finally:
         service.stop()
         procs.reap(pids)
-    return _Ran(records=records, orphaned=orphaned, pids=[service.pid, *pids], slots=slots, config_yaml=text)
+    return Ran(records=records, orphaned=orphaned, pids=[service.pid, *pids], slots=slots, config_yaml=text)
 
 
 def measured_window(records: Sequence[Record], preroll_s: float) -> list[Record]:
@@ -342,17 +345,24 @@ def measured_window(records: Sequence[Record], preroll_s: float) -> list[Record]
     return [dataclasses.replace(r, intended_s=r.intended_s - preroll_s) for r in records if r.intended_s >= preroll_s]
 
 
+# What runs one arm over a trace: (arm, setup, cell, trace, label, work_dir, progress) -> what it saw.
+ArmRunner = Callable[[str, Setup, Cell, Sequence[Arrival], str, Path, bool], Ran]
+
+
 def run_point(setup: Setup, cell: Cell, work_s: float, arm: str, load: float, work_dir: Path,
-              progress: bool = True) -> RunResult:
+              progress: bool = True, *, runner: ArmRunner | None = None) -> RunResult:
     """Start arm `arm` fresh, warm up, replay the trace at `load` x capacity, let orphaned work
-    settle, read the counters, stop everything; summarize what the clients saw."""
+    settle, read the counters, stop everything; summarize what the clients saw. `runner`: how to
+    run an arm this module does not know (another benchmark's topology); None: nginx or a sidecar arm."""
     started = time.monotonic()
     trace = make_trace(seed=setup.seed, rate=arrival_rate(load, cell.backends, work_s),
                        duration_s=setup.preroll_s + setup.duration_s,
                        tenants=TENANTS, mix=MIXES[cell.trace])
     label = f"{cell.backends}b {cell.trace} {cell.curve} {arm} {load:g}x"
     with tempfile.TemporaryDirectory(prefix=f"{arm}-", dir=work_dir) as tmp:
-        if arm == NGINX:
+        if runner is not None:
+            ran = runner(arm, setup, cell, trace, label, Path(tmp), progress)
+        elif arm == NGINX:
             ran = run_nginx(setup, cell, trace, label, Path(tmp), progress)
         else:
             ran = run_sidecar(arm, setup, cell, trace, label, Path(tmp), progress)

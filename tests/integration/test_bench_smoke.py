@@ -1,5 +1,5 @@
-"""The overload and fan-out benchmarks run end to end (their --smoke sizes) and write reports whose figures are
-the JSON's."""
+"""The overload, fan-out and scale-out benchmarks run end to end (their --smoke sizes) and write reports whose
+figures are the JSON's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench import fanout, fanout_report
+from bench import fanout, fanout_report, scaleout, scaleout_report
 from bench.loadgen import Record
 from bench.nginx import nginx_binary
 from bench.overload import run
@@ -200,3 +200,45 @@ def test_fanout_smoke_benchmark_measures_valid_answers_and_reports_them(tmp_path
     pids = result.idle.pids + [pid for r in cell.runs for pid in r.pids]
     assert len(pids) == (1 + len(cell.runs)) * (1 + cell.cell.backends)
     wait_until(lambda: all(pid_gone(pid) for pid in pids), timeout=10, what="benchmark processes to exit")
+
+
+# The scale-out benchmark at its smoke size: one sidecar over 4 backends, then 2 sidecars over 2
+# each behind nginx, at 2.5x on the bimodal trace (9 processes at once).
+@pytest.mark.slow
+@pytest.mark.xdist_group("serial")
+@pytest.mark.timeout(150)
+def test_scaleout_smoke_benchmark_counts_every_request_and_reports_both_arms(tmp_path: Path) -> None:
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed")
+    result = scaleout.run(scaleout.SMOKE, command="python -m bench.scaleout --smoke", progress=False)
+    text = scaleout_report.write_report(result, tmp_path).read_text()
+    data = json.loads((tmp_path / scaleout_report.DATA).read_text())
+    (cell,) = result.bench.cells
+    assert cell.skipped == {}, cell.skipped
+    assert {(r.summary.config, r.summary.load) for r in cell.runs} == \
+        {(scaleout_report.SINGLE, 2.5), (scaleout_report.SPLIT, 2.5)}
+    assert all(r.summary.goodput > 0 for r in cell.runs)
+
+    for run_json in data["cells"][0]["runs"]:  # nothing lost: one record per arrival, every one accounted
+        assert run_json["sent"] == run_json["recorded"] > run_json["summary"]["requests"] > 0, run_json
+        assert sum(run_json["account"].values()) == run_json["summary"]["requests"]
+    split = next(r for r in cell.runs if r.summary.config == scaleout_report.SPLIT)
+    backends = {r.backend for r in split.records if r.backend}
+    assert backends == {"gpu0-0", "gpu1-0", "gpu2-0", "gpu3-0"}, backends  # both sidecars served through nginx
+
+    (verdict,) = [v for v in data["verdicts"] if v["load"] == 2.5]
+    assert verdict["ratio"] == pytest.approx(verdict["split"] / verdict["single"])
+    assert f"| {verdict['name']} | {verdict['single']:.3f} | {verdict['split']:.3f} | {verdict['ratio']:.2f} |" in text
+    shards = [body for title, body in result.files.items() if title.startswith(f"{scaleout_report.SPLIT}: sidecar")]
+    assert len(shards) == 2 and all(body.rstrip() in text for body in [*shards, *result.files.values()])
+    assert 'gpus: ["0", "1"]' in shards[0] and 'gpus: ["2", "3"]' in shards[1]
+    assert "least_conn" in result.files[f"{scaleout_report.SPLIT}: the outer nginx.conf"]
+    assert "Reproduce: `python -m bench.scaleout --smoke`" in text
+    for plot in (scaleout_report.RATIO_PLOT, scaleout_report.CLASS_PLOT, scaleout_report.CDF_PLOT):
+        assert (tmp_path / plot).read_bytes()[:8] == PNG_MAGIC
+
+    pids = {r.summary.config: r.pids for r in cell.runs}
+    assert len(pids[scaleout_report.SINGLE]) == 1 + 4  # the sidecar and its backends
+    assert len(pids[scaleout_report.SPLIT]) == 1 + 2 + 4  # nginx, the sidecars and their backends
+    everything = [pid for run_pids in pids.values() for pid in run_pids]
+    wait_until(lambda: all(pid_gone(pid) for pid in everything), timeout=10, what="benchmark processes to exit")
