@@ -348,7 +348,7 @@ def served(metrics_text: str, tenant: str) -> float:
 
 
 async def test_a_full_queue_is_429_with_retry_after(start_sidecar: SidecarFactory) -> None:
-    sidecar = await start_sidecar("queue: {max_size: 1}\n", time_scale=0.5, slots=1)
+    sidecar = await start_sidecar("queue: {max_size: 1}\n", time_scale=0.15, slots=1)
     # Short texts may take a backend's extra slot (classes' extra_slots): enough to fill the queue too.
     running = [asyncio.ensure_future(speak(sidecar, response_format="wav")) for _ in range(3)]
     loop = asyncio.get_running_loop()
