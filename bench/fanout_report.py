@@ -236,7 +236,7 @@ IDLE_COLUMNS = ("arm", "requests", "valid", "chars (median)", "p50 s", "p90 s", 
                 "first byte p90 s", "pieces", "audio s (median)")
 OVERLOAD_COLUMNS = ("trace", "arm", "load", "offered", "goodput", *(f"goodput {c}" for c in CLASSES),
                     *(f"in SLO {c} %" for c in CLASSES), *(f"p50 {c} s" for c in CLASSES),
-                    *(f"p99 {c} s" for c in CLASSES), "refused", "late", "requests")
+                    *(f"p99 {c} s" for c in CLASSES), "refused", "late", "requests", "split", "whole: pressure/busy")
 
 
 def verdict_table(verdicts: Sequence[Verdict]) -> list[str]:
@@ -262,8 +262,20 @@ def overload_table(result: BenchResult) -> list[str]:
             rows.append([cell.cell.trace, s.config, f"{s.load:g}×", _num(s.offered), _num(s.goodput),
                          *(_num(s.class_goodput[c]) if s.class_requests[c] else "–" for c in CLASSES),
                          *(_num(s.in_slo_pct[c], 1) for c in CLASSES),
-                         *(_num(s.latency_s[c][i]) for i in (0, 1) for c in CLASSES), s.refused, s.late, s.requests])
+                         *(_num(s.latency_s[c][i]) for i in (0, 1) for c in CLASSES), s.refused, s.late, s.requests,
+                         *_fanout_cells(run.fanout)])
     return _table(OVERLOAD_COLUMNS, rows)
+
+
+def _fanout_cells(counts: dict[str, float]) -> list[str]:
+    """Requests the run's sidecar split, and those it ran whole under pressure or with no slot free
+    (over the whole run, pre-roll and warm-up included); "–" for an arm without fan-out."""
+    if not counts or "declined pressure" not in counts:
+        return ["–", "–"]
+    split, pressure, busy = (counts.get(key, 0.0) for key in ("split", "declined pressure", "declined busy"))
+    if counts.get("declined disabled", 0.0) and not (split or pressure or busy):
+        return ["off", "off"]  # fan-out not enabled: every request ran whole as configured
+    return [f"{split:.0f}", f"{pressure:.0f}/{busy:.0f}"]
 
 
 def invalid_lines(samples: Sequence[Sample]) -> list[str]:
@@ -289,12 +301,14 @@ def setup_lines(result: FanoutResult) -> list[str]:
         setup = result.overload.setup
         lines.append(f"- **Overload**: bench/overload's machinery (`python -m bench.overload` arms "
                      f"`{HIGH}` and `{HIGH_FANOUT}`, each started fresh per load): "
-                     f"{', '.join(c.cell.key for c in result.overload.cells)}; time scale {setup.time_scale:g}, "
+                     f"{'; '.join(c.cell.key for c in result.overload.cells)}; time scale {setup.time_scale:g}, "
                      f"{setup.duration_s:g} s measured after {setup.preroll_s:g} s pre-roll, service noise σ = "
                      f"{setup.jitter:g}, upstream's semaphores in every backend, deadlines = the SLO "
                      f"(`{setup.slo}`), priors 2× the true model. Goodput = work (solo-service seconds) answered "
                      "200 within its SLO inside the window, per backend-second, as bench/overload counts it. "
-                     "Pieces per request are not recorded under load (the load generator keeps no headers).")
+                     "`split`: requests the sidecar split over the whole run (warm-up and pre-roll included), read "
+                     "from its /metrics at the end; `whole: pressure/busy`: requests it ran whole because it had "
+                     "turned work away lately or had fewer than 2 slots free (`off`: fan-out not enabled).")
     return lines
 
 
@@ -416,7 +430,7 @@ def _overload_json(result: BenchResult) -> dict[str, Any]:
             "cells": [{"key": c.cell.key, "trace": c.cell.trace, "backends": c.cell.backends, "skipped": c.skipped,
                        "mean_work_s": c.mean_work_s,
                        "runs": [{"arm": r.summary.config, "load": r.summary.load, "wall_s": r.wall_s,
-                                 "config_yaml": r.config_yaml, "slots": r.slots,
+                                 "config_yaml": r.config_yaml, "slots": r.slots, "fanout": r.fanout,
                                  "summary": {**asdict(r.summary), "offered": r.summary.offered}} for r in c.runs],
                        "goodput_ratio": {f"{load:g}": goodput_ratio(c, load) for load in VERDICT_LOADS}}
                       for c in result.cells]}

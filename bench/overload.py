@@ -249,6 +249,22 @@ def emulator_orphaned_seconds(urls: Sequence[str]) -> float | None:
 SLOTS_METRIC = re.compile(r'^glmtts_sidecar_backend_slots\{backend="([^"]+)"\} ([0-9.e+-]+)$', re.MULTILINE)
 
 
+FANOUT_METRIC = re.compile(r'^glmtts_sidecar_fanout_(pieces_count|declined_total)(?:\{reason="(\w+)"\})? ([0-9.e+-]+)$',
+                           re.MULTILINE)
+
+
+def fanout_counts(url: str) -> dict[str, float]:
+    """How the sidecar's fan-out went, from its /metrics: "split" (requests split), and
+    "declined <reason>" for each reason a request ran whole; {} when unreadable."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    return {("split" if kind == "pieces_count" else f"declined {reason}"): float(value)
+            for kind, reason, value in FANOUT_METRIC.findall(text)}
+
+
 def backend_slots(url: str) -> dict[str, float]:
     """Each backend's slot limit now (what the sidecar uses or learned), from its /metrics."""
     try:
@@ -295,6 +311,7 @@ class Ran:
     pids: list[int]
     slots: dict[str, float] = field(default_factory=dict)
     config_yaml: str | None = None
+    fanout: dict[str, float] = field(default_factory=dict)  # sidecar arms: fanout_counts at the end
 
 
 def run_nginx(setup: Setup, cell: Cell, trace: Sequence[Arrival], label: str, work_dir: Path,
@@ -332,12 +349,14 @@ def run_sidecar(arm: str, setup: Setup, cell: Cell, trace: Sequence[Arrival], la
             raise RuntimeError(f"warm-up reached only backends {sorted(seen)}:\n{service.output(4000)}")
         records = replay_trace(service.url, trace, setup, label, progress)
         slots = backend_slots(service.url)
+        fanout = fanout_counts(service.url)
         settle(setup, lambda: sidecar_busy(service))
         orphaned = orphaned_backend_seconds(service.url, service.admin_token)
     finally:
         service.stop()
         procs.reap(pids)
-    return Ran(records=records, orphaned=orphaned, pids=[service.pid, *pids], slots=slots, config_yaml=text)
+    return Ran(records=records, orphaned=orphaned, pids=[service.pid, *pids], slots=slots, config_yaml=text,
+               fanout=fanout)
 
 
 def measured_window(records: Sequence[Record], preroll_s: float) -> list[Record]:
@@ -371,7 +390,7 @@ def run_point(setup: Setup, cell: Cell, work_s: float, arm: str, load: float, wo
                         slo_s=setup.slo_s, work_s=setup.work_s, weights={t.name: t.weight for t in TENANTS},
                         orphaned_backend_s=ran.orphaned)
     return RunResult(summary=summary, records=measured, pids=ran.pids, slots=ran.slots,
-                     config_yaml=ran.config_yaml, wall_s=time.monotonic() - started)
+                     config_yaml=ran.config_yaml, wall_s=time.monotonic() - started, fanout=ran.fanout)
 
 
 def run(plan: Plan, *, command: str, progress: bool = True) -> BenchResult:

@@ -172,6 +172,7 @@ class RunResult:
     slots: dict[str, float] = field(default_factory=dict)  # sidecar arms: each backend's slots at the end
     config_yaml: str | None = None  # sidecar arms: the whole file it ran with
     wall_s: float = 0.0
+    fanout: dict[str, float] = field(default_factory=dict)  # sidecar arms: requests split and declined, by reason
 
 
 @dataclass

@@ -239,3 +239,24 @@ def test_the_report_shows_the_measured_figures_configs_and_plots(tmp_path: Path)
     for plot in (LATENCY_PLOT, TTFB_PLOT, GOODPUT_PLOT):
         assert f"]({plot})" in text
         assert (tmp_path / plot).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_overload_runs_read_how_often_the_sidecar_split_from_its_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from bench.fanout_report import _fanout_cells
+    from bench.overload import FANOUT_METRIC
+    from scheduler.runtime.metrics import Metrics
+
+    metrics = Metrics()
+    for pieces in (4, 8, 3):
+        metrics.fanout(pieces=pieces)
+    for reason in ("pressure", "pressure", "busy"):
+        metrics.fanout(declined=reason)
+    text = generate_latest(metrics.registry).decode()
+    counts = {("split" if kind == "pieces_count" else f"declined {reason}"): float(value)
+              for kind, reason, value in FANOUT_METRIC.findall(text)}
+    assert counts["split"] == 3 and counts["declined pressure"] == 2 and counts["declined busy"] == 1
+    assert _fanout_cells(counts) == ["3", "2/1"]
+    assert _fanout_cells({}) == ["–", "–"]  # no metrics read
+    assert _fanout_cells({"split": 0, "declined disabled": 40, "declined pressure": 0}) == ["off", "off"]
