@@ -7,6 +7,11 @@ from collections.abc import Awaitable, Callable
 
 from scheduler.runtime.context import Runtime
 
+# In-process emulators scale upstream's own timeouts no lower than this (EmulatorOptions.time_scale),
+# whatever their synthesis time scale: at 0.01 a short text's timeout is 0.6 s, which a loaded CI
+# machine running the sidecar, the emulator and the test on one event loop can exceed.
+UPSTREAM_TIMEOUT_SCALE = 0.1
+
 
 async def until(check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 10.0,
                 interval: float = 0.01) -> None:

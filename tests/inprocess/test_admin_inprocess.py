@@ -29,7 +29,7 @@ from scheduler.config import load_config
 from scheduler.http.admin import PUBLIC_QUEUE
 from scheduler.http.app import build_app
 from tests.contract_cases import multipart
-from tests.inprocess.support import until
+from tests.inprocess.support import UPSTREAM_TIMEOUT_SCALE, until
 
 TOKEN = "admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -71,7 +71,7 @@ def emulator() -> Emulator:
     store = PromptStore(None)
     store.load()
     engine = SyntheticEngine(ServiceModel(time_scale=TIME_SCALE))
-    return Emulator(engine, store, EmulatorOptions(time_scale=TIME_SCALE))
+    return Emulator(engine, store, EmulatorOptions(time_scale=UPSTREAM_TIMEOUT_SCALE))
 
 
 async def ready_backends(client: TestClient[web.Request, web.Application]) -> int:

@@ -36,6 +36,7 @@ from glmtts.emulator.timing import ServiceModel
 from scheduler.config import load_config
 from scheduler.http.app import RUNTIME, build_app
 from tests.contract_cases import multipart
+from tests.inprocess.support import UPSTREAM_TIMEOUT_SCALE
 
 TEXT = "Hello from the sidecar. 你好，世界。"
 KEYS = {"acme": "acme-key-0123456789abcdef", "bulk": "bulk-key-0123456789abcdef"}
@@ -65,7 +66,7 @@ def emulator(time_scale: float) -> Emulator:
     store = PromptStore(None)
     store.load()
     engine = SyntheticEngine(ServiceModel(time_scale=time_scale))
-    return Emulator(engine, store, EmulatorOptions(time_scale=time_scale))
+    return Emulator(engine, store, EmulatorOptions(time_scale=max(time_scale, UPSTREAM_TIMEOUT_SCALE)))
 
 
 SidecarFactory = Callable[..., Awaitable[Sidecar]]

@@ -26,6 +26,7 @@ from glmtts.emulator.synthetic import SyntheticEngine
 from glmtts.emulator.timing import ServiceModel
 from scheduler.config import load_config
 from scheduler.http.app import build_app
+from tests.inprocess.support import UPSTREAM_TIMEOUT_SCALE
 
 TOKEN = "admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -60,7 +61,8 @@ class Sidecar:
 def emulator() -> Emulator:
     store = PromptStore(None)
     store.load()
-    return Emulator(SyntheticEngine(ServiceModel(time_scale=TIME_SCALE)), store, EmulatorOptions(time_scale=TIME_SCALE))
+    return Emulator(SyntheticEngine(ServiceModel(time_scale=TIME_SCALE)), store,
+                    EmulatorOptions(time_scale=UPSTREAM_TIMEOUT_SCALE))
 
 
 async def answer(resp: ClientResponse) -> tuple[int, Any]:

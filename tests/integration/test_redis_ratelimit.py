@@ -35,6 +35,7 @@ from scheduler.config.tenants import RateConfig
 from scheduler.http.app import RUNTIME, build_app
 from scheduler.runtime.ratelimit import RateLimiter, rate_key
 from scheduler.runtime.redislink import RedisLink
+from tests.inprocess.support import UPSTREAM_TIMEOUT_SCALE
 from tests.redis_server import RedisServer, redis_server
 
 TIME_SCALE = 0.01
@@ -89,7 +90,8 @@ class Sidecar:
 def emulator() -> Emulator:
     store = PromptStore(None)
     store.load()
-    return Emulator(SyntheticEngine(ServiceModel(time_scale=TIME_SCALE)), store, EmulatorOptions(time_scale=TIME_SCALE))
+    return Emulator(SyntheticEngine(ServiceModel(time_scale=TIME_SCALE)), store,
+                    EmulatorOptions(time_scale=UPSTREAM_TIMEOUT_SCALE))
 
 
 SidecarFactory = Callable[..., Awaitable[Sidecar]]

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procs import WaitTimeout
 from tests.contract_cases import multipart
 from tests.support import (
     Service,
@@ -105,7 +106,11 @@ def test_auto_slots_settle_at_the_knee_of_the_throughput_curve(tmp_path: Path) -
                 return not state["probing"] and "4" in state["levels"] and state["slots"] < 4
 
             # ~15 s alone; beside the suite's other workers on 2 cores it has taken over 35 s.
-            wait_until(judged, timeout=90, what="the probe of 4 slots to be judged")
+            try:
+                wait_until(judged, timeout=90, what="the probe of 4 slots to be judged")
+            except WaitTimeout:  # say what the limit had learned by then
+                pytest.fail(f"the probe of 4 slots was not judged in 90 s: "
+                            f"{json.dumps(details(service, '/api/v1/queue')['slots'])}")
         finally:
             stop.set()
         learned_s = time.monotonic() - started
