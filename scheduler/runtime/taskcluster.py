@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from backend.record import Backend
-from backend.transport import BackendTimeout, BackendUnavailable
 from glmtts.contract import parse_tts_form
 from glmtts.errors import GLMTTSError
 from glmtts.form import parse_form
@@ -43,7 +42,7 @@ from scheduler.runtime.taskresults import (
     describe,
     over_quota,
     queue_estimates,
-    read_answer,
+    read_task_answer,
     replayed,
     task_job,
     unavailable,
@@ -377,14 +376,7 @@ class ClusterTasks:
             finish = lambda: store.fail(task.id, state=TaskState.FAILED, reason=reason,  # noqa: E731
                                         result=None, now=self.wall())
         else:
-            status = answered.reply.status
-            async with answered:
-                try:
-                    raw = await answered.reply.read()
-                    answer = await asyncio.to_thread(read_answer, status, raw)
-                except (BackendUnavailable, BackendTimeout) as exc:
-                    answer = TaskResult(ok=False, meta={"detail": f"answer unreadable: {exc}"})
-                answered.finish(answer.ok)
+            status, answer = await read_task_answer(answered)
             finish = self._outcome(store, task.id, status, answer)
         held = self._held.get(task.id)
         if held is not None:

@@ -5,6 +5,7 @@ service's two stores (SQLite, scheduler.runtime.tasks; Redis, scheduler.runtime.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from backend.transport import BackendTimeout, BackendUnavailable
 from glmtts.contract import TTSRequest
 from glmtts.responses import succeeded
 from glmtts.text import units
@@ -22,10 +24,24 @@ from scheduler.core.scheduler import Scheduler
 from scheduler.core.tenants import TenantDirectory
 from scheduler.errors import IdempotencyKeyReused, StoreUnavailable, TaskQuotaExceeded
 from scheduler.runtime.dispatcher import Dispatcher
+from scheduler.runtime.exchange import Answered
 from scheduler.runtime.taskstore import QuotaExceeded, Task, TaskState
 
-__all__ = ["IDEMPOTENCY_KEY", "STORE_RETRY_AFTER_S", "TaskResult", "callback_stale_s", "cluster_estimates",
-           "describe", "over_quota", "queue_estimates", "read_answer", "replayed", "task_job", "unavailable"]
+__all__ = [
+    "IDEMPOTENCY_KEY",
+    "STORE_RETRY_AFTER_S",
+    "TaskResult",
+    "callback_stale_s",
+    "cluster_estimates",
+    "describe",
+    "over_quota",
+    "queue_estimates",
+    "read_answer",
+    "read_task_answer",
+    "replayed",
+    "task_job",
+    "unavailable",
+]
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
@@ -151,3 +167,17 @@ def callback_stale_s(config: TasksConfig) -> float:
     callbacks = config.callbacks
     backoff = callbacks.backoff_s * float(2 ** min(callbacks.attempts - 1, 20) - 1)
     return float(min(callbacks.attempts * callbacks.timeout_s + backoff, config.ttl_s)) + 60.0
+
+
+async def read_task_answer(answered: Answered) -> tuple[int, TaskResult]:
+    """A task's backend answer read whole, decoded off the event loop (megabytes of JSON and
+    base64 for a long text), and the attempt finished with whether it is upstream's success."""
+    status = answered.reply.status
+    async with answered:
+        try:
+            raw = await answered.reply.read()
+            answer = await asyncio.to_thread(read_answer, status, raw)
+        except (BackendUnavailable, BackendTimeout) as exc:
+            answer = TaskResult(ok=False, meta={"detail": f"answer unreadable: {exc}"})
+        answered.finish(answer.ok)
+    return status, answer

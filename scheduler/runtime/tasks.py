@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from backend.record import Backend
-from backend.transport import BackendTimeout, BackendUnavailable
 from glmtts.contract import parse_tts_form
 from glmtts.errors import GLMTTSError
 from glmtts.form import parse_form
@@ -54,7 +53,7 @@ from scheduler.runtime.taskresults import (
     describe,
     over_quota,
     queue_estimates,
-    read_answer,
+    read_task_answer,
     replayed,
     task_job,
     unavailable,
@@ -369,15 +368,7 @@ class TaskService:
                                                state=TaskState.FAILED, reason=f"{exc.reason}: {exc.detail}",
                                                result=None, now=self.wall())
         else:
-            status = answered.reply.status
-            async with answered:
-                try:
-                    raw = await answered.reply.read()
-                    # Megabytes of JSON and base64 (a long text's audio): decoded off the event loop.
-                    answer = await asyncio.to_thread(read_answer, status, raw)
-                except (BackendUnavailable, BackendTimeout) as exc:
-                    answer = TaskResult(ok=False, meta={"detail": f"answer unreadable: {exc}"})
-                answered.finish(answer.ok)
+            status, answer = await read_task_answer(answered)
             stored = await self._record(task, status, answer)
         if stored:  # else the task is still unfinished in the store: nothing to announce yet
             self._spawn(self._announce(task))
