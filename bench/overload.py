@@ -393,9 +393,19 @@ def run_point(setup: Setup, cell: Cell, work_s: float, arm: str, load: float, wo
                      config_yaml=ran.config_yaml, wall_s=time.monotonic() - started, fanout=ran.fanout)
 
 
-def run(plan: Plan, *, command: str, progress: bool = True) -> BenchResult:
+# Why this machine cannot run an arm in a cell (None: it can); the work directory is for checks.
+Unsupported = Callable[[str, Setup, Cell, Path], str | None]
+# Told of every point as it is measured: the cell, the arm, the load and its result.
+PointDone = Callable[[Cell, str, float, RunResult], None]
+
+
+def run(plan: Plan, *, command: str, progress: bool = True, skip: Unsupported | None = None,
+        runner: ArmRunner | None = None, after: PointDone | None = None) -> BenchResult:
     """Every cell's arms at their loads, each started fresh. An arm this machine cannot run (nginx
-    missing, a configuration the sidecar rejects) is skipped, with why."""
+    missing, a configuration the sidecar rejects; ``skip``, by default ``unsupported``) is skipped,
+    with why. ``runner`` runs an arm instead of this module's nginx and sidecar arms; ``after`` is
+    told of each point measured."""
+    skip = unsupported if skip is None else skip
     started = time.monotonic()
     total, done = plan.runs, 0
     if progress:
@@ -408,15 +418,18 @@ def run(plan: Plan, *, command: str, progress: bool = True) -> BenchResult:
             result = CellResult(cell=cell, mean_work_s=mean_work_s(plan.setup, cell.trace), runs=[])
             cells.append(result)
             for arm in cell.arms:
-                why = unsupported(arm, plan.setup, cell, Path(tmp))
+                why = skip(arm, plan.setup, cell, Path(tmp))
                 if why is not None:
                     result.skipped[arm] = why
                     sys.stderr.write(f"[{cell.key}: {arm}] skipped: {why}\n")
             for arm, load in cell.points():
                 if arm in result.skipped:
                     continue
-                point = run_point(plan.setup, cell, result.mean_work_s, arm, load, Path(tmp), progress)
+                point = run_point(plan.setup, cell, result.mean_work_s, arm, load, Path(tmp), progress,
+                                  runner=runner)
                 result.runs.append(point)
+                if after is not None:
+                    after(cell, arm, load, point)
                 done += 1
                 if progress:
                     mean = (time.monotonic() - started) / done

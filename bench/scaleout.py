@@ -26,8 +26,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -39,7 +37,7 @@ from bench.loadgen import MIXES, Arrival
 from bench.nginx import MISSING as NGINX_MISSING
 from bench.nginx import nginx_binary
 from bench.outer_nginx import start_outer
-from bench.overload_spec import HIGH, TENANTS, BenchResult, Cell, CellResult, Plan, Setup
+from bench.overload_spec import HIGH, TENANTS, Cell, Plan, RunResult, Setup
 from bench.scaleout_report import (
     ARMS,
     BACKENDS,
@@ -232,35 +230,18 @@ SMOKE = Plan(setup=Setup(time_scale=0.01, duration_s=2.5, preroll_s=1.0, warmup_
 
 
 def run(plan: Plan, *, command: str, progress: bool = True) -> ScaleoutResult:
-    """Every cell's two arms at its loads, load by load, each started fresh. An arm this machine
-    cannot run (nginx missing, a configuration the sidecar rejects) is skipped, with why."""
-    started = time.monotonic()
+    """Every cell's two arms at its loads, load by load, each started fresh (bench.overload.run with
+    this benchmark's arms). An arm this machine cannot run (nginx missing, a configuration the
+    sidecar rejects) is skipped, with why."""
     runner = Runner()
-    cells: list[CellResult] = []
     sent: dict[str, int] = {}
     recorded: dict[str, int] = {}
-    total, done = plan.runs, 0
-    with tempfile.TemporaryDirectory(prefix="glmtts-scaleout-") as tmp:
-        for cell in plan.cells:
-            result = CellResult(cell=cell, mean_work_s=overload.mean_work_s(plan.setup, cell.trace), runs=[])
-            cells.append(result)
-            for arm in cell.arms:
-                why = unsupported(arm, plan.setup, cell, Path(tmp))
-                if why is not None:
-                    result.skipped[arm] = why
-                    sys.stderr.write(f"[{cell.key}: {arm}] skipped: {why}\n")
-            for arm, load in cell.points():
-                if arm in result.skipped:
-                    continue
-                point = overload.run_point(plan.setup, cell, result.mean_work_s, arm, load, Path(tmp), progress,
-                                           runner=runner)
-                result.runs.append(point)
-                key = label(cell.trace, arm, load)
-                sent[key], recorded[key] = runner.sent, runner.recorded
-                done += 1
-                if progress:
-                    sys.stderr.write(f"[{done}/{total}] {cell.key}, {arm} {load:g}x: {point.wall_s:.0f} s\n")
-    bench = BenchResult(setup=plan.setup, cells=cells, wall_s=time.monotonic() - started, command=command)
+
+    def counted(cell: Cell, arm: str, load: float, point: RunResult) -> None:
+        key = label(cell.trace, arm, load)
+        sent[key], recorded[key] = runner.sent, runner.recorded
+
+    bench = overload.run(plan, command=command, progress=progress, skip=unsupported, runner=runner, after=counted)
     return ScaleoutResult(bench=bench, machine=machine(), proxy=PROXY, files=runner.files, sent=sent,
                           recorded=recorded)
 
