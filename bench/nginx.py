@@ -10,8 +10,9 @@ is stopped by its own pid.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.procs import Proc, free_port, spawn
 
@@ -78,16 +79,26 @@ def start_nginx(prefix: Path, upstreams: Sequence[str], *, workers: int = 1) -> 
 
     keepalive_timeout to the backends (4 s) stays under uvicorn's (and the emulator's) 5 s, so nginx
     never reuses a connection the backend is closing."""
+    return launch(prefix, lambda port: nginx_conf(prefix, port, upstreams, workers=workers),
+                  ready=lambda proc, port: proc.wait_http("/api/v1/health", timeout=30))
+
+
+def launch(prefix: Path, render: Callable[[int], str], *, ready: Callable[[Proc, int], None],
+           scheme: str = "http", **spawn_args: Any) -> Proc:
+    """nginx with the configuration `render` writes for a free loopback port, in `prefix` (its
+    nginx.conf, error log and temp paths), once `ready` returns; stopped again if it fails.
+    FileNotFoundError without nginx."""
     binary = nginx_binary()
     if binary is None:
         raise FileNotFoundError(MISSING)
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(nginx_conf(prefix, port, upstreams, workers=workers))
-    proc = spawn([binary, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")], f"http://127.0.0.1:{port}")
+    conf.write_text(render(port))
+    proc = spawn([binary, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")],
+                 f"{scheme}://127.0.0.1:{port}", **spawn_args)
     try:
-        proc.wait_http("/api/v1/health", timeout=30)
+        ready(proc, port)
     except BaseException:
         proc.stop()
         raise

@@ -15,8 +15,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.nginx import MISSING, nginx_binary
-from bench.procs import ROOT, Proc, ProcessFailed, WaitTimeout, free_port, spawn, wait_for
+from bench.nginx import launch
+from bench.procs import ROOT, Proc, ProcessFailed, WaitTimeout, wait_for
 
 OUTER_CONF = ROOT / "config" / "nginx-outer.conf"
 BLOCKS = ("process", "logs", "rate", "sidecars", "redirect", "listen", "burst")
@@ -105,23 +105,12 @@ def start_outer(prefix: Path, sidecars: Sequence[str], *, cert: Path | None = No
     """nginx on a free loopback port with the rendered outer config (written to
     `prefix`/nginx.conf), once it accepts connections; its url is https:// with a certificate,
     else http://. FileNotFoundError without nginx; ProcessFailed (with its output) if it exits."""
-    binary = nginx_binary()
-    if binary is None:
-        raise FileNotFoundError(MISSING)
-    prefix.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(render_outer(prefix=prefix, port=port, sidecars=sidecars, cert=cert, key=key,
-                                 rate_per_s=rate_per_s, burst=burst))
-    scheme = "https" if cert is not None else "http"
-    proc = spawn([binary, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")],
-                 f"{scheme}://127.0.0.1:{port}", keep_log=True, log_prefix="glmtts-nginx-")
-    try:
-        _wait_listening(proc, port, timeout)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    def render(port: int) -> str:
+        return render_outer(prefix=prefix, port=port, sidecars=sidecars, cert=cert, key=key,
+                            rate_per_s=rate_per_s, burst=burst)
+
+    return launch(prefix, render, ready=lambda proc, port: _wait_listening(proc, port, timeout),
+                  scheme="https" if cert is not None else "http", keep_log=True, log_prefix="glmtts-nginx-")
 
 
 def _wait_listening(proc: Proc, port: int, timeout: float) -> None:
