@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +119,18 @@ class IdleResult:
     reps: int
     pids: list[int] = field(default_factory=list)  # the sidecar's and its backends', all stopped
     wall_s: float = 0.0
+    # Per long text kind ("zh-500"): the speed-up the emulator's model allows the sidecar's cut with
+    # no overhead at all (bench.fanout.model_speedup): what the measured one is expected to stay under.
+    model_speedup: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class FanoutResult:
+    """Both parts. `overload`: one result per round (bench.fanout's ``round_plan``; empty when the
+    part did not run)."""
+
     idle: IdleResult | None
-    overload: BenchResult | None
+    overload: list[BenchResult]
     command: str
     wall_s: float
     machine: dict[str, Any]
@@ -178,14 +184,19 @@ def _ratio_verdict(name: str, op: str, target: float, top: ArmStats, bottom: Arm
     return Verdict(name=name, measured=measured, op=op, target=target, met=met)
 
 
-def idle_verdicts(samples: Sequence[Sample]) -> list[Verdict]:
-    """Speed-up of each long text with fan-out (median off / median on), and each streamed
-    format's median time to first audio byte over the short text's median latency."""
+def idle_verdicts(samples: Sequence[Sample], bounds: Mapping[str, float] | None = None) -> list[Verdict]:
+    """Speed-up of each long text with fan-out (median off / median on), with what the model allows
+    in its note (`bounds`, by text kind), and each streamed format's median time to first audio byte
+    over the short text's median latency."""
     stats = {arm.name: arm_stats(arm.name, samples) for arm in IDLE_ARMS}
     out = []
     for text, off, on in SPEEDUP_PAIRS:
-        out.append(_ratio_verdict(f"{text} on /api/v1/tts: latency without / with fan-out", GE, SPEEDUP_TARGET,
-                                  stats[off], stats[on], stats[off].latency_p50, stats[on].latency_p50))
+        verdict = _ratio_verdict(f"{text} on /api/v1/tts: latency without / with fan-out", GE, SPEEDUP_TARGET,
+                                 stats[off], stats[on], stats[off].latency_p50, stats[on].latency_p50)
+        if bounds and text in bounds:
+            bound = f"model, no overhead: {bounds[text]:.2f}"
+            verdict = replace(verdict, note="; ".join(n for n in (verdict.note, bound) if n))
+        out.append(verdict)
     short = stats[SHORT]
     for arm in STREAM_ARMS:
         out.append(_ratio_verdict(f"{arm}: first audio byte / {SHORT} latency", LE, TTFB_TARGET, stats[arm], short,
@@ -197,35 +208,74 @@ def _run(cell: CellResult, arm: str, load: float) -> RunResult | None:
     return next((r for r in cell.runs if r.summary.config == arm and r.summary.load == load), None)
 
 
-def goodput_ratio(cell: CellResult, load: float) -> float | None:
-    """Goodput with fan-out / without at `load` (None when either did not run or without is 0)."""
+def cell_ratio(cell: CellResult, load: float) -> float | None:
+    """One round's goodput with fan-out / without at `load` (None when either did not run or
+    without is 0)."""
     base, fan = _run(cell, HIGH, load), _run(cell, HIGH_FANOUT, load)
     if base is None or fan is None or base.summary.goodput <= 0:
         return None
     return fan.summary.goodput / base.summary.goodput
 
 
-def overload_verdicts(result: BenchResult) -> list[Verdict]:
-    """Per trace and load: goodput (work) with fan-out ≥ GOODPUT_TARGET × without, same run."""
+def traces(rounds: Sequence[BenchResult]) -> list[str]:
+    """The overload part's traces, in the order its cells ran."""
+    return list(dict.fromkeys(cell.cell.trace for result in rounds for cell in result.cells))
+
+
+def _cells(rounds: Sequence[BenchResult], trace: str) -> list[CellResult]:
+    """Each round's cell of `trace` (a round without it is left out)."""
+    return [cell for result in rounds for cell in result.cells if cell.cell.trace == trace]
+
+
+def round_ratios(rounds: Sequence[BenchResult], trace: str, load: float) -> list[float | None]:
+    """Goodput with fan-out / without of every round, in round order."""
+    return [cell_ratio(cell, load) for cell in _cells(rounds, trace)]
+
+
+def goodput_ratio(rounds: Sequence[BenchResult], trace: str, load: float) -> float | None:
+    """Goodput with fan-out / without at `load`, each summed over the rounds in which both arms
+    ran (the ratio of the mean goodputs); None when no round has both or without is 0."""
+    pairs = [(_run(cell, HIGH, load), _run(cell, HIGH_FANOUT, load)) for cell in _cells(rounds, trace)]
+    both = [(base.summary.goodput, fan.summary.goodput) for base, fan in pairs if base is not None and fan is not None]
+    without = sum(base for base, _ in both)
+    if not both or without <= 0:
+        return None
+    return sum(fan for _, fan in both) / without
+
+
+def _round_note(ratios: Sequence[float | None]) -> str:
+    """Each round's ratio and the order its arms ran in (odd rounds reversed)."""
+    if len(ratios) < 2:
+        return ""
+    orders = ("fan-out second", "fan-out first")
+    return "rounds: " + ", ".join(f"{_num(r, 2)} ({orders[i % 2]})" for i, r in enumerate(ratios))
+
+
+def overload_verdicts(rounds: Sequence[BenchResult]) -> list[Verdict]:
+    """Per trace and load: goodput (work) with fan-out ≥ GOODPUT_TARGET × without, both summed
+    over the rounds of the same run."""
     out = []
-    for cell in result.cells:
+    for trace in traces(rounds):
+        cells = _cells(rounds, trace)
         for load in VERDICT_LOADS:
-            name = f"{cell.cell.trace} at {load:g}×: goodput {HIGH_FANOUT} / {HIGH}"
-            absent = [f"{arm} {load:g}×" + (f" (skipped: {cell.skipped[arm]})" if arm in cell.skipped else "")
-                      for arm in OVERLOAD_ARMS if _run(cell, arm, load) is None]
-            ratio = goodput_ratio(cell, load)
+            name = f"{trace} at {load:g}×: goodput {HIGH_FANOUT} / {HIGH}"
+            absent = sorted({f"{arm} {load:g}×" + (f" (skipped: {cell.skipped[arm]})" if arm in cell.skipped else "")
+                             for cell in cells for arm in OVERLOAD_ARMS if _run(cell, arm, load) is None})
+            ratio = goodput_ratio(rounds, trace, load)
+            note = _round_note(round_ratios(rounds, trace, load))
             if absent or ratio is None:
-                note = "no run: " + ", ".join(absent) if absent else f"{HIGH} has no goodput"
-                out.append(Verdict(name=name, measured=ratio, op=GE, target=GOODPUT_TARGET, met=None, note=note))
+                missing = "no run: " + ", ".join(absent) if absent else f"{HIGH} has no goodput"
+                out.append(Verdict(name=name, measured=ratio, op=GE, target=GOODPUT_TARGET, met=None,
+                                   note="; ".join(n for n in (missing, note) if n)))
             else:
                 out.append(Verdict(name=name, measured=ratio, op=GE, target=GOODPUT_TARGET,
-                                   met=ratio >= GOODPUT_TARGET))
+                                   met=ratio >= GOODPUT_TARGET, note=note))
     return out
 
 
 def all_verdicts(result: FanoutResult) -> list[Verdict]:
-    idle = idle_verdicts(result.idle.samples) if result.idle else idle_verdicts([])
-    return idle + (overload_verdicts(result.overload) if result.overload else [])
+    idle = idle_verdicts(result.idle.samples, result.idle.model_speedup) if result.idle else idle_verdicts([])
+    return idle + overload_verdicts(result.overload)
 
 
 # --- Markdown ---------------------------------------------------------------------------------
@@ -234,7 +284,7 @@ def all_verdicts(result: FanoutResult) -> list[Verdict]:
 VERDICT_COLUMNS = ("target", "measured", "required", "met", "note")
 IDLE_COLUMNS = ("arm", "requests", "valid", "chars (median)", "p50 s", "p90 s", "first byte p50 s",
                 "first byte p90 s", "pieces", "audio s (median)")
-OVERLOAD_COLUMNS = ("trace", "arm", "load", "offered", "goodput", *(f"goodput {c}" for c in CLASSES),
+OVERLOAD_COLUMNS = ("trace", "round", "arm", "load", "offered", "goodput", *(f"goodput {c}" for c in CLASSES),
                     *(f"in SLO {c} %" for c in CLASSES), *(f"p50 {c} s" for c in CLASSES),
                     *(f"p99 {c} s" for c in CLASSES), "refused", "late", "requests", "split", "whole: pressure/busy")
 
@@ -254,17 +304,25 @@ def idle_table(samples: Sequence[Sample]) -> list[str]:
     return _table(IDLE_COLUMNS, rows)
 
 
-def overload_table(result: BenchResult) -> list[str]:
+def overload_table(rounds: Sequence[BenchResult]) -> list[str]:
+    """Every run, trace by trace and round by round, in the order it ran."""
     rows = []
-    for cell in result.cells:
-        for run in cell.runs:
-            s = run.summary
-            rows.append([cell.cell.trace, s.config, f"{s.load:g}×", _num(s.offered), _num(s.goodput),
-                         *(_num(s.class_goodput[c]) if s.class_requests[c] else "–" for c in CLASSES),
-                         *(_num(s.in_slo_pct[c], 1) for c in CLASSES),
-                         *(_num(s.latency_s[c][i]) for i in (0, 1) for c in CLASSES), s.refused, s.late, s.requests,
-                         *_fanout_cells(run.fanout)])
+    for trace in traces(rounds):
+        for index, cell in enumerate(_cells(rounds, trace)):
+            rows += _cell_rows(cell, index + 1)
     return _table(OVERLOAD_COLUMNS, rows)
+
+
+def _cell_rows(cell: CellResult, round_no: int) -> list[list[Any]]:
+    rows = []
+    for run in cell.runs:
+        s = run.summary
+        rows.append([cell.cell.trace, round_no, s.config, f"{s.load:g}×", _num(s.offered), _num(s.goodput),
+                     *(_num(s.class_goodput[c]) if s.class_requests[c] else "–" for c in CLASSES),
+                     *(_num(s.in_slo_pct[c], 1) for c in CLASSES),
+                     *(_num(s.latency_s[c][i]) for i in (0, 1) for c in CLASSES), s.refused, s.late, s.requests,
+                     *_fanout_cells(run.fanout)])
+    return rows
 
 
 def _fanout_cells(counts: dict[str, float]) -> list[str]:
@@ -286,6 +344,20 @@ def invalid_lines(samples: Sequence[Sample]) -> list[str]:
             *(f"- {s.arm} rep {s.rep}: HTTP {s.status}: {s.error}" for s in bad), ""]
 
 
+def model_lines(idle: IdleResult) -> list[str]:
+    """What the emulator's model allows each long text's speed-up with no overhead (see IdleResult)."""
+    if not idle.model_speedup:
+        return []
+    figures = ", ".join(f"{kind} {value:.2f}" for kind, value in idle.model_speedup.items())
+    return [f"What the cut and the noise alone allow: {figures}. That is the median whole service over the "
+            "median makespan when the sidecar's own cut of each text sent here runs on "
+            f"{idle.backends} single-slot backends, each piece's service drawn from the emulator's model "
+            "(its log-normal noise included) and started on the lane that frees first, with the sidecar, HTTP "
+            "and audio costing nothing (`bench.fanout.model_speedup`, thousands of draws per text). Overhead only "
+            f"lowers the expected speed-up; a median of {idle.reps} noisy requests per arm scatters around it.",
+            ""]
+
+
 def setup_lines(result: FanoutResult) -> list[str]:
     lines = []
     if result.idle:
@@ -298,10 +370,15 @@ def setup_lines(result: FanoutResult) -> list[str]:
                      f"answer counts only when it is a 200 whose audio decodes and lasts {PLAUSIBLE[0]:g}–"
                      f"{PLAUSIBLE[1]:g}× what the emulator's voice gives its text.")
     if result.overload:
-        setup = result.overload.setup
+        first, count = result.overload[0], len(result.overload)
+        setup = first.setup
+        seeds = ", ".join(str(r.setup.seed) for r in result.overload)
         lines.append(f"- **Overload**: bench/overload's machinery (`python -m bench.overload` arms "
                      f"`{HIGH}` and `{HIGH_FANOUT}`, each started fresh per load): "
-                     f"{'; '.join(c.cell.key for c in result.overload.cells)}; time scale {setup.time_scale:g}, "
+                     f"{'; '.join(c.cell.key for c in first.cells)}; {count} round{'s' if count > 1 else ''} of "
+                     f"every point (trace seeds {seeds}; both arms of a round replay the same arrivals, "
+                     "and every other round runs the fan-out arm first), judged on the goodput summed over the "
+                     f"rounds; time scale {setup.time_scale:g}, "
                      f"{setup.duration_s:g} s measured after {setup.preroll_s:g} s pre-roll, service noise σ = "
                      f"{setup.jitter:g}, upstream's semaphores in every backend, deadlines = the SLO "
                      f"(`{setup.slo}`), priors 2× the true model. Goodput = work (solo-service seconds) answered "
@@ -317,7 +394,7 @@ def config_lines(result: FanoutResult) -> list[str]:
     if result.idle:
         shown.append((f"idle pool ({HIGH_FANOUT}, X-Fanout per request)", result.idle.config_yaml))
     seen: set[str] = set()
-    for cell in result.overload.cells if result.overload else []:
+    for cell in result.overload[0].cells if result.overload else []:
         for run in cell.runs:
             if run.config_yaml is not None and run.summary.config not in seen:
                 seen.add(run.summary.config)
@@ -342,12 +419,13 @@ def render_markdown(result: FanoutResult, verdicts: Sequence[Verdict]) -> str:
     if result.idle:
         lines += ["## Idle pool", "", "Seconds at the client, over valid answers; pieces: the `X-Fanout-Pieces` "
                   "values seen.", "", *idle_table(result.idle.samples), "", *invalid_lines(result.idle.samples),
+                  *model_lines(result.idle),
                   f"![idle latency]({LATENCY_PLOT})", "", f"![time to first audio byte]({TTFB_PLOT})", ""]
     if result.overload:
         lines += ["## Overload", "", "Goodput and offered in work per backend-second; latency in seconds over 200 "
                   "answers; refused = 429/503, late = 408, after the SLO or no answer.", "",
                   *overload_table(result.overload), "", f"![goodput ratio]({GOODPUT_PLOT})", ""]
-        for cell in result.overload.cells:
+        for cell in result.overload[0].cells:
             lines += [f"**{cell.cell.key}: {arm} skipped**: {why}" for arm, why in cell.skipped.items()]
     lines += ["## Configurations", "", "Each sidecar's whole file as it ran (the benchmark adds `tasks.state_dir` "
               "in the run's temporary directory and an admin token to read the queue).", "", *config_lines(result)]
@@ -400,17 +478,21 @@ def plot_ttfb(samples: Sequence[Sample], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def plot_goodput_ratio(result: BenchResult, path: Path) -> None:
-    """Goodput with fan-out / without, per trace and load, against the target."""
+def plot_goodput_ratio(rounds: Sequence[BenchResult], path: Path) -> None:
+    """Goodput with fan-out / without per trace and load, summed over the rounds (bars) and of each
+    round (dots), against the target."""
     fig = Figure(figsize=(6.5, 4.0))
     ax = fig.subplots()
     labels: list[str] = []
     ratios: list[float] = []
-    for cell in result.cells:
-        for load in sorted({r.summary.load for r in cell.runs}):
-            labels.append(f"{cell.cell.trace} {load:g}×")
-            ratios.append(goodput_ratio(cell, load) or 0.0)
-    ax.bar(range(len(ratios)), ratios, color="tab:blue")
+    for trace in traces(rounds):
+        for load in sorted({r.summary.load for cell in _cells(rounds, trace) for r in cell.runs}):
+            each = [r for r in round_ratios(rounds, trace, load) if r is not None]
+            ax.scatter([len(ratios)] * len(each), each, color="black", s=12, zorder=3,
+                       label="one round" if not labels else None)
+            labels.append(f"{trace} {load:g}×")
+            ratios.append(goodput_ratio(rounds, trace, load) or 0.0)
+    ax.bar(range(len(ratios)), ratios, color="tab:blue", label="all rounds")
     ax.axhline(GOODPUT_TARGET, color="tab:red", linestyle=":", linewidth=1, label=f"target {GOODPUT_TARGET:g}")
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
@@ -425,14 +507,20 @@ def plot_goodput_ratio(result: BenchResult, path: Path) -> None:
 # --- JSON and files ---------------------------------------------------------------------------
 
 
-def _overload_json(result: BenchResult) -> dict[str, Any]:
+def _overload_json(rounds: Sequence[BenchResult]) -> dict[str, Any]:
+    return {"rounds": [_round_json(r) for r in rounds],
+            "goodput_ratio": {trace: {f"{load:g}": goodput_ratio(rounds, trace, load) for load in VERDICT_LOADS}
+                              for trace in traces(rounds)}}
+
+
+def _round_json(result: BenchResult) -> dict[str, Any]:
     return {"setup": asdict(result.setup), "wall_s": result.wall_s,
             "cells": [{"key": c.cell.key, "trace": c.cell.trace, "backends": c.cell.backends, "skipped": c.skipped,
                        "mean_work_s": c.mean_work_s,
                        "runs": [{"arm": r.summary.config, "load": r.summary.load, "wall_s": r.wall_s,
                                  "config_yaml": r.config_yaml, "slots": r.slots, "fanout": r.fanout,
                                  "summary": {**asdict(r.summary), "offered": r.summary.offered}} for r in c.runs],
-                       "goodput_ratio": {f"{load:g}": goodput_ratio(c, load) for load in VERDICT_LOADS}}
+                       "goodput_ratio": {f"{load:g}": cell_ratio(c, load) for load in VERDICT_LOADS}}
                       for c in result.cells]}
 
 
@@ -443,9 +531,10 @@ def to_json(result: FanoutResult, verdicts: Sequence[Verdict]) -> dict[str, Any]
         "verdicts": [asdict(v) for v in verdicts],
         "idle": None if idle is None else {
             "time_scale": idle.time_scale, "backends": idle.backends, "reps": idle.reps, "wall_s": idle.wall_s,
-            "config_yaml": idle.config_yaml, "stats": [asdict(arm_stats(a.name, idle.samples)) for a in IDLE_ARMS],
+            "config_yaml": idle.config_yaml, "model_speedup": idle.model_speedup,
+            "stats": [asdict(arm_stats(a.name, idle.samples)) for a in IDLE_ARMS],
             "samples": [asdict(s) for s in idle.samples]},
-        "overload": None if result.overload is None else _overload_json(result.overload),
+        "overload": _overload_json(result.overload) if result.overload else None,
     }
 
 

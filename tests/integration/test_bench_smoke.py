@@ -183,12 +183,16 @@ def test_fanout_smoke_benchmark_measures_valid_answers_and_reports_them(tmp_path
         ttfb = samples[arm].ttfb_s
         assert ttfb is not None and 0 < ttfb <= samples[arm].latency_s
 
-    (cell,) = result.overload.cells
-    assert cell.skipped == {} and {(r.summary.config, r.summary.load) for r in cell.runs} == \
-        {(HIGH, 2.5), (HIGH_FANOUT, 2.5)}
+    assert len(result.overload) == fanout.SMOKE.rounds == 2
+    (cell, second), runs = (c for r in result.overload for c in r.cells), []
+    for each, order in ((cell, [HIGH, HIGH_FANOUT]), (second, [HIGH_FANOUT, HIGH])):  # the second round reversed
+        assert each.skipped == {} and [(r.summary.config, r.summary.load) for r in each.runs] == \
+            [(arm, 2.5) for arm in order]
+        runs += each.runs
+    assert result.overload[1].setup.seed == result.overload[0].setup.seed + 1
     fanout_yaml = next(r.config_yaml for r in cell.runs if r.summary.config == HIGH_FANOUT)
     assert fanout_yaml is not None and "\nfanout: {enabled: true" in fanout_yaml and fanout_yaml.rstrip() in text
-    assert all(r.summary.goodput > 0 for r in cell.runs)
+    assert all(r.summary.goodput > 0 for r in runs)
 
     for verdict in data["verdicts"]:
         shown = "–" if verdict["measured"] is None else f"{verdict['measured']:.2f}"
@@ -197,8 +201,8 @@ def test_fanout_smoke_benchmark_measures_valid_answers_and_reports_them(tmp_path
     for plot in (fanout_report.LATENCY_PLOT, fanout_report.TTFB_PLOT, fanout_report.GOODPUT_PLOT):
         assert (tmp_path / plot).read_bytes()[:8] == PNG_MAGIC
 
-    pids = result.idle.pids + [pid for r in cell.runs for pid in r.pids]
-    assert len(pids) == (1 + len(cell.runs)) * (1 + cell.cell.backends)
+    pids = result.idle.pids + [pid for r in runs for pid in r.pids]
+    assert len(pids) == (1 + len(runs)) * (1 + cell.cell.backends)
     wait_until(lambda: all(pid_gone(pid) for pid in pids), timeout=10, what="benchmark processes to exit")
 
 

@@ -19,8 +19,10 @@ from bench.fanout import (
     arm_order,
     idle_texts,
     make_plan,
+    model_speedup,
     parser,
     plausible,
+    round_plan,
     stream_audio_s,
     tts_audio_s,
 )
@@ -53,9 +55,12 @@ from bench.overload import production_fanout, sidecar_yaml
 from bench.overload_spec import HIGH, HIGH_FANOUT, BenchResult, Cell, CellResult, RunResult, Setup
 from bench.summary import summarize
 from glmtts.audio import Pcm, encode
+from glmtts.emulator.timing import ServiceModel
 from glmtts.emulator.voice import speech_seconds
+from glmtts.split import split_balanced
 from glmtts.text import units
 from glmtts.wav import write_wav
+from scheduler.config.fanout import FanoutConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,6 +108,28 @@ def test_streamed_pcm_is_counted_and_mp3_decoded() -> None:
     assert stream_audio_s(b"not an mp3 at all" * 10, "mp3")[0] is None
 
 
+def test_the_model_speedup_is_what_the_cut_and_the_noise_allow() -> None:
+    texts = [idle_texts(rep)["zh-500"] for rep in range(2)]
+    config = FanoutConfig(pieces_per_slot=2)
+    # No noise: whole service over the slowest lane of the sidecar's own cut, computed by hand.
+    model, expected = ServiceModel(), []
+    for text in texts:
+        free = [0.0] * 4
+        for piece in split_balanced(text, lanes=8, min_chars=config.min_chars, max_chars=config.max_chars):
+            free[free.index(min(free))] += model.mean_seconds(units(piece))
+        expected.append((model.mean_seconds(units(text)), max(free)))
+    quiet = model_speedup(texts, lanes=4, fanout=config, sigma=0.0, draws=3)
+    wholes, spans = sorted(w for w, _ in expected), sorted(m for _, m in expected)
+    assert quiet == pytest.approx((sum(wholes) / 2) / (sum(spans) / 2))
+    assert 3.0 < quiet < 4.0  # four lanes, each piece paying the per-request base
+    # Noise costs a split more than a whole text (the slowest lane decides); seeded, so repeatable.
+    noisy = model_speedup(texts, lanes=4, fanout=config, sigma=0.25, draws=400)
+    assert noisy < quiet and noisy == model_speedup(texts, lanes=4, fanout=config, sigma=0.25, draws=400)
+    assert model_speedup(texts, lanes=1, fanout=config, sigma=0.0, draws=3) == pytest.approx(
+        model_speedup(texts, lanes=1, fanout=config, sigma=0.0, draws=3))
+    assert model_speedup(texts, lanes=1, fanout=config, sigma=0.0, draws=3) < 1.0  # one lane: only the bases
+
+
 def test_arms_alternate_in_rotating_order() -> None:
     orders = [arm_order(rep) for rep in range(len(IDLE_ARMS))]
     assert all(sorted(a.name for a in order) == sorted(a.name for a in IDLE_ARMS) for order in orders)
@@ -123,6 +150,23 @@ def test_the_default_plan_is_four_backends_at_time_scale_005_both_traces_and_loa
     assert make_plan(parser().parse_args(["--smoke"])) is SMOKE
     only = make_plan(parser().parse_args(["--skip-overload", "--reps", "3"]))
     assert only.overload is None and only.idle is not None and only.idle.reps == 3
+    assert plan.rounds == 2 and make_plan(parser().parse_args(["--rounds", "3"])).rounds == 3
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["--rounds", bad])
+
+
+def test_rounds_replay_a_trace_of_their_own_seed_and_reverse_the_arm_order_every_other_round() -> None:
+    plan = make_plan(parser().parse_args([])).overload
+    assert plan is not None
+    first, second, third = (round_plan(plan, i) for i in range(3))
+    assert first == plan  # round 0 is the plan as given
+    assert [first.setup.seed, second.setup.seed, third.setup.seed] == [plan.setup.seed + i for i in range(3)]
+    assert replace(second.setup, seed=plan.setup.seed) == plan.setup  # nothing else changes
+    for a, b, c in zip(first.cells, second.cells, third.cells, strict=True):
+        assert a.arms == (HIGH, HIGH_FANOUT) and b.arms == (HIGH_FANOUT, HIGH) and c.arms == a.arms
+        assert b.points() == [(HIGH_FANOUT, 1.3), (HIGH, 1.3), (HIGH_FANOUT, 2.5), (HIGH, 2.5)]
+        assert (b.trace, b.loads, b.backends) == (a.trace, a.loads, a.backends)
 
 
 def test_the_fanout_arm_is_sidecar_high_plus_the_production_fanout_section() -> None:
@@ -200,28 +244,50 @@ def _bench(runs: list[RunResult], skipped: dict[str, str] | None = None) -> Benc
 def test_overload_verdicts_compare_goodput_with_and_without_fanout_per_load() -> None:
     bench = _bench([_run(HIGH, 1.3, 0.80), _run(HIGH_FANOUT, 1.3, 0.78), _run(HIGH, 2.5, 0.9),
                     _run(HIGH_FANOUT, 2.5, 0.81)])
-    low, high = overload_verdicts(bench)
+    low, high = overload_verdicts([bench])
     assert low.met is True and low.measured == pytest.approx(0.975)
     assert high.met is False and high.measured == pytest.approx(0.9)
     assert "bimodal at 2.5×" in high.name and HIGH_FANOUT in high.name
+    assert low.note == ""  # one round: nothing to list
+
+
+def test_overload_verdicts_sum_goodput_over_the_rounds_and_list_each_round() -> None:
+    rounds = [_bench([_run(HIGH, 2.5, 1.0), _run(HIGH_FANOUT, 2.5, 0.90)]),
+              _bench([_run(HIGH_FANOUT, 2.5, 1.1), _run(HIGH, 2.5, 1.0)])]
+    verdict = overload_verdicts(rounds)[1]
+    assert verdict.measured == pytest.approx(2.0 / 2.0) and verdict.met is True  # (0.9 + 1.1) / (1 + 1)
+    assert verdict.note == "rounds: 0.90 (fan-out second), 1.10 (fan-out first)"
+    # Summed, not averaged ratios: a round with little goodput weighs little.
+    skewed = [_bench([_run(HIGH, 2.5, 0.1), _run(HIGH_FANOUT, 2.5, 0.2)]),
+              _bench([_run(HIGH, 2.5, 1.0), _run(HIGH_FANOUT, 2.5, 0.8)])]
+    assert overload_verdicts(skewed)[1].measured == pytest.approx(1.0 / 1.1)
+    assert overload_verdicts(skewed)[1].met is False
 
 
 def test_overload_verdicts_name_what_did_not_run() -> None:
     bench = _bench([_run(HIGH, 1.3, 0.8), _run(HIGH, 2.5, 0.0)], skipped={HIGH_FANOUT: "the sidecar rejects it"})
-    low, high = overload_verdicts(bench)
+    low, high = overload_verdicts([bench])
     assert low.met is None and "the sidecar rejects it" in low.note
     assert high.met is None
-    zero = overload_verdicts(_bench([_run(HIGH, 1.3, 0.0), _run(HIGH_FANOUT, 1.3, 0.5)]))[0]
+    zero = overload_verdicts([_bench([_run(HIGH, 1.3, 0.0), _run(HIGH_FANOUT, 1.3, 0.5)])])[0]
     assert zero.met is None and zero.measured is None
+    # A round that lost an arm is named, and the verdict stays open, whatever the other rounds say.
+    partial = [_bench([_run(HIGH, 1.3, 0.8), _run(HIGH_FANOUT, 1.3, 0.8)]), _bench([_run(HIGH, 1.3, 0.8)])]
+    low = overload_verdicts(partial)[0]
+    assert low.met is None and f"{HIGH_FANOUT} 1.3×" in low.note
+    assert overload_verdicts([]) == []
 
 
 def test_the_report_shows_the_measured_figures_configs_and_plots(tmp_path: Path) -> None:
     idle = IdleResult(samples=_idle(), config_yaml="listen: {port: 1}\nfanout: {enabled: true}\n", time_scale=0.05,
-                      backends=4, reps=3)
+                      backends=4, reps=3, model_speedup={"zh-500": 3.17, "en-500": 2.97})
     bench = _bench([_run(HIGH, 1.3, 0.80), _run(HIGH_FANOUT, 1.3, 0.78), _run(HIGH, 2.5, 0.9),
                     _run(HIGH_FANOUT, 2.5, 0.81)])
-    result = FanoutResult(idle=idle, overload=bench, command="python -m bench.fanout --reps 3", wall_s=60.0,
-                          machine={"CPUs": 2})
+    second = _bench([_run(HIGH_FANOUT, 1.3, 0.82), _run(HIGH, 1.3, 0.80), _run(HIGH_FANOUT, 2.5, 0.85),
+                     _run(HIGH, 2.5, 0.9)])
+    second.setup = replace(second.setup, seed=second.setup.seed + 1)
+    result = FanoutResult(idle=idle, overload=[bench, second], command="python -m bench.fanout --reps 3",
+                          wall_s=60.0, machine={"CPUs": 2})
     text = write_report(result, tmp_path).read_text()
     assert (tmp_path / REPORT).read_text() == text
     assert "Reproduce: `python -m bench.fanout --reps 3`" in text
@@ -230,6 +296,14 @@ def test_the_report_shows_the_measured_figures_configs_and_plots(tmp_path: Path)
         shown = "–" if verdict["measured"] is None else f"{verdict['measured']:.2f}"
         assert f"| {verdict['name']} | {shown} | {verdict['op']} {verdict['target']:g} |" in text
     assert [v["met"] for v in data["verdicts"]] == [True, False, True, False, True, False]
+    assert data["verdicts"][1]["note"] == "model, no overhead: 2.97"
+    assert "What the cut and the noise alone allow: zh-500 3.17, en-500 2.97." in text
+    assert data["idle"]["model_speedup"] == {"zh-500": 3.17, "en-500": 2.97}
+    assert data["overload"]["goodput_ratio"]["bimodal"] == {"1.3": pytest.approx(1.6 / 1.6),
+                                                           "2.5": pytest.approx(1.66 / 1.8)}
+    assert [r["setup"]["seed"] for r in data["overload"]["rounds"]] == [20240611, 20240612]
+    assert "2 rounds of every point (trace seeds 20240611, 20240612" in text
+    assert "| bimodal | 2 | sidecar-high+fanout | 1.3× |" in text  # every round's runs are shown
     zh_on = next(s for s in data["idle"]["stats"] if s["arm"] == ZH_ON)
     assert zh_on["pieces"] == [4] and zh_on["latency_p50"] == pytest.approx(1.0)
     assert f"| {ZH_ON} | 3 | 3 | 500 | 1.000 |" in text
