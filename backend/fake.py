@@ -14,7 +14,6 @@ answers as GLM-TTS does.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from backend.transport import Answer, BackendTimeout, BackendUnavailable, Reply, exchange
+from glmtts.responses import success_json
 from glmtts.wav import write_wav
 
 __all__ = ["FakeAnswer", "FakeBackend", "FakeRequest", "FakeTransport", "Handler", "Reset"]
@@ -222,9 +222,7 @@ class FakeBackend:
 def success(*, seconds: float, sample_rate: int = 24000) -> FakeAnswer:
     """Upstream's success: a WAV of ``seconds`` of silence, base64 in JSON, serialised as FastAPI does."""
     wav = write_wav(b"\x00\x00" * int(sample_rate * seconds), sample_rate)
-    return _json({"success": True, "message": "TTS generation successful",
-                  "audio_base64": base64.b64encode(wav).decode(), "sample_rate": sample_rate,
-                  "generation_time": seconds, "error": None})
+    return FakeAnswer(status=200, body=success_json(wav, sample_rate=sample_rate, generation_time=seconds))
 
 
 def _json(payload: object, status: int = 200) -> FakeAnswer:

@@ -32,9 +32,8 @@ from glmtts.emulator.prompts import PromptStore
 from glmtts.emulator.upstream import UpstreamConcurrency, UpstreamConfig
 from glmtts.errors import HTTPDetailError
 from glmtts.form import parse_form
-from glmtts.responses import json_response
+from glmtts.responses import json_response, success_json
 from glmtts.text import units
-from glmtts.wav import to_base64
 
 log = logging.getLogger("glmtts.emulator")
 
@@ -227,9 +226,9 @@ class Emulator:
                                   "error": str(exc)})
         finally:
             self.concurrency.release(chars)
-        return json_response({"success": True, "message": "TTS generation successful",
-                              "audio_base64": to_base64(wav), "sample_rate": req.sample_rate,
-                              "generation_time": round(time.monotonic() - started, 2), "error": None})
+        return web.Response(body=success_json(wav, sample_rate=req.sample_rate,
+                                              generation_time=round(time.monotonic() - started, 2)),
+                            headers={"Content-Type": "application/json"})
 
     async def _infer(self, job: SynthesisJob, request: web.Request) -> bytes:
         stats = self.stats

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from backend.record import Backend
 from glmtts.audio import Pcm, decode_wav, encode, join_pcm
 from glmtts.contract import tts_fields
-from glmtts.errors import dump_json
 from glmtts.form import encode_multipart, multipart_content_type
+from glmtts.responses import success_json
 from glmtts.split import split_balanced
 from glmtts.text import units
 from scheduler.core.admission import Rejection
@@ -277,9 +277,7 @@ class SplitRun:
 
 def _joined_answer(pcms: Sequence[Pcm], crossfade_s: float, pause_s: float, seconds: float) -> bytes:
     joined = join_pcm(pcms, crossfade_s=crossfade_s, pause_s=pause_s)
-    return dump_json({"success": True, "message": "TTS generation successful",
-                      "audio_base64": base64.b64encode(encode(joined, "wav")).decode("ascii"),
-                      "sample_rate": joined.rate, "generation_time": round(seconds, 2), "error": None})
+    return success_json(encode(joined, "wav"), sample_rate=joined.rate, generation_time=round(seconds, 2))
 
 
 async def synthesize(runtime: Runtime, exchange: Exchange, intake: Intake, record: Outcome, headers: dict[str, str],
