@@ -133,6 +133,7 @@ async def _within_rate(runtime: Runtime, tenant: str) -> None:
         return
     wait = await runtime.rates.take(tenant, rate, link=runtime.redis, cluster=runtime.config.tasks.redis.cluster)
     if wait is not None:
+        runtime.metrics.rate_limited_rejection()
         raise RateLimited(f"Tenant {tenant!r} is over its request rate ({rate.per_s:g} per second, bursts of "
                           f"{rate.burst}); retry in {wait:.2f} s", retry_after=wait)
 

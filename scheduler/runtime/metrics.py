@@ -33,6 +33,7 @@ from backend.state import BackendState
 from glmtts import __version__
 from scheduler.core.admission import Reason
 from scheduler.core.scheduler import Scheduler
+from scheduler.errors import RateLimited
 
 log = logging.getLogger("glmtts_sidecar.metrics")
 
@@ -161,6 +162,7 @@ class Metrics:
         Gauge(PREFIX + "build_info", "Always 1; labels: the sidecar's version and the Python version running it.",
               ["version", "python"], registry=r).labels(__version__, platform.python_version()).set(1)
         self.draining_rejections = 0
+        self.rate_limited_rejections = 0
         self.sources: Sources | None = None
         r.register(_StateCollector(self))
 
@@ -214,6 +216,10 @@ class Metrics:
         """A TTS request was refused because the sidecar is draining."""
         self.draining_rejections += 1
 
+    def rate_limited_rejection(self) -> None:
+        """A TTS request was refused because its tenant is over its request rate."""
+        self.rate_limited_rejections += 1
+
     # --- serving ----------------------------------------------------------------------------------
 
     def handler(self) -> Handler:
@@ -265,7 +271,8 @@ class _StateCollector(Collector):
             PREFIX + "admission_rejections",
             "TTS requests turned away before queueing, by reason: no_backend (503, nothing running or starting), "
             "queue_full (429), tenant_queue_full (429, the tenant's share of the queue), deadline_unmeetable "
-            "(429, predicted wait plus service exceeds the deadline), draining (503, the sidecar is shutting down).",
+            "(429, predicted wait plus service exceeds the deadline), draining (503, the sidecar is shutting down), "
+            "rate_limited (429, the tenant is over its tenants.*.rate).",
             labels=["reason"])
         expiries = CounterMetricFamily(
             PREFIX + "deadline_expiries",
@@ -342,6 +349,7 @@ class _StateCollector(Collector):
         tally = scheduler.tally
         rejected = {reason.value: tally.rejected.get(reason.value, 0) for reason in Reason}
         rejected[DRAINING] = self._metrics.draining_rejections
+        rejected[RateLimited.reason] = self._metrics.rate_limited_rejections
         for reason, n in rejected.items():
             rejections.add_metric([reason], n)
         expiries.add_metric(["queued"], tally.expired_queued)

@@ -80,6 +80,12 @@ class Sidecar:
             assert resp.status == 200, await resp.text()
             assert "tenants" in (await resp.json())["changed"]
 
+    def rejections_counted(self, reason: str) -> float:
+        registry = self.client.app[RUNTIME].metrics.registry
+        return sum(sample.value for metric in registry.collect() for sample in metric.samples
+                   if sample.name == "glmtts_sidecar_admission_rejections_total"
+                   and sample.labels.get("reason") == reason)
+
     def requests_counted(self, tenant: str, outcome: str) -> float:
         registry = self.client.app[RUNTIME].metrics.registry
         return sum(sample.value for metric in registry.collect() for sample in metric.samples
@@ -154,6 +160,7 @@ async def test_over_its_rate_a_tenant_gets_429_with_retry_after_on_every_route(s
     assert (await answer(await sidecar.speech(BULK)))[0] == 200
     assert sidecar.requests_counted("acme", "rejected") == 3
     assert sidecar.requests_counted("bulk", "rejected") == 0
+    assert sidecar.rejections_counted("rate_limited") == 3
 
 
 async def test_a_reloaded_rate_applies_to_the_next_request(sidecar: Sidecar) -> None:
