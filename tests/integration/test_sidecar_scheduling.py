@@ -37,7 +37,9 @@ def queue(service: Service) -> dict[str, Any]:
 
 
 def test_a_full_queue_answers_429_with_a_predicted_retry_after(tmp_path: Path) -> None:
-    with running_sidecar(tmp_path, backends=1, time_scale=0.05, extra="queue: {max_size: 2}\n"
+    # At this scale the first request holds the only slot ~2 s (load, cold start): the other five
+    # arrive meanwhile.
+    with running_sidecar(tmp_path, backends=1, time_scale=0.02, extra="queue: {max_size: 2}\n"
                  "deadlines: {reject_unmeetable: false}") as service, ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(tts, service, LONG[:180] + str(i)) for i in range(6)]
         results = [f.result() for f in futures]
@@ -65,7 +67,9 @@ def test_an_unmeetable_deadline_is_refused_at_once(tmp_path: Path) -> None:
 def test_408_on_time_while_queued_even_when_no_backend_frees_up(tmp_path: Path) -> None:
     extra = "deadlines: {reject_unmeetable: false, tiers: [{max_chars: null, timeout_s: 0.5}]}"
     with running_sidecar(tmp_path, backends=1, time_scale=0.05, extra=extra) as service, ThreadPoolExecutor(2) as pool:
-        pool.submit(tts, service, LONG)  # holds the only slot for ~4 s (and itself times out while running)
+        # Holds the only slot for ~4.5 s (load, cold start; it times out itself while running); the
+        # sidecar's drain on exit waits for it, so it is no longer than it needs to be.
+        pool.submit(tts, service, LONG[:150])
         wait_until(lambda: queue(service)["in_service"] == 1, what="the long request to start")
         started = time.monotonic()
         status, _, body = tts(service, SHORT)
@@ -83,7 +87,9 @@ def test_408_on_time_while_queued_even_when_no_backend_frees_up(tmp_path: Path) 
 
 def test_x_request_timeout_shortens_the_deadline(tmp_path: Path) -> None:
     extra = "deadlines: {reject_unmeetable: false}"
-    with running_sidecar(tmp_path, backends=1, time_scale=0.05, extra=extra) as service:
+    # The long text takes ~2.6 s at this scale (load and cold start): far past 0.3 s, and the sidecar's
+    # drain on exit waits for it, so a slower scale only makes the test longer.
+    with running_sidecar(tmp_path, backends=1, time_scale=0.01, extra=extra) as service:
         status, _, body = tts(service, LONG, headers={"X-Request-Timeout": "0.3"})
         assert status == 408 and body["detail"].startswith("Request timeout after 0.3 seconds.")
         status, _, body = tts(service, headers={"X-Request-Timeout": "soon"})

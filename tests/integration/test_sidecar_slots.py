@@ -85,7 +85,10 @@ def test_fixed_slots_cap_every_backend(tmp_path: Path) -> None:
             assert get_json(backend["url"] + "/emulator/stats")["max_in_flight"] == 2
 
 
-# Throughput measured per slot count: alone, with nothing else running (tests/conftest.py).
+# Throughput measured per slot count: alone, with nothing else running (tests/conftest.py), so every
+# other worker waits ~15 s: slow. The learning itself is covered in the default suite on simulated
+# curves (tests/unit/test_concurrency.py), and auto mode on a live sidecar by the reload test below.
+@pytest.mark.slow
 @pytest.mark.xdist_group("serial")
 @pytest.mark.alone
 def test_auto_slots_settle_at_the_knee_of_the_throughput_curve(tmp_path: Path) -> None:

@@ -210,6 +210,9 @@ def test_slowloris_does_not_slow_normal_traffic(tmp_path: Path) -> None:
     assert figures.get("closed_by_server_max", 1) > 0, figures
 
 
+# 200 slowhttptest readers for 7 s: slow. The default suite keeps slow readers in the test below
+# (readers of 5 MB answers: latency, slots, loop lag) and slowhttptest in the slowloris test above.
+@pytest.mark.slow
 def test_slow_readers_do_not_slow_normal_traffic(tmp_path: Path) -> None:
     attacked(tmp_path, "slow clients: slow read (200 slowhttptest readers)",
              ["-X", "-c", "200", "-w", "512", "-y", "1024", "-n", "5", "-z", "32", "-k", "3", "-r", "200",
