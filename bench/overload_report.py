@@ -289,7 +289,10 @@ def plot_latency_cdf(cells: Sequence[CellResult], setup: Setup, path: Path) -> N
             ax.set_xlabel("latency from intended send, s (dashed: SLO)")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
-            ax.legend(loc="lower right", fontsize=7)
+            if ax.get_legend_handles_labels()[1]:  # nothing of this class was served: no curve to name
+                ax.legend(loc="lower right", fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "none served", ha="center", va="center", transform=ax.transAxes)
         axes[0].set_ylabel("fraction served OK")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -26,7 +26,9 @@ def _all_gone(pids: list[int]) -> None:
     wait_until(lambda: all(pid_gone(p) for p in pids), timeout=15, what="benchmark processes to exit")
 
 
-# Throughput ratios: in the "serial" xdist group (tests/conftest.py), as the other benchmark runs.
+# Throughput ratios: in the "serial" xdist group (tests/conftest.py), and slow as every benchmark
+# smoke (each starts a dozen processes; ./scripts/test -m slow runs them).
+@pytest.mark.slow
 @pytest.mark.xdist_group("serial")
 @pytest.mark.timeout(120)
 def test_procs_per_gpu_smoke_reports_each_k_with_shared_gpu_scaling(tmp_path: Path) -> None:
@@ -48,6 +50,7 @@ def test_procs_per_gpu_smoke_reports_each_k_with_shared_gpu_scaling(tmp_path: Pa
 
 
 # wrk saturates the CPU, and memory is measured: in the "serial" xdist group (tests/conftest.py).
+@pytest.mark.slow
 @pytest.mark.xdist_group("serial")
 @pytest.mark.timeout(150)
 def test_proxy_overhead_smoke_measures_every_path_and_the_memory(tmp_path: Path) -> None:
