@@ -44,7 +44,8 @@ space and stripping) whenever every cut falls at whitespace, as in Latin text; a
 characters drops no character and needs no space: join those pieces with ``""``.
 
 :func:`split_sentences` shows rules 1-2 alone; :func:`split_spans` gives the pieces as slices.
-:func:`split_balanced` cuts as evenly as a number of parallel slots finishes soonest.
+:func:`split_balanced` cuts as evenly as a number of parallel slots finishes soonest, and
+:func:`longest_first` is the order to start such pieces in when only the whole answer counts.
 """
 
 from __future__ import annotations
@@ -53,10 +54,14 @@ import bisect
 import itertools
 import math
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from glmtts.text import units
+
 __all__ = [
-    "ABBREVIATIONS", "SOFT_ABBREVIATIONS", "split_balanced", "split_sentences", "split_spans", "split_text",
+    "ABBREVIATIONS", "SOFT_ABBREVIATIONS", "longest_first", "split_balanced", "split_sentences", "split_spans",
+    "split_text",
 ]
 
 # Never end a sentence (titles and "for example"): the word before the period, lowercased.
@@ -429,3 +434,12 @@ def _balanced(text: str, *, lanes: int, min_chars: int, max_chars: int) -> list[
         else:
             low = middle + 1
     return best
+
+
+def longest_first(pieces: Sequence[str]) -> list[int]:
+    """The indices of `pieces`, the longest to speak first (by :func:`glmtts.text.units`; equal
+    ones in text order): the order to start pieces in when the answer is only whole once all are
+    done. Slots that each take the next piece as they free up then finish closest together, the
+    short pieces filling the gaps at the end (longest processing time first). With sentences as
+    the unit, pieces are uneven (bench.fanout's report gives what either order allows)."""
+    return sorted(range(len(pieces)), key=lambda index: (-units(pieces[index]), index))

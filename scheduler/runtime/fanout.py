@@ -38,7 +38,7 @@ from glmtts.audio import Pcm, decode_wav, encode, join_pcm
 from glmtts.contract import tts_fields
 from glmtts.form import encode_multipart, multipart_content_type
 from glmtts.responses import success_json
-from glmtts.split import split_balanced
+from glmtts.split import longest_first, split_balanced
 from glmtts.text import units
 from scheduler.core.admission import Rejection
 from scheduler.core.queue import Job
@@ -53,10 +53,12 @@ log = logging.getLogger("glmtts_sidecar.fanout")
 
 @dataclass(frozen=True)
 class Plan:
-    """A split: the pieces' texts in order, and how many may run at once."""
+    """A split: the pieces' texts in order, how many may run at once, and the order they start in
+    (indices into ``texts``; each index once)."""
 
     texts: tuple[str, ...]
     lanes: int
+    order: tuple[int, ...]
 
 
 def decide(runtime: Runtime, intake: Intake, *, choice: bool | None, stream: bool = False) -> Plan | None:
@@ -91,7 +93,10 @@ def decide(runtime: Runtime, intake: Intake, *, choice: bool | None, stream: boo
         runtime.metrics.fanout(declined=reason)
         return None
     runtime.metrics.fanout(pieces=len(texts))
-    return Plan(tuple(texts), min(lanes, len(texts)))
+    # A stream plays the pieces in text order, so they start in it; a whole answer waits for the
+    # last piece, which comes soonest when the longest start first.
+    order = range(len(texts)) if stream else longest_first(texts)
+    return Plan(tuple(texts), min(lanes, len(texts)), tuple(order))
 
 
 class PieceFailed(Exception):
@@ -126,7 +131,7 @@ class SplitRun:
         self._headers = headers
         self._done: list[asyncio.Future[Pcm]] = []
         self._lanes: set[asyncio.Task[None]] = set()
-        self._next = 0  # the next piece no lane has taken
+        self._next = 0  # where in plan.order the next piece no lane has taken is
         self._backends: list[str] = []
         self._first_start: float | None = None
         self._last_answer: float | None = None
@@ -141,14 +146,14 @@ class SplitRun:
         together. Raises Rejected as a whole request's admission would."""
         runtime, parent = self.runtime, self.intake.job
         runtime.retries.record_request(runtime.dispatcher.clock())
-        first = [self._job(i) for i in range(self.plan.lanes)]
+        first = [self._job(i) for i in self.plan.order[:self.plan.lanes]]
         admitted = runtime.dispatcher.offer_pieces(parent, first)
         if isinstance(admitted, Rejection):
             raise Rejected(admitted.status, admitted.reason.value, admitted.detail, retry_after=admitted.retry_after_s)
         loop = asyncio.get_running_loop()
         self._done = [loop.create_future() for _ in self.plan.texts]
         self._next = len(first)
-        for index, (job, future) in enumerate(zip(first, admitted, strict=True)):
+        for index, job, future in zip(self.plan.order[:len(first)], first, admitted, strict=True):
             lane = asyncio.ensure_future(self._lane(index, job, future))
             self._lanes.add(lane)
             lane.add_done_callback(self._lanes.discard)
@@ -180,7 +185,7 @@ class SplitRun:
                 self._done[index].set_result(pcm)
                 if self._next >= self.pieces:
                     return
-                index, self._next = self._next, self._next + 1
+                index, self._next = self.plan.order[self._next], self._next + 1
                 job = self._job(index, continues=True)
                 future = self.runtime.dispatcher.add_piece(job)
         except asyncio.CancelledError:

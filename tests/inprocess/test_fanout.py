@@ -30,6 +30,7 @@ from backend.fake import FakeAnswer, FakeBackend, FakeRequest, FakeTransport
 from glmtts.audio import decode_wav
 from glmtts.contract import parse_tts_form
 from glmtts.form import parse_form
+from glmtts.text import units
 from glmtts.wav import write_wav
 from scheduler.config import parse_config
 from scheduler.http.app import RUNTIME, build_app
@@ -255,6 +256,46 @@ async def test_more_pieces_than_free_slots_run_as_each_lane_frees(start: Sidecar
     assert int(headers["X-Fanout-Pieces"]) == len(pieces) > 2 and squeezed("".join(pieces)) == squeezed(LONG)
     samples, rate, _ = joined_audio(body)
     assert segments(samples, pieces, rate, round(FANOUT["crossfade_s"] * rate)) == [level(p) for p in pieces]
+    await sidecar.assert_idle()
+
+
+def record_arrivals(sidecar: Sidecar) -> list[str]:
+    """Every piece's text in the order it reached any backend."""
+    arrivals: list[str] = []
+    for backend in sidecar.backends:
+        original = backend._tts
+
+        async def recorded(request: FakeRequest, original: Any = original) -> FakeAnswer:
+            arrivals.append(parse_tts_form(parse_form(request.headers.get("Content-Type"), request.body)).input_text)
+            return await original(request)
+
+        backend._tts = recorded  # type: ignore[method-assign]
+    return arrivals
+
+
+async def test_a_whole_answer_starts_the_longest_pieces_first_and_a_stream_starts_in_text_order(
+        start: SidecarFactory) -> None:
+    # Two lanes, uneven pieces: each lane takes the next piece of the plan's order as it frees, so
+    # a piece never reaches a backend before one `lanes` places behind it in that order.
+    text = ("Short one. " + "This middle sentence is quite a bit longer than the first one. " + "Tiny. "
+            + "And here the longest sentence of them all comes, well past the others in length. " + "Last bit.")
+    sidecar = await start(urls=URLS[:2], fanout={"max_chars": 90, "min_chars": 5, "min_text_chars": 20,
+                                                 "pieces_per_slot": 4})
+    arrivals = record_arrivals(sidecar)
+    status, headers, body = await sidecar.tts(text)
+    assert status == 200 and int(headers["X-Fanout-Pieces"]) == len(arrivals) >= 4, arrivals
+    assert all(units(a) >= units(b) for a, b in zip(arrivals, arrivals[2:], strict=False)), arrivals
+    assert max(arrivals[:2], key=units) == max(arrivals, key=units)  # the longest piece starts at once
+    pieces = sorted(arrivals, key=text.index)
+    samples, rate, _ = joined_audio(body)  # joined in text order whatever order they ran in
+    assert segments(samples, pieces, rate, round(FANOUT["crossfade_s"] * rate)) == [level(p) for p in pieces]
+
+    arrivals.clear()
+    async with sidecar.client.post("/v1/audio/speech", json=speech(input=text, response_format="pcm",
+                                                                  stream_format="audio")) as resp:
+        assert resp.status == 200 and await resp.read()
+    assert len(arrivals) >= 4 and text.startswith(arrivals[0]), arrivals
+    assert all(text.index(a) < text.index(b) for a, b in zip(arrivals, arrivals[2:], strict=False)), arrivals
     await sidecar.assert_idle()
 
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glmtts.split import split_sentences, split_spans, split_text
+from glmtts.split import longest_first, split_sentences, split_spans, split_text
+from glmtts.text import units
 
 # (text, min_chars, max_chars, first_chars, expected pieces)
 TABLE: list[tuple[str, int, int, int | None, list[str]]] = [
@@ -285,3 +286,24 @@ def sentences_from(sentences: list[str], offset: int) -> list[str]:
             return sentences[index:]
         total += len(sentence)
     return []
+
+
+# --- the order pieces start in ------------------------------------------------------------------
+
+
+def test_longest_first_orders_by_speaking_length_not_characters() -> None:
+    # By units (time to speak), not characters: "2026 年。" (7 characters) outlasts "Hi there." (9).
+    pieces = ["Hi there.", "A much longer sentence here.", "2026 年。", "Hi there.", "短句。"]
+    order = longest_first(pieces)
+    assert order == sorted(range(len(pieces)), key=lambda i: (-units(pieces[i]), i))
+    assert order[0] == 1 and order.index(0) < order.index(3)  # the two "Hi there." in text order
+    assert units("2026 年。") > units("Hi there.") and order == [1, 2, 0, 3, 4]
+    assert longest_first([]) == []
+
+
+@given(st.lists(st.text(max_size=40), max_size=12))
+def test_longest_first_is_a_permutation_longest_to_shortest(pieces: list[str]) -> None:
+    order = longest_first(pieces)
+    assert sorted(order) == list(range(len(pieces)))
+    for a, b in itertools.pairwise(order):
+        assert units(pieces[a]) > units(pieces[b]) or (units(pieces[a]) == units(pieces[b]) and a < b)
