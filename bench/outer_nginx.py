@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.nginx import launch
-from bench.procs import ROOT, Proc, ProcessFailed, WaitTimeout, wait_for
+from bench.procs import ROOT, Proc
 
 OUTER_CONF = ROOT / "config" / "nginx-outer.conf"
 BLOCKS = ("process", "logs", "rate", "sidecars", "redirect", "listen", "burst")
@@ -115,18 +115,10 @@ def start_outer(prefix: Path, sidecars: Sequence[str], *, cert: Path | None = No
 
 def _wait_listening(proc: Proc, port: int, timeout: float) -> None:
     def accepts() -> bool:
-        if not proc.alive():
-            raise ProcessFailed(f"nginx exited {proc.proc.returncode}:\n{proc.output()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return True
-        except OSError:
-            return False
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
 
-    try:
-        wait_for(accepts, timeout, f"nginx on port {port}")
-    except WaitTimeout:
-        raise ProcessFailed(f"nginx not accepting on {port} after {timeout:g} s:\n{proc.output()}") from None
+    proc.wait_ready(accepts, f"accepting on port {port}", timeout)
 
 
 def self_signed(directory: Path, *, name: str = "127.0.0.1") -> tuple[Path, Path]:

@@ -241,19 +241,25 @@ class Proc:
 
     def wait_http(self, path: str, timeout: float = 60.0) -> None:
         """Until GET `path` answers 200; ProcessFailed (with the output) if it exits or never does."""
+        self.wait_ready(lambda: http("GET", self.url + path, timeout=2.0)[0] == 200, f"answering {path}", timeout)
 
-        def answers() -> bool:
+    def wait_ready(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
+        """Until `ready()` is true (an OSError from it counts as not yet); ProcessFailed with the
+        process's output if it exits first, or is still not `what` (its state, for the message)
+        after `timeout` seconds."""
+
+        def check() -> bool:
             if not self.alive():
                 raise ProcessFailed(f"{self.argv} exited {self.proc.returncode}:\n{self.output()}")
             try:
-                return http("GET", self.url + path, timeout=2.0)[0] == 200
+                return ready()
             except OSError:
                 return False
 
         try:
-            wait_for(answers, timeout, f"{self.url}{path}")
+            wait_for(check, timeout, f"{self.url}: {what}")
         except WaitTimeout:
-            raise ProcessFailed(f"{self.argv} not answering {path} after {timeout:g} s:\n{self.output()}") from None
+            raise ProcessFailed(f"{self.argv} not {what} after {timeout:g} s:\n{self.output()}") from None
 
 
 def isolated_env(runtime_dir: Path, **extra: str) -> dict[str, str]:
