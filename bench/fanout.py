@@ -57,6 +57,7 @@ from bench.fanout_report import (
     write_report,
 )
 from bench.loadgen import MIXES, PROMPT_INDEX
+from bench.markdown import reproduce
 from bench.overload_spec import HIGH, HIGH_FANOUT, TENANTS, BenchResult, Cell, Plan, Setup
 from glmtts.audio import PCM_RATE
 from glmtts.emulator.timing import ServiceModel
@@ -467,7 +468,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    command = "python -m bench.fanout" + " ".join(a for a in ["", *(argv or sys.argv[1:])] if a != "--quiet")
+    command = reproduce("bench.fanout", argv)
     result = run(make_plan(args), command=command, progress=not args.quiet)
     report = write_report(result, args.out)
     sys.stdout.write(report.read_text())

@@ -1,10 +1,18 @@
-"""The Markdown every benchmark report writes: numbers, table rows, tables, verdict marks."""
+"""The Markdown every benchmark report writes: numbers, table rows, tables, verdict marks, and the
+command that reproduces the report."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
-__all__ = ["met", "num", "row", "table"]
+__all__ = ["met", "num", "reproduce", "row", "table"]
+
+
+def reproduce(module: str, argv: Sequence[str] | None) -> str:
+    """The command line that reruns ``python -m module`` as invoked (`argv`, or the process's own
+    arguments when None), ``--quiet`` left out since it changes no figure."""
+    return f"python -m {module}" + " ".join(a for a in ["", *(argv or sys.argv[1:])] if a != "--quiet")
 
 
 def num(value: float | None, digits: int = 3) -> str:

@@ -49,6 +49,7 @@ import aiohttp
 
 from bench import procs
 from bench.loadgen import MIXES, Arrival, Record, corpus_text, make_trace, replay
+from bench.markdown import reproduce
 from bench.nginx import MISSING as NGINX_MISSING
 from bench.nginx import nginx_binary, start_nginx
 from bench.overload_spec import (
@@ -485,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = parser().parse_args(argv)
     plan = make_plan(args)
-    command = "python -m bench.overload" + " ".join(a for a in ["", *(argv or sys.argv[1:])] if a != "--quiet")
+    command = reproduce("bench.overload", argv)
     result = run(plan, command=command, progress=not args.quiet)
     report = write_report(result, args.out)
     sys.stdout.write(report.read_text())

@@ -34,6 +34,7 @@ from pathlib import Path
 from bench import overload, procs
 from bench.fanout import machine
 from bench.loadgen import MIXES, Arrival
+from bench.markdown import reproduce
 from bench.nginx import MISSING as NGINX_MISSING
 from bench.nginx import nginx_binary
 from bench.outer_nginx import start_outer
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # leads its own process group, out of reach of a signal to ours).
     signal.signal(signal.SIGTERM, _exit_on_term)
     args = parser().parse_args(argv)
-    command = "python -m bench.scaleout" + " ".join(a for a in ["", *(argv or sys.argv[1:])] if a != "--quiet")
+    command = reproduce("bench.scaleout", argv)
     result = run(make_plan(args), command=command, progress=not args.quiet)
     report = write_report(result, args.out)
     sys.stdout.write(report.read_text())
