@@ -146,14 +146,15 @@ class SplitRun:
         together. Raises Rejected as a whole request's admission would."""
         runtime, parent = self.runtime, self.intake.job
         runtime.retries.record_request(runtime.dispatcher.clock())
-        first = [self._job(i) for i in self.plan.order[:self.plan.lanes]]
+        starting = self.plan.order[:self.plan.lanes]
+        first = [self._job(i) for i in starting]
         admitted = runtime.dispatcher.offer_pieces(parent, first)
         if isinstance(admitted, Rejection):
             raise Rejected(admitted.status, admitted.reason.value, admitted.detail, retry_after=admitted.retry_after_s)
         loop = asyncio.get_running_loop()
         self._done = [loop.create_future() for _ in self.plan.texts]
         self._next = len(first)
-        for index, job, future in zip(self.plan.order[:len(first)], first, admitted, strict=True):
+        for index, job, future in zip(starting, first, admitted, strict=True):
             lane = asyncio.ensure_future(self._lane(index, job, future))
             self._lanes.add(lane)
             lane.add_done_callback(self._lanes.discard)

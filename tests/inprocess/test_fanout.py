@@ -30,6 +30,7 @@ from backend.fake import FakeAnswer, FakeBackend, FakeRequest, FakeTransport
 from glmtts.audio import decode_wav
 from glmtts.contract import parse_tts_form
 from glmtts.form import parse_form
+from glmtts.responses import success_json
 from glmtts.text import units
 from glmtts.wav import write_wav
 from scheduler.config import parse_config
@@ -56,11 +57,7 @@ def level(text: str) -> int:
 
 def spoken(text: str, rate: int) -> FakeAnswer:
     samples = np.full(int(rate * SECONDS_PER_CHAR * len(text)), level(text), dtype="<i2")
-    wav = write_wav(samples.tobytes(), rate)
-    body = json.dumps({"success": True, "message": "TTS generation successful",
-                       "audio_base64": base64.b64encode(wav).decode(), "sample_rate": rate,
-                       "generation_time": 0.1, "error": None}, separators=(",", ":")).encode()
-    return FakeAnswer(body=body)
+    return FakeAnswer(body=success_json(write_wav(samples.tobytes(), rate), sample_rate=rate, generation_time=0.1))
 
 
 class Speaker(FakeBackend):
@@ -259,17 +256,26 @@ async def test_more_pieces_than_free_slots_run_as_each_lane_frees(start: Sidecar
     await sidecar.assert_idle()
 
 
-def record_arrivals(sidecar: Sidecar) -> list[str]:
-    """Every piece's text in the order it reached any backend."""
-    arrivals: list[str] = []
+def on_arrival(sidecar: Sidecar, hook: Callable[[str], Awaitable[None]]) -> None:
+    """Every backend awaits ``hook(text)`` with each piece's text as it arrives, before answering."""
     for backend in sidecar.backends:
         original = backend._tts
 
-        async def recorded(request: FakeRequest, original: Any = original) -> FakeAnswer:
-            arrivals.append(parse_tts_form(parse_form(request.headers.get("Content-Type"), request.body)).input_text)
+        async def hooked(request: FakeRequest, original: Any = original) -> FakeAnswer:
+            await hook(parse_tts_form(parse_form(request.headers.get("Content-Type"), request.body)).input_text)
             return await original(request)
 
-        backend._tts = recorded  # type: ignore[method-assign]
+        backend._tts = hooked  # type: ignore[method-assign]
+
+
+def record_arrivals(sidecar: Sidecar) -> list[str]:
+    """Every piece's text in the order it reached any backend."""
+    arrivals: list[str] = []
+
+    async def record(text: str) -> None:
+        arrivals.append(text)
+
+    on_arrival(sidecar, record)
     return arrivals
 
 
@@ -428,18 +434,14 @@ def hold_all_but_the_first_piece(sidecar: Sidecar) -> tuple[asyncio.Event, list[
     list holds the texts waiting there."""
     gate = asyncio.Event()
     waiting: list[str] = []
-    for backend in sidecar.backends:
-        original = backend._tts
 
-        async def held(request: FakeRequest, original: Any = original) -> FakeAnswer:
-            text = parse_tts_form(parse_form(request.headers.get("Content-Type"), request.body)).input_text
-            if not LONG.startswith(text):
-                waiting.append(text)
-                await gate.wait()
-                waiting.remove(text)
-            return await original(request)
+    async def hold(text: str) -> None:
+        if not LONG.startswith(text):
+            waiting.append(text)
+            await gate.wait()
+            waiting.remove(text)
 
-        backend._tts = held  # type: ignore[method-assign]
+    on_arrival(sidecar, hold)
     return gate, waiting
 
 
