@@ -21,7 +21,6 @@ one thread at a time; `feed` and `finish` are CPU-bound, so callers run them off
 
 from __future__ import annotations
 
-import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -41,6 +40,7 @@ from glmtts.audio import (
     UnsupportedFormat,
     available,
 )
+from glmtts.wav import wav_header
 
 STREAMABLE = ("mp3", "opus", "wav", "pcm")
 MP3_STREAM_BITRATE = 64  # kbit/s, constant: ample for mono speech at 24/32 kHz (encode's VBR spends ~40)
@@ -111,7 +111,7 @@ class WavStream(StreamEncoder):
 
     def __init__(self, rate: int) -> None:
         super().__init__("wav", rate)
-        self._header: bytes | None = _wav_header(rate)  # None once sent
+        self._header: bytes | None = wav_header(rate, UNKNOWN_SIZE)  # None once sent
 
     def _encode(self, samples: Samples) -> bytes:
         header, self._header = self._header or b"", None
@@ -119,14 +119,6 @@ class WavStream(StreamEncoder):
 
     def _flush(self) -> bytes:
         return self._encode(np.zeros(0, dtype="<i2"))
-
-
-def _wav_header(rate: int) -> bytes:
-    """The 44-byte RIFF/WAVE header of 16-bit mono PCM at `rate`, both sizes UNKNOWN_SIZE."""
-    fmt = struct.pack("<HHIIHH", 1, 1, rate, 2 * rate, 2, 16)  # PCM, mono, byte rate, block align, bits
-    return b"RIFF" + struct.pack("<I", UNKNOWN_SIZE) + b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt + (
-        b"data" + struct.pack("<I", UNKNOWN_SIZE)
-    )
 
 
 class _Resampler:

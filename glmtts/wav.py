@@ -52,6 +52,16 @@ def _write(pcm: bytes, *, sample_rate: int, channels: int) -> bytes:
     return out.getvalue()
 
 
+def wav_header(sample_rate: int, data_size: int) -> bytes:
+    """The 44-byte RIFF/WAVE header of mono 16-bit PCM at `sample_rate` holding `data_size` bytes of
+    samples: the header `write_wav` writes for them, byte for byte. 0xFFFFFFFF for an unknown size
+    (a streamed WAV) is written in both size fields as it is."""
+    fmt = struct.pack("<HHIIHH", 1, 1, sample_rate, SAMPLE_WIDTH * sample_rate, SAMPLE_WIDTH, 8 * SAMPLE_WIDTH)
+    riff = data_size if data_size == 0xFFFFFFFF else 4 + (8 + len(fmt)) + 8 + data_size
+    return b"RIFF" + struct.pack("<I", riff) + b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt + (
+        b"data" + struct.pack("<I", data_size))
+
+
 def write_wav(pcm: bytes, sample_rate: int) -> bytes:
     """A complete mono 16-bit WAV file of `pcm` (little-endian int16 samples).
 
