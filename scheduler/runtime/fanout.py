@@ -34,10 +34,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from backend.record import Backend
-from glmtts.audio import Pcm, decode_wav, encode, join_pcm
+from glmtts.audio import Pcm, decode_wav
 from glmtts.contract import tts_fields
 from glmtts.form import encode_multipart, multipart_content_type
-from glmtts.responses import success_json
+from glmtts.responses import JoinedSuccess
 from glmtts.split import longest_first, split_balanced
 from glmtts.text import units
 from scheduler.core.admission import Rejection
@@ -177,18 +177,24 @@ class SplitRun:
         raise BackendFailed("The request's pieces could not be encoded for the backend")
 
     async def _lane(self, index: int, job: Job, future: asyncio.Future[Backend]) -> None:
-        """Run pieces one after another on this lane's slot until none is left unstarted."""
+        """Run pieces one after another on this lane's slot until none is left unstarted. The next
+        piece is queued and forwarded as soon as this one is answered, while this one's audio is
+        decoded, so the slot never waits on the decoding; it is stopped like a client's request
+        (``_stop``) when the decoding fails or the lane stops."""
+        answering: asyncio.Task[Whole] | None = asyncio.ensure_future(self._answer(index, job, future))
         try:
-            while True:
-                pcm = await self._piece(index, job, future)
-                if self._done[index].done():  # the request already failed elsewhere
+            while answering is not None:
+                whole = await answering
+                answered, answering = index, None
+                if self._next < self.pieces:
+                    index, self._next = self.plan.order[self._next], self._next + 1
+                    following = self._job(index, continues=True)
+                    answering = asyncio.ensure_future(
+                        self._answer(index, following, self.runtime.dispatcher.add_piece(following)))
+                pcm = await asyncio.to_thread(answer_pcm, whole.body)
+                if self._done[answered].done():  # the request already failed elsewhere
                     return
-                self._done[index].set_result(pcm)
-                if self._next >= self.pieces:
-                    return
-                index, self._next = self.plan.order[self._next], self._next + 1
-                job = self._job(index, continues=True)
-                future = self.runtime.dispatcher.add_piece(job)
+                self._done[answered].set_result(pcm)
         except asyncio.CancelledError:
             raise
         except (SidecarError, PieceFailed) as exc:
@@ -196,6 +202,9 @@ class SplitRun:
         except Exception as exc:  # a bug: the request fails, the lane does not die silently
             log.exception("request %s: piece %d failed", self.record.request_id, index)
             self._fail(BackendFailed(f"A piece of the request failed: {exc.__class__.__name__}"))
+        finally:
+            if answering is not None:
+                await _stop(answering)
 
     def _fail(self, exc: BaseException) -> None:
         """The request failed: every piece not yet answered gets the failure (the reader learns at
@@ -207,7 +216,8 @@ class SplitRun:
             if lane is not asyncio.current_task():
                 lane.cancel()
 
-    async def _piece(self, index: int, job: Job, future: asyncio.Future[Backend]) -> Pcm:
+    async def _answer(self, index: int, job: Job, future: asyncio.Future[Backend]) -> Whole:
+        """Piece ``index`` forwarded (``job`` waiting on ``future``) and answered with success."""
         body, content_type = self._body(index)
         piece = Outcome(request_id=self.record.request_id)
         headers = {**self._headers, "Content-Type": content_type}
@@ -217,7 +227,7 @@ class SplitRun:
             self._note(piece)
         if not whole.ok:
             raise PieceFailed(whole)
-        return await asyncio.to_thread(answer_pcm, whole.body)
+        return whole
 
     def _note(self, piece: Outcome) -> None:
         """Fold one piece's attempt into the request's record."""
@@ -252,19 +262,33 @@ class SplitRun:
     async def joined(self) -> Whole:
         """The whole answer in upstream's JSON shape: the pieces joined (``fanout.crossfade_s`` or
         ``pause_s``) into one WAV, ``generation_time`` the pieces' wall time; or the failed piece's
-        answer as it came."""
+        answer as it came. The answer is assembled as the pieces come in text order
+        (``JoinedSuccess``), so the last piece leaves little to do."""
+        config = self.runtime.config.fanout
+        answer = JoinedSuccess(crossfade_s=config.crossfade_s, pause_s=config.pause_s)
+        body, index = None, 0
         try:
-            pcms = [pcm async for pcm in self.audio()]
+            while body is None:
+                ready = [await asyncio.shield(self._done[index])]
+                index += 1
+                while index < self.pieces and self._done[index].done():
+                    ready.append(self._done[index].result())  # a failed piece raises here
+                    index += 1
+                body = await asyncio.to_thread(self._assemble, answer, ready, index == self.pieces)
         except PieceFailed as failed:
             self.record.service_s = self.service_s
             return failed.whole
-        config = self.runtime.config.fanout
         seconds = self.service_s or 0.0
         self.record.service_s = seconds
-        body = await asyncio.to_thread(_joined_answer, pcms, config.crossfade_s, config.pause_s, seconds)
         return Whole(status=200, body=body, headers={"Content-Type": "application/json"}, ok=True,
                      outcome=self.record.outcome, backend=self.record.backend, queue_s=self.record.queue_s,
                      service_s=seconds, pieces=self.pieces)
+
+    def _assemble(self, answer: JoinedSuccess, pcms: Sequence[Pcm], last: bool) -> bytes | None:
+        for pcm in pcms:
+            answer.push(pcm)
+        # every piece is answered once the last is pushed: the wall time is known
+        return answer.finish(generation_time=round(self.service_s or 0.0, 2)) if last else None
 
     async def close(self) -> None:
         """Stop every lane (queued pieces leave the queue; a running one is left to finish on its
@@ -281,9 +305,17 @@ class SplitRun:
                 done.cancel()
 
 
-def _joined_answer(pcms: Sequence[Pcm], crossfade_s: float, pause_s: float, seconds: float) -> bytes:
-    joined = join_pcm(pcms, crossfade_s=crossfade_s, pause_s=pause_s)
-    return success_json(encode(joined, "wav"), sample_rate=joined.rate, generation_time=round(seconds, 2))
+async def _stop(task: asyncio.Task[Whole]) -> None:
+    """Stop a piece's exchange as a departing client's (queued: it leaves the queue; forwarded: its
+    backend finishes it, freeing the slot then) and wait until it has, even when cancelled meanwhile."""
+    task.cancel()
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            continue
+    if not task.cancelled():
+        task.exception()  # retrieved: the request's answer no longer depends on it
 
 
 async def synthesize(runtime: Runtime, exchange: Exchange, intake: Intake, record: Outcome, headers: dict[str, str],

@@ -315,6 +315,45 @@ async def test_a_piece_that_fails_fails_the_request_with_upstream_s_answer(start
     await sidecar.assert_idle()
 
 
+async def test_a_piece_with_no_usable_audio_fails_the_request_and_stops_the_next_piece(start: SidecarFactory) -> None:
+    # 2 lanes, 6 pieces: a lane queues its next piece before decoding the one answered, and that
+    # piece must leave the queue (or finish on its backend) when the decoding fails
+    sidecar = await start(urls=URLS[:2], fanout={"max_chars": 40, "min_chars": 10})
+    broken = {"success": True, "message": "TTS generation completed", "audio_base64": "not base64!",
+              "sample_rate": 24000, "generation_time": 0.1}
+    sidecar.backends[0].answer = FakeAnswer(body=json.dumps(broken, separators=(",", ":")).encode())
+    status, _headers, body = await sidecar.tts()
+    assert status == 502 and b"no usable audio" in body, body
+    await sidecar.assert_idle()
+
+
+async def test_a_piece_still_queued_when_the_request_fails_leaves_the_queue(start: SidecarFactory) -> None:
+    # 2 lanes, 6 pieces. A lane queues its next piece as soon as its piece is answered, before
+    # decoding it; here a higher band's request takes the freed slot first, so that next piece is
+    # still queued when the answered piece's audio turns out unusable: it must leave the queue and
+    # never reach a backend
+    sidecar = await start(urls=URLS[:2], fanout={"max_chars": 40, "min_chars": 10}, retries={"max_attempts": 1})
+    first, held = asyncio.Event(), asyncio.Event()
+    broken = {"success": True, "message": "TTS generation completed", "audio_base64": "not base64!",
+              "sample_rate": 24000, "generation_time": 0.1}
+    sidecar.backends[0].answer = FakeAnswer(body=json.dumps(broken, separators=(",", ":")).encode())
+    sidecar.backends[0].gate, sidecar.backends[1].gate = first, held
+    request = asyncio.create_task(sidecar.tts())
+    await until(lambda: all(b.busy == 1 for b in sidecar.backends), "the first two pieces to run")
+    sidecar.backends[0].gate = held  # what backend 0 takes next waits
+    # a long text, whole: a short one could take an express slot beside a piece
+    urgent = asyncio.create_task(sidecar.tts(LONG, **{"X-Priority": "interactive", "X-Fanout": "off"}))
+    await until(lambda: len(list(sidecar.runtime.scheduler.queue.jobs())) == 1, "the urgent request to queue")
+    first.set()
+    status, _headers, body = await request
+    assert status == 502 and b"no usable audio" in body, body
+    assert list(sidecar.runtime.scheduler.queue.jobs()) == []  # the next piece left the queue
+    held.set()
+    assert (await urgent)[0] == 200
+    await sidecar.assert_idle()
+    assert len(sidecar.texts()) == 3  # the first two pieces and the urgent request: nothing else ran
+
+
 async def test_a_piece_whose_backend_resets_is_retried_elsewhere(start: SidecarFactory) -> None:
     sidecar = await start()
     sidecar.transport.fail_next(URLS[0], sent=False)
