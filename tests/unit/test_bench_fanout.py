@@ -151,7 +151,7 @@ def test_the_default_plan_is_four_backends_at_time_scale_005_both_traces_and_loa
     assert make_plan(parser().parse_args(["--smoke"])) is SMOKE
     only = make_plan(parser().parse_args(["--skip-overload", "--reps", "3"]))
     assert only.overload is None and only.idle is not None and only.idle.reps == 3
-    assert plan.rounds == 2 and make_plan(parser().parse_args(["--rounds", "3"])).rounds == 3
+    assert plan.rounds == 4 and make_plan(parser().parse_args(["--rounds", "3"])).rounds == 3
     for bad in ("0", "-1", "two"):
         with pytest.raises(SystemExit):
             parser().parse_args(["--rounds", bad])
