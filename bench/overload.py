@@ -175,8 +175,15 @@ async def warm_up(url: str, setup: Setup, backends: int, key: str | None) -> set
     Bursts of one request per backend, alternating medium and long texts (140 and 210 chars, whose
     service outlasts a short one, so a burst spreads over the pool), repeat until every backend has
     answered one and at least `setup.warmup_rounds` went by. Returns the backend ids seen.
+
+    Every warm-up request is whole (``X-Fanout: off``), whatever the arm: the warm-up loads each
+    backend's model, and every arm then enters the trace having learned from the same requests. A
+    fan-out arm's warm-up once split 2-3 of them, so its cost model started from a dozen pieces'
+    samples where the other arm's had a few whole ones, the only difference between the arms
+    where load left nothing to split.
     """
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers["X-Fanout"] = "off"
     forms = [_form(corpus_text(0, 140)), _form(corpus_text(0, 210))]
     seen: set[str] = set()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -189,7 +196,8 @@ async def warm_up(url: str, setup: Setup, backends: int, key: str | None) -> set
                 return resp.headers.get("X-Backend") if resp.status == 200 else None
 
         for round_no in range(setup.warmup_rounds + 4):
-            seen.update(b for b in await asyncio.gather(*(one(i) for i in range(backends))) if b)
+            answered = await asyncio.gather(*(one(i) for i in range(backends)))
+            seen.update(b for backend in answered if backend for b in backend.split(","))  # a list if split
             if round_no + 1 >= setup.warmup_rounds and len(seen) >= backends:
                 break
     return seen

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 
 from bench.loadgen import BIMODAL_MIX, LENGTH_MIX, MIXES, Record, Tenant, make_trace
-from bench.overload import make_plan, parser, sidecar_yaml
+from bench.overload import make_plan, parser, sidecar_yaml, warm_up
 from bench.overload_report import GE, LE, Verdict, arm_verdicts, cell_classes, flat_verdicts, judge, oracle
 from bench.overload_spec import (
     ARMS,
@@ -341,3 +343,20 @@ def test_the_readme_block_is_written_from_the_json_between_its_markers(tmp_path:
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no <!-- overload:start -->"):
         overload_readme.update(readme, data)
+
+
+async def test_the_warm_up_sends_whole_requests_to_every_backend(aiohttp_server: Any) -> None:
+    seen: list[dict[str, str]] = []
+    served = iter(["gpu0-0", "gpu1-0,gpu2-0", "gpu3-0"] * 10)
+
+    async def tts(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        await request.read()
+        return web.Response(body=b"{}", headers={"X-Backend": next(served)})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/tts", tts)
+    server = await aiohttp_server(app)
+    backends = await warm_up(str(server.make_url("")).rstrip("/"), Setup(warmup_rounds=1), 4, "key-0123")
+    assert backends == {"gpu0-0", "gpu1-0", "gpu2-0", "gpu3-0"}  # a split answer's list counts each
+    assert seen and all(h["X-Fanout"] == "off" and h["Authorization"] == "Bearer key-0123" for h in seen)
