@@ -350,7 +350,8 @@ def model_lines(idle: IdleResult) -> list[str]:
         return []
     figures = ", ".join(f"{kind} {value:.2f}" for kind, value in idle.model_speedup.items())
     return [f"What the cut and the noise alone allow: {figures}. That is the median whole service over the "
-            "median makespan when the sidecar's own cut of each text sent here runs on "
+            "median makespan when the sidecar's own cut of each text sent here (even, or tapered when that is "
+            "expected sooner, as its cost model chooses once it has measured the emulator's noise) runs on "
             f"{idle.backends} single-slot backends, each piece's service drawn from the emulator's model "
             "(its log-normal noise included) and started on the lane that frees first, with the sidecar, HTTP "
             "and audio costing nothing (`bench.fanout.model_speedup`, thousands of draws per text). Overhead only "

@@ -44,8 +44,10 @@ space and stripping) whenever every cut falls at whitespace, as in Latin text; a
 characters drops no character and needs no space: join those pieces with ``""``.
 
 :func:`split_sentences` shows rules 1-2 alone; :func:`split_spans` gives the pieces as slices.
-:func:`split_balanced` cuts as evenly as a number of parallel slots finishes soonest, and
-:func:`longest_first` is the order to start such pieces in when only the whole answer counts.
+:func:`split_balanced` cuts as evenly as a number of parallel slots finishes soonest;
+:func:`split_tapered` cuts big pieces to start and smaller ones to fill in behind them, for slots
+whose service times are noisy; :func:`longest_first` is the order to start such pieces in when only
+the whole answer counts.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ from dataclasses import dataclass
 from glmtts.text import units
 
 __all__ = [
-    "ABBREVIATIONS", "SOFT_ABBREVIATIONS", "longest_first", "split_balanced", "split_sentences", "split_spans",
-    "split_text",
+    "ABBREVIATIONS", "SOFT_ABBREVIATIONS", "even_and_tapered", "longest_first", "split_balanced", "split_sentences",
+    "split_spans", "split_tapered", "split_text",
 ]
 
 # Never end a sentence (titles and "for example"): the word before the period, lowercased.
@@ -283,11 +285,13 @@ def _cut_points(text: str, measure: _Measure) -> list[_Cut]:
     return cuts
 
 
-def _next_cut(measure: _Measure, cuts: list[_Cut], positions: list[int], pos: int, limit: int, minimum: int) -> int:
-    """Where the piece starting at `pos` ends: see rule 4 in the module docstring."""
+def _next_cut(measure: _Measure, cuts: list[_Cut], positions: list[int], pos: int, limit: int, minimum: int,
+              stop: int) -> int:
+    """Where the piece starting at `pos` ends, at `stop` at the latest: see rule 4 in the module
+    docstring."""
     start = measure.first_visible[pos]
-    high = min(start + limit, len(measure.first_visible) - 1)
-    high = measure.first_visible[high]  # trailing whitespace is stripped: it does not count
+    high = min(start + limit, stop)
+    high = min(measure.first_visible[high], stop)  # trailing whitespace is stripped: it does not count
     best: tuple[bool, int, int] | None = None
     for at in range(bisect.bisect_right(positions, start), bisect.bisect_right(positions, high)):
         cut = cuts[at]
@@ -316,12 +320,17 @@ def _validate(min_chars: int, max_chars: int, first_chars: int | None) -> None:
         raise ValueError(f"first_chars must be between 1 and max_chars ({max_chars}), got {first_chars}")
 
 
-def split_spans(text: str, *, min_chars: int, max_chars: int, first_chars: int | None = None) -> list[tuple[int, int]]:
-    """The pieces of :func:`split_text` as ``(start, end)`` slices of `text` (before stripping)."""
+def _checked(text: str, min_chars: int, max_chars: int, first_chars: int | None) -> str:
     _validate(min_chars, max_chars, first_chars)
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
-    return _Cuts(text).pack(min_chars=min_chars, max_chars=max_chars, first_chars=first_chars)
+    return text
+
+
+def split_spans(text: str, *, min_chars: int, max_chars: int, first_chars: int | None = None) -> list[tuple[int, int]]:
+    """The pieces of :func:`split_text` as ``(start, end)`` slices of `text` (before stripping)."""
+    cuts = _Cuts(_checked(text, min_chars, max_chars, first_chars))
+    return cuts.pack(min_chars=min_chars, max_chars=max_chars, first_chars=first_chars)
 
 
 class _Cuts:
@@ -334,19 +343,23 @@ class _Cuts:
         self.cuts = _cut_points(text, self.measure)
         self.positions = [cut.pos for cut in self.cuts]
 
-    def pack(self, *, min_chars: int, max_chars: int, first_chars: int | None) -> list[tuple[int, int]]:
+    def pack(self, *, min_chars: int, max_chars: int, first_chars: int | None, begin: int = 0,
+             stop: int | None = None) -> list[tuple[int, int]]:
+        """The pieces of ``text[begin:stop]`` (the whole text by default; a region's ends must be
+        cut points or the text's ends)."""
         text, measure = self.text, self.measure
+        stop = len(text) if stop is None else stop
         spans: list[tuple[int, int]] = []
         limits: list[int] = []
-        pos = 0
-        while measure.first_visible[pos] < len(text):
+        pos = begin
+        while measure.first_visible[pos] < stop:
             first = not spans
             limit = first_chars if first and first_chars is not None else max_chars
             minimum = 1 if first and first_chars is not None else min_chars
-            if measure.length(pos, len(text)) <= limit:
-                end = len(text)
+            if measure.length(pos, stop) <= limit:
+                end = stop
             else:
-                end = _next_cut(measure, self.cuts, self.positions, pos, limit, minimum)
+                end = _next_cut(measure, self.cuts, self.positions, pos, limit, minimum, stop)
             spans.append((pos, end))
             limits.append(limit)
             pos = end
@@ -356,10 +369,12 @@ class _Cuts:
                 spans[-2:] = [merged]
         return spans
 
-    def pieces(self, limit: int, min_chars: int) -> list[str]:
-        """The stripped pieces with every piece's limit ``limit`` (and a minimum no higher)."""
-        return [self.text[start:end].strip()
-                for start, end in self.pack(min_chars=min(min_chars, limit), max_chars=limit, first_chars=None)]
+    def spans(self, limit: int, min_chars: int, begin: int, stop: int) -> list[tuple[int, int]]:
+        """The pieces of ``text[begin:stop]``, each piece's limit ``limit`` (its minimum no higher)."""
+        return self.pack(min_chars=min(min_chars, limit), max_chars=limit, first_chars=None, begin=begin, stop=stop)
+
+    def strip(self, spans: Sequence[tuple[int, int]]) -> list[str]:
+        return [self.text[start:end].strip() for start, end in spans]
 
 
 def split_text(text: str, *, min_chars: int, max_chars: int, first_chars: int | None = None) -> list[str]:
@@ -393,7 +408,7 @@ def split_sentences(text: str) -> list[str]:
 
 
 def split_balanced(text: str, *, lanes: int, min_chars: int, max_chars: int,
-                    first_chars: int | None = None) -> list[str]:
+                   first_chars: int | None = None) -> list[str]:
     """``text`` cut at sentence ends into pieces of at most ``max_chars`` (the first at most
     ``first_chars`` when given), as few and as even as ``lanes`` parallel slots finish soonest:
     the smallest piece limit, but no less than ``min_chars``, that still cuts the text (after a
@@ -401,36 +416,73 @@ def split_balanced(text: str, *, lanes: int, min_chars: int, max_chars: int,
     more pieces. A text that needs more pieces than ``lanes`` even at ``max_chars`` gets
     ``max_chars`` pieces (the extra ones run as slots free up). Empty text gives []. Raises
     ValueError as split_text does, and for ``lanes`` < 1."""
-    if lanes < 1:
-        raise ValueError(f"lanes must be at least 1, got {lanes}")
-    head: list[str] = []
-    rest = text
-    if first_chars is not None:
-        spans = split_spans(text, min_chars=min(min_chars, max_chars), max_chars=max_chars, first_chars=first_chars)
-        if not spans:
-            return []
-        start, end = spans[0]
-        head, rest = [text[start:end].strip()], text[end:]
-        if not rest.strip():
-            return head
-    return head + _balanced(rest, lanes=lanes, min_chars=min_chars, max_chars=max_chars)
+    _check_count("lanes", lanes)
+    cuts = _Cuts(_checked(text, min_chars, max_chars, first_chars))
+    head = [] if first_chars is None else cuts.pack(min_chars=min_chars, max_chars=max_chars,
+                                                    first_chars=first_chars)[:1]
+    begin = head[0][1] if head else 0
+    if first_chars is not None and (not head or cuts.measure.first_visible[begin] >= len(text)):
+        return cuts.strip(head)
+    return cuts.strip(head + _balanced(cuts, begin, len(text), lanes=lanes, min_chars=min_chars,
+                                       max_chars=max_chars))
 
 
-def _balanced(text: str, *, lanes: int, min_chars: int, max_chars: int) -> list[str]:
-    _validate(min_chars, max_chars, None)
-    cuts = _Cuts(text)
-    visible = len(text.strip())
+def split_tapered(text: str, *, lanes: int, per_lane: int, tail_share: float, min_chars: int,
+                  max_chars: int) -> list[str]:
+    """``text`` cut for ``lanes`` slots with noisy service times: the first ``1 - tail_share`` of it
+    (to the sentence end nearest that share of its visible characters) balanced into ``lanes`` big
+    pieces, one to start on each slot, the rest into ``lanes × (per_lane - 1)`` smaller ones that
+    the slots finishing first take (decreasing sizes, as guided self-scheduling). Started longest
+    first, the big pieces start first. With ``tail_share`` 0, ``per_lane`` 1 or no sentence end,
+    it is ``split_balanced(text, lanes=lanes × per_lane, ...)``. Pieces keep split_text's
+    properties but the first-piece rule. Raises ValueError as split_balanced does, and for
+    ``per_lane`` < 1 or ``tail_share`` outside [0, 1)."""
+    return even_and_tapered(text, lanes=lanes, per_lane=per_lane, tail_share=tail_share, min_chars=min_chars,
+                            max_chars=max_chars)[1]
+
+
+def even_and_tapered(text: str, *, lanes: int, per_lane: int, tail_share: float, min_chars: int,
+                     max_chars: int) -> tuple[list[str], list[str]]:
+    """``split_balanced(text, lanes=lanes × per_lane, ...)`` and :func:`split_tapered`'s cut, from
+    one scan of the text (the costly part), for a caller that weighs the two."""
+    _check_count("lanes", lanes)
+    _check_count("per_lane", per_lane)
+    if isinstance(tail_share, bool) or not isinstance(tail_share, (int, float)) or not 0 <= tail_share < 1:
+        raise ValueError(f"tail_share must be a number in [0, 1), got {tail_share!r}")
+    cuts = _Cuts(_checked(text, min_chars, max_chars, None))
+    even = cuts.strip(_balanced(cuts, 0, len(text), lanes=lanes * per_lane, min_chars=min_chars,
+                                max_chars=max_chars))
+    visible = cuts.measure.length(0, len(text))
+    inside = [cut.pos for cut in cuts.cuts if cut.rank == SENTENCE and 0 < cuts.measure.length(0, cut.pos) < visible]
+    if tail_share == 0 or per_lane == 1 or not inside:
+        return even, even
+    goal = (1 - tail_share) * visible
+    stop = min(inside, key=lambda pos: (abs(cuts.measure.length(0, pos) - goal), pos))
+    spans = _balanced(cuts, 0, stop, lanes=lanes, min_chars=min_chars, max_chars=max_chars)
+    spans += _balanced(cuts, stop, len(text), lanes=lanes * (per_lane - 1), min_chars=min_chars, max_chars=max_chars)
+    return even, cuts.strip(spans)
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value!r}")
+
+
+def _balanced(cuts: _Cuts, begin: int, stop: int, *, lanes: int, min_chars: int,
+              max_chars: int) -> list[tuple[int, int]]:
+    """``text[begin:stop]`` of ``cuts`` into at most ``lanes`` even pieces: see split_balanced."""
+    visible = cuts.measure.length(begin, stop)
     # Never below ``min_chars``: a text too short to give each lane that much gets fewer pieces.
     low = min(max_chars, max(min_chars, math.ceil(visible / lanes)))
-    best = cuts.pieces(max_chars, min_chars)
+    best = cuts.spans(max_chars, min_chars, begin, stop)
     if not best or len(best) > lanes or low >= max_chars:
         return best  # nothing; or more pieces than lanes even at the most allowed: that is the least
     high = max_chars  # the smallest limit known to cut into at most ``lanes`` pieces
     while low < high:
         middle = (low + high) // 2
-        pieces = cuts.pieces(middle, min_chars)
-        if len(pieces) <= lanes:
-            high, best = middle, pieces
+        spans = cuts.spans(middle, min_chars, begin, stop)
+        if len(spans) <= lanes:
+            high, best = middle, spans
         else:
             low = middle + 1
     return best

@@ -23,7 +23,10 @@ class FanoutConfig(ConfigSection):
     most. ``first_chars``: a streamed answer's first piece is at most this long, so its audio
     starts early. ``pieces_per_slot``: the text is cut into about this many pieces per free slot,
     so a slot whose piece finishes early takes another and a slow piece holds the answer up less;
-    each piece adds a join. ``crossfade_s``: consecutive pieces overlap by this much; ``pause_s``:
+    each piece adds a join. ``taper``: with two or more pieces per slot, a whole (not streamed)
+    answer may instead be cut into one big piece per slot and smaller ones behind them, sized by
+    the service-time noise the cost model measures, when that is expected to finish sooner
+    (docs/fanout.md). ``crossfade_s``: consecutive pieces overlap by this much; ``pause_s``:
     or this much silence between them instead (one of the two may be above 0)."""
 
     enabled: StrictBool = False
@@ -32,6 +35,7 @@ class FanoutConfig(ConfigSection):
     max_chars: StrictInt = Field(default=200, ge=1)
     first_chars: StrictInt = Field(default=20, ge=1)
     pieces_per_slot: StrictInt = Field(default=2, ge=1, le=8)
+    taper: StrictBool = True
     crossfade_s: StrictFloat = Field(default=0.01, ge=0.0, le=MAX_JOIN_S)
     pause_s: StrictFloat = Field(default=0.0, ge=0.0, le=MAX_JOIN_S)
 

@@ -383,6 +383,7 @@ class Exchange:
         pieces = record.extra.get("pieces")
         if pieces is not None:  # split (scheduler.runtime.fanout): its service is the pieces' wall time
             entry["pieces"] = pieces
+            entry["cut"] = record.extra.get("cut")
         # Text logs carry the entry as a JSON message; JSON logs merge its fields into the record.
         access_log.info(json.dumps(entry, ensure_ascii=False), extra={"access": entry})
         runtime.metrics.request_finished(

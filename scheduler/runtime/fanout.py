@@ -30,7 +30,7 @@ import binascii
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from backend.record import Backend
@@ -38,27 +38,30 @@ from glmtts.audio import Pcm, decode_wav
 from glmtts.contract import tts_fields
 from glmtts.form import encode_multipart, multipart_content_type
 from glmtts.responses import JoinedSuccess
-from glmtts.split import longest_first, split_balanced
+from glmtts.split import even_and_tapered, longest_first, split_balanced
 from glmtts.text import units
+from scheduler.config import FanoutConfig
 from scheduler.core.admission import Rejection
+from scheduler.core.makespan import expected_makespan, noise_sigma, tail_share
 from scheduler.core.queue import Job
 from scheduler.errors import BackendFailed, Rejected, SidecarError
 from scheduler.runtime.context import Runtime
 from scheduler.runtime.exchange import Exchange, Intake, Outcome, Whole
 
-__all__ = ["PieceFailed", "Plan", "SplitRun", "answer_pcm", "decide", "synthesize"]
+__all__ = ["PieceFailed", "Plan", "SplitRun", "answer_pcm", "decide", "synthesize", "whole_cut"]
 
 log = logging.getLogger("glmtts_sidecar.fanout")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A split: the pieces' texts in order, how many may run at once, and the order they start in
-    (indices into ``texts``; each index once)."""
+    """A split: the pieces' texts in order, how many may run at once, the order they start in
+    (indices into ``texts``; each index once), and how the text was cut."""
 
     texts: tuple[str, ...]
     lanes: int
     order: tuple[int, ...]
+    cut: str = "even"  # "even", "tapered" (big first pieces, smaller ones behind: ``whole_cut``) or "stream"
 
 
 def decide(runtime: Runtime, intake: Intake, *, choice: bool | None, stream: bool = False) -> Plan | None:
@@ -84,19 +87,54 @@ def decide(runtime: Runtime, intake: Intake, *, choice: bool | None, stream: boo
             reason = None if stream else ("pressure" if pressed else "busy")
             lanes = 1 if stream else 0
     texts: list[str] = []
+    tapered = False
     if reason is None:
-        texts = split_balanced(tts.input_text, lanes=lanes * config.pieces_per_slot, min_chars=config.min_chars,
-                               max_chars=config.max_chars, first_chars=config.first_chars if stream else None)
+        if stream:
+            texts = split_balanced(tts.input_text, lanes=lanes * config.pieces_per_slot, min_chars=config.min_chars,
+                                   max_chars=config.max_chars, first_chars=config.first_chars)
+        else:
+            cost, key = runtime.scheduler.cost, job.model_key
+            texts, tapered = whole_cut(tts.input_text, lanes=lanes, config=config,
+                                       sigma=noise_sigma(job.predicted_s, job.p95_s),
+                                       seconds=lambda piece: cost.predict(units(piece), key).mean_s)
         if len(texts) < 2:
             reason = "one_piece"
     if reason is not None:
         runtime.metrics.fanout(declined=reason)
         return None
-    runtime.metrics.fanout(pieces=len(texts))
+    cut = "stream" if stream else "tapered" if tapered else "even"
+    runtime.metrics.fanout(pieces=len(texts), cut=cut)
     # A stream plays the pieces in text order, so they start in it; a whole answer waits for the
     # last piece, which comes soonest when the longest start first.
     order = range(len(texts)) if stream else longest_first(texts)
-    return Plan(tuple(texts), min(lanes, len(texts)), tuple(order))
+    return Plan(tuple(texts), min(lanes, len(texts)), tuple(order), cut=cut)
+
+
+def whole_cut(text: str, *, lanes: int, config: FanoutConfig, sigma: float,
+              seconds: Callable[[str], float]) -> tuple[list[str], bool]:
+    """The cut of a whole (not streamed) answer's ``text`` over ``lanes`` free slots, and whether it
+    is the tapered one. ``sigma``: the service-time noise the cost model measures
+    (``scheduler.core.makespan.noise_sigma``); ``seconds``: a piece's predicted mean service.
+    Both cuts come from one scan (``glmtts.split.even_and_tapered``): ``pieces_per_slot`` even
+    pieces per lane, and (``taper`` on, noise measured) big first pieces with
+    ``tail_share(sigma, lanes)`` of the text in smaller ones behind them. The tapered cut is
+    kept only when its expected makespan over the same noise draws, longest piece first, is
+    shorter (``scheduler.core.makespan``), and never for a text that needs more than
+    ``lanes × pieces_per_slot`` pieces of ``max_chars`` (so the estimate's work stays bounded)."""
+    share = tail_share(sigma, lanes) if config.taper else 0.0
+    even, tapered = even_and_tapered(text, lanes=lanes, per_lane=config.pieces_per_slot, tail_share=share,
+                                     min_chars=config.min_chars, max_chars=config.max_chars)
+    if tapered == even or len(even) > lanes * config.pieces_per_slot:
+        # A text too long to cut into that many pieces even at max_chars is many pieces already:
+        # lanes that free take the next, and there is no head to size a tail behind.
+        return even, False
+
+    def makespan(pieces: Sequence[str]) -> float:
+        return expected_makespan([seconds(pieces[index]) for index in longest_first(pieces)], lanes, sigma)
+
+    if makespan(tapered) < makespan(even):
+        return tapered, True
+    return even, False
 
 
 class PieceFailed(Exception):
@@ -136,6 +174,7 @@ class SplitRun:
         self._first_start: float | None = None
         self._last_answer: float | None = None
         record.extra["pieces"] = len(plan.texts)
+        record.extra["cut"] = plan.cut
 
     @property
     def pieces(self) -> int:

@@ -43,6 +43,7 @@ RATIO_BUCKETS = (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10)
 PIECE_BUCKETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 # Why a TTS request was synthesized whole (scheduler.runtime.fanout).
 FANOUT_DECLINED = ("disabled", "client_off", "short_text", "pressure", "busy", "one_piece")
+FANOUT_CUTS = ("even", "tapered", "stream")  # scheduler.runtime.fanout.Plan.cut
 UNKNOWN_CLASS = "unknown"  # the class of a request refused before its text was read
 DRAINING = "draining"  # the admission rejection reason of a request refused while draining
 
@@ -154,6 +155,14 @@ class Metrics:
             ["reason"], registry=r)
         for reason in FANOUT_DECLINED:
             self.fanout_declined.labels(reason)
+        self.fanout_cuts = Counter(
+            PREFIX + "fanout_cuts",
+            "Split TTS requests by how the text was cut: even (about fanout.pieces_per_slot even pieces per free "
+            "slot), tapered (one big piece per free slot and smaller ones behind them, expected sooner under the "
+            "measured service-time noise: fanout.taper), stream (a streamed answer: a short first piece, then "
+            "even pieces).", ["cut"], registry=r)
+        for cut in FANOUT_CUTS:
+            self.fanout_cuts.labels(cut)
         self.first_audio = Histogram(
             PREFIX + "time_to_first_audio_seconds",
             "Seconds from the arrival of a streamed speech request (POST /v1/audio/speech with stream_format "
@@ -166,10 +175,13 @@ class Metrics:
         self.sources: Sources | None = None
         r.register(_StateCollector(self))
 
-    def fanout(self, *, pieces: int | None = None, declined: str | None = None) -> None:
-        """A TTS request was split into ``pieces``, or synthesized whole for the ``declined`` reason."""
+    def fanout(self, *, pieces: int | None = None, cut: str | None = None, declined: str | None = None) -> None:
+        """A TTS request was split into ``pieces`` (``cut`` one of FANOUT_CUTS), or synthesized whole
+        for the ``declined`` reason."""
         if pieces is not None:
             self.fanout_pieces.observe(pieces)
+        if cut is not None:
+            self.fanout_cuts.labels(cut).inc()
         if declined is not None:
             self.fanout_declined.labels(declined).inc()
 

@@ -45,6 +45,8 @@ SENTENCES = ["The quick brown fox jumps over the dog.", "A second sentence follo
              "Is this the third one?", "Yes, and then a fourth sentence comes along.",
              "Fifth: the pieces must stay in order.", "Sixth and last, it ends the text."]
 LONG = " ".join(SENTENCES)  # 220 characters
+MORE = ("Seventh comes after the sixth, as it should. Eighth is short. Ninth keeps the count going on. "
+        "Tenth: nearly done now! Eleventh is the one before last. Twelfth, and that is all of it.")
 FANOUT = {"enabled": True, "min_text_chars": 50, "min_chars": 10, "max_chars": 80, "first_chars": 25,
           "pieces_per_slot": 1, "crossfade_s": 0.005, "pause_s": 0.0}
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -188,6 +190,37 @@ async def test_with_two_pieces_per_slot_a_lane_done_early_takes_the_next_piece(s
     assert sum(1 for b in sidecar.backends if b.texts) == 4  # every free backend took part
     samples, rate, _ = joined_audio(body)
     assert segments(samples, pieces, rate, round(FANOUT["crossfade_s"] * rate)) == [level(p) for p in pieces]
+    await sidecar.assert_idle()
+
+
+@pytest.mark.parametrize(("taper", "cut"), [(True, "tapered"), (False, "even")])
+async def test_under_measured_noise_a_whole_answer_is_cut_into_big_pieces_then_small_ones(
+        start: SidecarFactory, caplog: pytest.LogCaptureFixture, taper: bool, cut: str) -> None:
+    # A p95 twice the mean: service times noisy enough (σ ≈ 0.42) for tapering to pay on 4 lanes.
+    sidecar = await start(fanout={"pieces_per_slot": 2, "taper": taper}, cost={"p95_ratio": 2.0, "prior_weight": 1e6})
+    text = f"{LONG} {MORE}"
+    gate = sidecar.gate()
+    with caplog.at_level("INFO", logger="glmtts_sidecar.access"):
+        answer = asyncio.ensure_future(sidecar.tts(text))
+        await until(lambda: len(sidecar.texts()) == 4, "a first piece on every backend")
+        first = sidecar.texts()
+        gate.set()
+        status, headers, body = await answer
+    assert status == 200
+    pieces = sorted(sidecar.texts(), key=text.index)
+    assert int(headers["X-Fanout-Pieces"]) == len(pieces)
+    samples, rate, _ = joined_audio(body)
+    assert segments(samples, pieces, rate, round(FANOUT["crossfade_s"] * rate)) == [level(p) for p in pieces]
+    entries = [json.loads(r.getMessage()) for r in caplog.records if r.name == "glmtts_sidecar.access"]
+    assert [e["cut"] for e in entries] == [cut]
+    metrics = generate_latest(sidecar.runtime.metrics.registry).decode()
+    assert f'glmtts_sidecar_fanout_cuts_total{{cut="{cut}"}} 1.0' in metrics
+    rest = [p for p in pieces if p not in first]
+    if taper:  # the four that started first are the text's first part, each longer than any behind them
+        assert sorted(first, key=text.index) == pieces[:4]
+        assert min(map(len, first)) > max(map(len, rest))
+    else:
+        assert max(map(len, pieces)) - min(map(len, pieces)) < min(map(len, first))
     await sidecar.assert_idle()
 
 

@@ -16,6 +16,7 @@ from bench.fanout import (
     SHORT_TEXTS,
     SMOKE,
     ZH_SENTENCES,
+    IdleSetup,
     arm_order,
     idle_texts,
     make_plan,
@@ -68,7 +69,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # --- texts and answers ------------------------------------------------------------------------
 
 def test_long_texts_are_whole_sentences_of_about_500_characters_new_every_repetition() -> None:
-    texts = [idle_texts(rep) for rep in range(8)]
+    texts = [idle_texts(rep) for rep in range(IdleSetup().reps)]  # a new text of every kind each repetition
     for kind, sentences in (("zh-500", ZH_SENTENCES), ("en-500", EN_SENTENCES)):
         seen = {t[kind] for t in texts}
         assert len(seen) == len(texts), kind

@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PURE = ("queue", "dispatch", "admission", "scheduler", "cost", "deadlines", "tenants", "retry", "concurrency",
-        "classes", "running", "dispatch_step", "forecast", "ratelimit")
+        "classes", "running", "dispatch_step", "forecast", "ratelimit", "makespan")
 CHECK = """
 import importlib, sys
 importlib.import_module({module!r})

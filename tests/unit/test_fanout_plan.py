@@ -1,15 +1,20 @@
-"""Cutting a text for fan-out (glmtts.split.split_balanced) and the ``fanout`` config section."""
+"""Cutting a text for fan-out (glmtts.split.split_balanced, split_tapered; the sidecar's choice of cut)
+and the ``fanout`` config section."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glmtts.split import split_balanced
+from glmtts.split import even_and_tapered, longest_first, split_balanced, split_tapered
+from glmtts.text import units
 from scheduler.config import ConfigError, parse_config
+from scheduler.core.makespan import expected_makespan, tail_share
+from scheduler.runtime.fanout import whole_cut
 
 ZH = "今天天气很好。我们去公园散步吧！你觉得怎么样？" * 22  # 506 characters, sentences of 7 and 8
 EN = " ".join(["The quick brown fox jumps over the lazy dog.", "It was not amused!", "Why would it be?",
@@ -79,3 +84,109 @@ def test_the_config_section_checks_its_bounds_by_key() -> None:
         parse_config("fanout: {enabled: 'yes'}", check_paths=False)
     config = parse_config("fanout: {enabled: true, pause_s: 0.2, crossfade_s: 0}", check_paths=False).fanout
     assert (config.enabled, config.pause_s, config.crossfade_s) == (True, 0.2, 0.0)
+
+
+# --- The tapered cut (split_tapered, and the sidecar's choice: scheduler.runtime.fanout.whole_cut) ----
+
+
+@pytest.mark.parametrize("text", [ZH, EN], ids=["zh", "en"])
+def test_a_tapered_cut_has_one_big_piece_per_lane_and_the_held_back_share_in_small_ones(text: str) -> None:
+    pieces = split_tapered(text, lanes=4, per_lane=2, tail_share=0.2, min_chars=20, max_chars=200)
+    assert squeezed("".join(pieces)) == squeezed(text) and all(p and len(p) <= 200 for p in pieces)
+    head, tail = pieces[:4], pieces[4:]
+    assert 1 <= len(tail) <= 4
+    # The head ends at the sentence end nearest 80 % of the text (a sentence of slack).
+    assert abs(sum(map(len, tail)) - 0.2 * len(text)) <= 70
+    assert min(map(len, head)) > max(map(len, tail))
+    # Started longest first, the four big pieces start first, one on each lane.
+    assert sorted(longest_first(pieces)[:4]) == [0, 1, 2, 3]
+
+
+def test_without_a_share_to_hold_back_the_tapered_cut_is_the_even_one() -> None:
+    even = split_balanced(EN, lanes=8, min_chars=20, max_chars=200)
+    assert split_tapered(EN, lanes=4, per_lane=2, tail_share=0.0, min_chars=20, max_chars=200) == even
+    assert split_tapered(EN, lanes=8, per_lane=1, tail_share=0.3, min_chars=20, max_chars=200) == \
+        split_balanced(EN, lanes=8, min_chars=20, max_chars=200)
+    # One sentence: nowhere to cut the head off at.
+    one = "A single long sentence with no end inside it, only commas, and more words, and still more"
+    assert split_tapered(one, lanes=2, per_lane=2, tail_share=0.3, min_chars=10, max_chars=40) == \
+        split_balanced(one, lanes=4, min_chars=10, max_chars=40)
+    assert even_and_tapered(EN, lanes=4, per_lane=2, tail_share=0.2, min_chars=20, max_chars=200)[0] == even
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"tail_share": 1.0}, "tail_share"), ({"tail_share": -0.1}, "tail_share"), ({"tail_share": True}, "tail_share"),
+    ({"per_lane": 0}, "per_lane"), ({"lanes": 0}, "lanes"), ({"min_chars": 0}, "min_chars"),
+])
+def test_a_tapered_cut_refuses_bad_arguments_by_name(kwargs: dict[str, Any], match: str) -> None:
+    arguments: dict[str, Any] = {"lanes": 4, "per_lane": 2, "tail_share": 0.2, "min_chars": 20, "max_chars": 200}
+    with pytest.raises(ValueError, match=match):
+        split_tapered(EN, **{**arguments, **kwargs})
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from("ab 你好。.!?，,\n"), max_size=400), lanes=st.integers(1, 6),
+       per_lane=st.integers(1, 3), share=st.floats(0.0, 0.9))
+def test_any_text_cuts_tapered_into_non_empty_pieces_within_bounds_in_order(
+        text: str, lanes: int, per_lane: int, share: float) -> None:
+    pieces = split_tapered(text, lanes=lanes, per_lane=per_lane, tail_share=share, min_chars=5, max_chars=60)
+    assert all(pieces) and all(p == p.strip() and len(p) <= 60 for p in pieces)
+    assert squeezed("".join(pieces)) == squeezed(text)
+
+
+def _seconds(piece: str) -> float:
+    """The seed's cost line: 0.3125 s a request plus 0.159375 s a unit."""
+    return 0.3125 + 0.159375 * units(piece)
+
+
+def test_the_sidecar_tapers_a_whole_answer_only_when_that_is_expected_sooner() -> None:
+    config = parse_config("fanout: {enabled: true, min_chars: 20, max_chars: 200, pieces_per_slot: 2}",
+                          check_paths=False).fanout
+    text = EN  # about 900 characters: 8 pieces of at most 200
+    tapered, chosen = whole_cut(text, lanes=4, config=config, sigma=0.25, seconds=_seconds)
+    assert chosen and tapered == split_tapered(text, lanes=4, per_lane=2, tail_share=tail_share(0.25, 4),
+                                               min_chars=20, max_chars=200)
+
+    def makespan(pieces: list[str], sigma: float) -> float:
+        return expected_makespan([_seconds(pieces[i]) for i in longest_first(pieces)], 4, sigma)
+
+    even = split_balanced(text, lanes=8, min_chars=20, max_chars=200)
+    assert makespan(tapered, 0.25) < makespan(even, 0.25)
+    # No noise measured, or tapering turned off: the even cut.
+    assert whole_cut(text, lanes=4, config=config, sigma=0.0, seconds=_seconds) == (even, False)
+    off = config.model_copy(update={"taper": False})
+    assert whole_cut(text, lanes=4, config=off, sigma=0.25, seconds=_seconds) == (even, False)
+
+
+def test_a_tapered_cut_expected_later_than_the_even_one_is_not_taken() -> None:
+    config = parse_config("fanout: {enabled: true, min_chars: 20, max_chars: 200, pieces_per_slot: 2}",
+                          check_paths=False).fanout
+    text = EN  # about 900 characters: 8 pieces of at most 200
+    even = split_balanced(text, lanes=8, min_chars=20, max_chars=200)
+    tapered, chosen = whole_cut(text, lanes=4, config=config, sigma=0.25, seconds=_seconds)
+    assert chosen and tapered != even
+    # Were the tapered cut's own pieces slow to speak (a cost line that says so), the even one stays.
+    slow = set(tapered) - set(even)
+    assert whole_cut(text, lanes=4, config=config, sigma=0.25,
+                     seconds=lambda piece: _seconds(piece) * (10 if piece in slow else 1)) == (even, False)
+
+
+def test_taper_is_a_strict_boolean() -> None:
+    assert parse_config("fanout: {}", check_paths=False).fanout.taper is True
+    with pytest.raises(ConfigError, match=r"fanout\.taper"):
+        parse_config("fanout: {taper: 'no'}", check_paths=False)
+
+
+def test_a_text_needing_more_pieces_than_planned_is_cut_evenly_without_weighing() -> None:
+    config = parse_config("fanout: {enabled: true, min_chars: 20, max_chars: 60, pieces_per_slot: 2}",
+                          check_paths=False).fanout
+    text = EN * 20  # about 3700 characters: far more than 8 pieces of 60
+    calls: list[str] = []
+
+    def seconds(piece: str) -> float:
+        calls.append(piece)
+        return _seconds(piece)
+
+    assert whole_cut(text, lanes=4, config=config, sigma=0.3, seconds=seconds) == \
+        (split_balanced(text, lanes=8, min_chars=20, max_chars=60), False)
+    assert calls == []

@@ -248,7 +248,7 @@ def test_every_metric_is_named_documented_and_exposed(world: World, metrics: Met
         "backend_model_reloads": "counter", "backend_slow": "gauge", "backends_ready": "gauge",
         "orphaned_backend_seconds": "counter", "deadline_expiries": "counter", "config_reloads": "counter",
         "draining": "gauge", "build_info": "gauge", "cache_requests": "counter", "cache_bytes": "gauge",
-        "cache_entries": "gauge", "fanout_pieces": "histogram", "fanout_declined": "counter",
+        "cache_entries": "gauge", "fanout_pieces": "histogram", "fanout_declined": "counter", "fanout_cuts": "counter",
         "time_to_first_audio_seconds": "histogram",
     }
     assert {name: f.type for name, f in families.items()} == {f"glmtts_sidecar_{n}": t for n, t in expected.items()}
