@@ -44,10 +44,8 @@ space and stripping) whenever every cut falls at whitespace, as in Latin text; a
 characters drops no character and needs no space: join those pieces with ``""``.
 
 :func:`split_sentences` shows rules 1-2 alone; :func:`split_spans` gives the pieces as slices.
-:func:`split_balanced` cuts as evenly as a number of parallel slots finishes soonest;
-:func:`split_tapered` cuts big pieces to start and smaller ones to fill in behind them, for slots
-whose service times are noisy; :func:`longest_first` is the order to start such pieces in when only
-the whole answer counts.
+:func:`split_balanced` cuts as evenly as parallel slots finish soonest, :func:`split_tapered` big
+pieces then small ones for noisy slots; :func:`longest_first` is the order to start them in.
 """
 
 from __future__ import annotations
@@ -113,6 +111,8 @@ def _extends(prev: str, char: str) -> bool:
 
 def _grapheme_starts(text: str) -> list[int]:
     """Positions 1..len-1 where a new grapheme cluster starts (regional indicators pair up as flags)."""
+    if text.isascii():  # every character starts one, but the \n of \r\n
+        return [i for i in range(1, len(text)) if text[i] != "\n" or text[i - 1] != "\r"]
     starts: list[int] = []
     run = 0  # regional indicators in a row so far
     for index in range(1, len(text)):
@@ -285,18 +285,21 @@ def _cut_points(text: str, measure: _Measure) -> list[_Cut]:
     return cuts
 
 
-def _next_cut(measure: _Measure, cuts: list[_Cut], positions: list[int], pos: int, limit: int, minimum: int,
-              stop: int) -> int:
+def _next_cut(found: _Cuts, pos: int, limit: int, minimum: int, stop: int) -> int:
     """Where the piece starting at `pos` ends, at `stop` at the latest: see rule 4 in the module
     docstring."""
+    measure, cuts, positions = found.measure, found.cuts, found.positions
     start = measure.first_visible[pos]
     high = min(start + limit, stop)
     high = min(measure.first_visible[high], stop)  # trailing whitespace is stripped: it does not count
     best: tuple[bool, int, int] | None = None
-    for at in range(bisect.bisect_right(positions, start), bisect.bisect_right(positions, high)):
+    at, end = bisect.bisect_right(positions, start), bisect.bisect_right(positions, high)
+    while at < end:
         cut = cuts[at]
         if cut.rank != SENTENCE and cut.length <= limit:
-            continue  # only a sentence longer than the limit is cut inside
+            at = found.sentence_end[at]  # only a sentence longer than the limit is cut inside
+            continue
+        at += 1
         length = measure.length(start, cut.pos)
         if length == 0 or length > limit:
             continue
@@ -342,6 +345,9 @@ class _Cuts:
         self.measure = _Measure(text)
         self.cuts = _cut_points(text, self.measure)
         self.positions = [cut.pos for cut in self.cuts]
+        self.sentence_end = [len(self.cuts)] * len(self.cuts)  # per cut: the next sentence end's index
+        for at in range(len(self.cuts) - 2, -1, -1):  # (the cuts inside a sentence share its length)
+            self.sentence_end[at] = at + 1 if self.cuts[at + 1].rank == SENTENCE else self.sentence_end[at + 1]
 
     def pack(self, *, min_chars: int, max_chars: int, first_chars: int | None, begin: int = 0,
              stop: int | None = None) -> list[tuple[int, int]]:
@@ -356,10 +362,7 @@ class _Cuts:
             first = not spans
             limit = first_chars if first and first_chars is not None else max_chars
             minimum = 1 if first and first_chars is not None else min_chars
-            if measure.length(pos, stop) <= limit:
-                end = stop
-            else:
-                end = _next_cut(measure, self.cuts, self.positions, pos, limit, minimum, stop)
+            end = stop if measure.length(pos, stop) <= limit else _next_cut(self, pos, limit, minimum, stop)
             spans.append((pos, end))
             limits.append(limit)
             pos = end
@@ -443,8 +446,7 @@ def split_tapered(text: str, *, lanes: int, per_lane: int, tail_share: float, mi
 
 def even_and_tapered(text: str, *, lanes: int, per_lane: int, tail_share: float, min_chars: int,
                      max_chars: int) -> tuple[list[str], list[str]]:
-    """``split_balanced(text, lanes=lanes × per_lane, ...)`` and :func:`split_tapered`'s cut, from
-    one scan of the text (the costly part), for a caller that weighs the two."""
+    """``split_balanced(text, lanes=lanes × per_lane, ...)`` and split_tapered's cut, from one scan."""
     _check_count("lanes", lanes)
     _check_count("per_lane", per_lane)
     if isinstance(tail_share, bool) or not isinstance(tail_share, (int, float)) or not 0 <= tail_share < 1:

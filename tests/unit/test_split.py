@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glmtts.split import longest_first, split_sentences, split_spans, split_text
+from glmtts.split import _grapheme_starts, longest_first, split_sentences, split_spans, split_text
 from glmtts.text import units
 
 # (text, min_chars, max_chars, first_chars, expected pieces)
@@ -307,3 +307,12 @@ def test_longest_first_is_a_permutation_longest_to_shortest(pieces: list[str]) -
     assert sorted(order) == list(range(len(pieces)))
     for a, b in itertools.pairwise(order):
         assert units(pieces[a]) > units(pieces[b]) or (units(pieces[a]) == units(pieces[b]) and a < b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab .!\r\n"), max_size=40))
+def test_ascii_text_takes_a_fast_path_to_the_same_grapheme_starts(text: str) -> None:
+    fast = _grapheme_starts(text)
+    assert fast == [i for i in range(1, len(text)) if text[i - 1:i + 1] != "\r\n"]
+    # The general path (any non-ASCII character) agrees on the ASCII part.
+    assert _grapheme_starts(text + "é")[:len(fast)] == fast
