@@ -121,14 +121,21 @@ SHORT_TEXTS = (  # ~20 characters each
 )
 
 
+# How long texts walk the sentences: the first len(sentences) repetitions forwards, the next
+# backwards, then every third (3 is prime to 16 and 20): a new ~500-character text each time.
+TEXT_STRIDES = (1, -1, 3)
+
+
 def long_text(sentences: Sequence[str], rep: int, sep: str = "") -> str:
-    """Whole sentences from sentence `rep` on (cyclically) until at least LONG_CHARS[0] characters:
-    a new ~500-character text for every repetition."""
+    """Whole sentences from sentence `rep` on (cyclically, with stride TEXT_STRIDES[rep //
+    len(sentences)]) until at least LONG_CHARS[0] characters: a new ~500-character text for each
+    of the first 3 × len(sentences) repetitions."""
     parts: list[str] = []
+    stride = TEXT_STRIDES[rep // len(sentences) % len(TEXT_STRIDES)]
     i = rep
     while len(sep.join(parts)) < LONG_CHARS[0]:
         parts.append(sentences[i % len(sentences)])
-        i += 1
+        i += stride
     return sep.join(parts)
 
 
@@ -143,9 +150,11 @@ class IdleSetup:
     """The idle part: its pool, time scale and repetitions of every arm."""
 
     time_scale: float = TIME_SCALE
-    # A median of 8 noisy requests per arm scattered more than the margins judged: zh-500 measured
-    # 3.77 against a model ceiling of 3.28 in one run. 16 give every long and short text once.
-    reps: int = 16
+    # The median of n requests with the emulator's 25 % log-normal noise is off by about
+    # 1.25 x 25 % / sqrt(n): 11 % at 8 (zh-500 measured 3.77 against a model ceiling of 3.28), 8 %
+    # at 16 (the whole en-500 arm's median came out 8 % under the model's). A 3x verdict needs the
+    # medians within a few percent: 48 requests per arm, about 4.5 %.
+    reps: int = 48
     backends: int = BACKENDS
     warmup_rounds: int = 2
 

@@ -366,7 +366,8 @@ def setup_lines(result: FanoutResult) -> list[str]:
         lines.append(f"- **Idle pool**: one sidecar (`{HIGH_FANOUT}`'s config below) over {idle.backends} emulator "
                      f"backends, each on its own emulated GPU, time scale {idle.time_scale:g}; {idle.reps} "
                      "repetitions of every arm, arms alternating, each request sent only once the sidecar "
-                     "reports nothing queued or in service. A new text every repetition (nothing cached). "
+                     "reports nothing queued or in service. A new long text every repetition; the short "
+                     "texts come round again once all were sent (the sidecar's cache is off). "
                      "Latency: send to last byte at the client; first byte: send to the first body chunk. An "
                      f"answer counts only when it is a 200 whose audio decodes and lasts {PLAUSIBLE[0]:g}–"
                      f"{PLAUSIBLE[1]:g}× what the emulator's voice gives its text.")

@@ -15,6 +15,7 @@ from bench.fanout import (
     LONG_CHARS,
     SHORT_TEXTS,
     SMOKE,
+    TEXT_STRIDES,
     ZH_SENTENCES,
     IdleSetup,
     arm_order,
@@ -69,15 +70,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # --- texts and answers ------------------------------------------------------------------------
 
 def test_long_texts_are_whole_sentences_of_about_500_characters_new_every_repetition() -> None:
-    texts = [idle_texts(rep) for rep in range(IdleSetup().reps)]  # a new text of every kind each repetition
+    texts = [idle_texts(rep) for rep in range(IdleSetup().reps)]  # a new long text each repetition
     for kind, sentences in (("zh-500", ZH_SENTENCES), ("en-500", EN_SENTENCES)):
         seen = {t[kind] for t in texts}
         assert len(seen) == len(texts), kind
+        assert len(texts) <= len(TEXT_STRIDES) * len(sentences)
         for text in seen:
             assert LONG_CHARS[0] <= len(text) <= LONG_CHARS[1], (kind, len(text))
             assert text[-1] in "。！？.!?", text[-1]
             assert any(text.startswith(s) for s in sentences)
-    assert len({t["zh-20"] for t in texts}) == len(texts) == len(SHORT_TEXTS)
+    # The short texts come round in order.
+    assert [t["zh-20"] for t in texts] == [SHORT_TEXTS[rep % len(SHORT_TEXTS)] for rep in range(len(texts))]
+    assert len(set(SHORT_TEXTS)) == len(SHORT_TEXTS)
     assert all(15 <= len(t["zh-20"]) <= 25 for t in texts)
 
 
