@@ -436,10 +436,10 @@ def split_tapered(text: str, *, lanes: int, per_lane: int, tail_share: float, mi
     (to the sentence end nearest that share of its visible characters) balanced into ``lanes`` big
     pieces, one to start on each slot, the rest into ``lanes × (per_lane - 1)`` smaller ones that
     the slots finishing first take (decreasing sizes, as guided self-scheduling). Started longest
-    first, the big pieces start first. With ``tail_share`` 0, ``per_lane`` 1 or no sentence end,
-    it is ``split_balanced(text, lanes=lanes × per_lane, ...)``. Pieces keep split_text's
-    properties but the first-piece rule. Raises ValueError as split_balanced does, and for
-    ``per_lane`` < 1 or ``tail_share`` outside [0, 1)."""
+    first, the big pieces start first. With ``tail_share`` 0, ``per_lane`` 1, no sentence end, or a text
+    needing more than ``lanes × per_lane`` pieces of ``max_chars``, it is ``split_balanced(text,
+    lanes=lanes × per_lane, ...)``. Pieces keep split_text's properties but the first-piece rule.
+    Raises ValueError as split_balanced does, and for ``per_lane`` < 1 or ``tail_share`` outside [0, 1)."""
     return even_and_tapered(text, lanes=lanes, per_lane=per_lane, tail_share=tail_share, min_chars=min_chars,
                             max_chars=max_chars)[1]
 
@@ -452,11 +452,12 @@ def even_and_tapered(text: str, *, lanes: int, per_lane: int, tail_share: float,
     if isinstance(tail_share, bool) or not isinstance(tail_share, (int, float)) or not 0 <= tail_share < 1:
         raise ValueError(f"tail_share must be a number in [0, 1), got {tail_share!r}")
     cuts = _Cuts(_checked(text, min_chars, max_chars, None))
-    even = cuts.strip(_balanced(cuts, 0, len(text), lanes=lanes * per_lane, min_chars=min_chars,
-                                max_chars=max_chars))
+    even = cuts.strip(_balanced(cuts, 0, len(text), lanes=lanes * per_lane, min_chars=min_chars, max_chars=max_chars))
+    if tail_share == 0 or per_lane == 1 or len(even) > lanes * per_lane:  # too long: no head to size a tail behind
+        return even, even
     visible = cuts.measure.length(0, len(text))
     inside = [cut.pos for cut in cuts.cuts if cut.rank == SENTENCE and 0 < cuts.measure.length(0, cut.pos) < visible]
-    if tail_share == 0 or per_lane == 1 or not inside:
+    if not inside:
         return even, even
     goal = (1 - tail_share) * visible
     stop = min(inside, key=lambda pos: (abs(cuts.measure.length(0, pos) - goal), pos))

@@ -8,7 +8,7 @@ last ``window`` completed requests in two steps:
 
 1. **Level**, from the first completion on: the factor ``s`` on the prior line that the data
    support, a Huber M-estimate of ``log(actual / prior line)`` (k = 1.345 robust scales, the
-   scale being 1.4826·median |deviation|, or the prior's own spread ``log(p95_ratio) / 1.645``
+   scale being 1.4826·median |deviation|, or the prior's own spread ``log(p95_ratio) / z95``
    until three completions show theirs), with the prior as ``prior_weight`` pseudo-observations
    at factor 1. Each completion more than ``DISAGREE_FACTOR`` times slower or faster than the
    prior halves the prior's weight: a prior 20x off in either direction is outvoted by the third
@@ -48,6 +48,8 @@ from dataclasses import dataclass, fields
 from statistics import median
 from typing import TYPE_CHECKING
 
+from scheduler.core.makespan import noise_sigma
+
 if TYPE_CHECKING:
     from scheduler.core.queue import ModelKey
 
@@ -64,7 +66,6 @@ _MIN_REL_SCALE = 0.02  # noise below 2 % counts as 2 %, so near-exact data keep 
 _MIN_PRED_S = 0.05  # floor on a prediction used as a divisor (a zero-unit text on a zero-intercept line)
 _MIN_PRIOR_SCALE = 1e-3  # the scaled-prior fallback never predicts less than 0.1 % of the prior
 _MAX_RATIO = 1e6  # actual/prior ratios are taken within [1/_MAX_RATIO, _MAX_RATIO] (a 0 s answer has no log)
-_Z95 = 1.645  # the 95th percentile of a standard normal: log(p95_ratio) / _Z95 is the prior's log-scale spread
 _MAX_ITER = 50
 _REL_TOL = 1e-7
 
@@ -275,7 +276,7 @@ def _level(units: Sequence[float], actual: Sequence[float], warmups: Sequence[fl
     if len(logs) >= 3:
         scale = _MAD_TO_SIGMA * median(abs(x - middle) for x in logs)
     else:
-        scale = math.log(priors.p95_ratio) / _Z95
+        scale = noise_sigma(1.0, priors.p95_ratio)  # the prior's own log-scale spread
     cut = _HUBER_K * max(scale, _MIN_REL_SCALE)
     level = middle
     for _ in range(_MAX_ITER):

@@ -119,14 +119,13 @@ def whole_cut(text: str, *, lanes: int, config: FanoutConfig, sigma: float,
     pieces per lane, and (``taper`` on, noise measured) big first pieces with
     ``tail_share(sigma, lanes)`` of the text in smaller ones behind them. The tapered cut is
     kept only when its expected makespan over the same noise draws, longest piece first, is
-    shorter (``scheduler.core.makespan``), and never for a text that needs more than
-    ``lanes × pieces_per_slot`` pieces of ``max_chars`` (so the estimate's work stays bounded)."""
+    shorter (``scheduler.core.makespan``). A text that needs more than ``lanes × pieces_per_slot``
+    pieces of ``max_chars`` is many pieces already (lanes that free take the next): split
+    returns no tapered cut for it, so neither the cut nor the estimate is done for nothing."""
     share = tail_share(sigma, lanes) if config.taper else 0.0
     even, tapered = even_and_tapered(text, lanes=lanes, per_lane=config.pieces_per_slot, tail_share=share,
                                      min_chars=config.min_chars, max_chars=config.max_chars)
-    if tapered == even or len(even) > lanes * config.pieces_per_slot:
-        # A text too long to cut into that many pieces even at max_chars is many pieces already:
-        # lanes that free take the next, and there is no head to size a tail behind.
+    if tapered == even:  # no tail asked for, or none to cut (a text too long gives the even cut twice)
         return even, False
 
     def makespan(pieces: Sequence[str]) -> float:

@@ -112,6 +112,12 @@ def test_without_a_share_to_hold_back_the_tapered_cut_is_the_even_one() -> None:
     assert split_tapered(one, lanes=2, per_lane=2, tail_share=0.3, min_chars=10, max_chars=40) == \
         split_balanced(one, lanes=4, min_chars=10, max_chars=40)
     assert even_and_tapered(EN, lanes=4, per_lane=2, tail_share=0.2, min_chars=20, max_chars=200)[0] == even
+    # A text that needs more pieces than lanes × per_lane even at max_chars: no head to size a tail
+    # behind, and the tapered cut is not worked out at all (the even cut is returned twice).
+    long = EN * 20
+    even, tapered = even_and_tapered(long, lanes=4, per_lane=2, tail_share=0.3, min_chars=20, max_chars=60)
+    assert len(even) > 8 and tapered is even
+    assert even == split_balanced(long, lanes=8, min_chars=20, max_chars=60)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
