@@ -8,10 +8,16 @@ again for anything the leader left in its group. A benchmark gives each run its 
 (glmtts.emulator.gpu) only ever sees the processes of that run, not those of anything else
 running on the machine. Ports come from blocks this process holds a lock on (`free_ports`), so
 parallel test workers and benchmarks never hand out the same one.
+
+Each group started here is remembered until it is stopped (`own_group`, `disown_group`): when this
+process exits, or a test session ends (tests/conftest.py), `end_own_groups` SIGKILLs the groups
+still left, so a run cut short (a test timed out in its teardown, a benchmark interrupted) leaves
+no process behind.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import http.client as httpclient
@@ -197,6 +203,40 @@ def pid_gone(pid: int) -> bool:
 
 # --- processes --------------------------------------------------------------------------------
 
+_OWN_GROUPS: dict[int, subprocess.Popen[bytes]] = {}  # groups started here and not yet stopped, by leader pid
+_OWN_GROUPS_LOCK = threading.Lock()
+
+
+def own_group(popen: subprocess.Popen[bytes]) -> None:
+    """Remember ``popen``, started leading its own process group (``start_new_session``), until
+    ``disown_group``: ``end_own_groups`` ends it if it is still there."""
+    with _OWN_GROUPS_LOCK:
+        _OWN_GROUPS[popen.pid] = popen
+
+
+def disown_group(popen: subprocess.Popen[bytes]) -> None:
+    """``popen`` was stopped (and waited for) by its owner."""
+    with _OWN_GROUPS_LOCK:
+        _OWN_GROUPS.pop(popen.pid, None)
+
+
+@atexit.register
+def end_own_groups() -> list[int]:
+    """SIGKILL every group started here and not stopped, and reap its leader; returns their pids.
+    A leader already reaped is never signalled (its pid may be another process's by now)."""
+    with _OWN_GROUPS_LOCK:
+        left = list(_OWN_GROUPS.values())
+        _OWN_GROUPS.clear()
+    for popen in left:
+        if popen.returncode is not None:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(10)
+    return [popen.pid for popen in left]
+
+
 
 @dataclass
 class Proc:
@@ -234,6 +274,7 @@ class Proc:
                 self.proc.wait(10)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)  # anything the leader left in its group
+        disown_group(self.proc)
         if not self.keep_log:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
@@ -279,6 +320,7 @@ def spawn(argv: Sequence[str], url: str, *, env: dict[str, str] | None = None, c
     popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              cwd=cwd or ROOT, env={**inherited, "PYTHONPATH": path, **(env or {})},
                              start_new_session=True)
+    own_group(popen)
     log.close()
     return Proc(argv=list(argv), url=url, proc=popen, log_path=Path(log.name), keep_log=keep_log)
 

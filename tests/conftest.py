@@ -10,6 +10,9 @@
   which other workers' processes on the same cores would disturb. A turnstile of two file locks
   shared by the session's workers does it (``_alone_or_together``): such a test closes the gate,
   waits for the tests running elsewhere to finish, and runs; the others wait at the gate meanwhile.
+- At the session's end each test process SIGKILLs the process groups it started through
+  bench.procs (sidecars, emulators, redis-server) that no test stopped: a teardown cut short by a
+  timeout leaves nothing running (``bench.procs.end_own_groups``, also run at interpreter exit).
 - scripts/test spreads the suite over pytest-xdist workers with ``--dist loadgroup``. Tests that
   keep cores busy or measure time, memory or loop lag carry ``xdist_group("serial")``: one worker
   runs them one after another, so they never run beside each other. Modules with a module-scoped
@@ -27,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.procs import end_own_groups
 
 SLOW_DESELECTED = "slow_deselected"  # the key under which xdist workers report their count
 LOCKS = "GLMTTS_TEST_LOCKS"  # the session's lock directory, set by the first process (the controller)
@@ -49,6 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    end_own_groups()  # processes a test started and never stopped (its teardown cut short by a timeout)
     locks = config.stash.get(_OWN_LOCKS, None)
     if locks is not None:
         shutil.rmtree(locks, ignore_errors=True)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from bench.procs import free_port, pid_gone
+from bench.procs import disown_group, free_port, own_group, pid_gone
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -53,6 +53,7 @@ class RedisServer:
                 "--protected-mode", "no", "--logfile", str(self.directory / "redis.log"), *self.extra]
         self._process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True)
+        own_group(self._process)  # ended at exit even if a test's teardown never stops it
         end = time.monotonic() + timeout
         while not self._answers():
             if self._process.poll() is not None or time.monotonic() > end:
@@ -75,6 +76,7 @@ class RedisServer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout)
+        disown_group(process)
         assert pid_gone(process.pid)
 
     def _answers(self) -> bool:
