@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from backend.transport import Answer, BackendTimeout, BackendUnavailable, Reply, exchange
+from glmtts.loop import wait_for
 from glmtts.responses import success_json
 from glmtts.wav import write_wav
 
@@ -156,7 +157,7 @@ class FakeTransport:
                               headers=CIMultiDictProxy(CIMultiDict(headers or {})), body=body or b"")
         self.requests.append(request)
         try:
-            answer = await asyncio.wait_for(handler(request), timeout)
+            answer = await wait_for(handler(request), timeout)
         except asyncio.TimeoutError as exc:
             raise BackendTimeout(f"{url}: no answer within {timeout} s") from exc
         except Reset as exc:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 
 from backend.settings import BackendsConfig, BackendSpec
+from glmtts.loop import wait_for
 
 __all__ = ["MAX_LINE_BYTES", "BackendProcess", "LineSplitter", "describe_exit"]
 
@@ -121,7 +122,7 @@ class BackendProcess:
         if self._proc.returncode is None:
             self._signal_group(signal.SIGTERM)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.wait()), grace_s)
+                await wait_for(asyncio.shield(self.wait()), grace_s)
             if self._proc.returncode is None:
                 self._signal_group(signal.SIGKILL)
         code = await self.wait()
@@ -144,7 +145,7 @@ class BackendProcess:
     async def _finish_output(self) -> None:
         # A grandchild that escaped the group could hold the pipe open: stop reading then.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._output), _OUTPUT_DRAIN_S)
+            await wait_for(asyncio.shield(self._output), _OUTPUT_DRAIN_S)
         if not self._output.done():
             self._output.cancel()
             with contextlib.suppress(asyncio.CancelledError):

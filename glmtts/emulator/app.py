@@ -32,6 +32,7 @@ from glmtts.emulator.prompts import PromptStore
 from glmtts.emulator.upstream import UpstreamConcurrency, UpstreamConfig
 from glmtts.errors import HTTPDetailError
 from glmtts.form import parse_form
+from glmtts.loop import wait_for
 from glmtts.responses import json_response, success_json
 from glmtts.text import units
 
@@ -212,7 +213,7 @@ class Emulator:
             task.add_done_callback(self._inference.discard)
             try:
                 # Upstream's wait_for around run_in_executor: the 408 does not stop the thread.
-                wav = await asyncio.wait_for(asyncio.shield(task), timeout * self.options.time_scale)
+                wav = await wait_for(asyncio.shield(task), timeout * self.options.time_scale)
             except asyncio.TimeoutError:
                 self.stats.tts_timeouts += 1
                 return json_response({"detail": f"Request timeout after {timeout} seconds. "

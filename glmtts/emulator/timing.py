@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from glmtts.loop import wait_for
+
 SHORT_CHARS, SHORT_SECONDS = 20, 3.5
 LONG_CHARS, LONG_SECONDS = 500, 80.0
 PER_UNIT_S = (LONG_SECONDS - SHORT_SECONDS) / (LONG_CHARS - SHORT_CHARS)
@@ -150,7 +152,7 @@ class SharedProcessor(ProcessorShares):
                     return
                 changed = self._changed
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), left / self.rate())
+                    await wait_for(changed.wait(), left / self.rate())
         finally:
             self.remove(job)
             self._notify()

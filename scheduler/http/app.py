@@ -22,6 +22,7 @@ from aiohttp import web, web_response
 
 from backend.pool import BackendPool
 from backend.transport import AiohttpTransport, Transport
+from glmtts.loop import wait_for
 from scheduler.config import SidecarConfig
 from scheduler.http.admin import Admin
 from scheduler.http.middleware import make_middleware
@@ -181,7 +182,7 @@ def build_app(config: SidecarConfig, *, python: str = sys.executable, config_pat
     async def orphan_wait(app: web.Application) -> AsyncIterator[None]:
         yield
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(exchange.close(), ORPHAN_WAIT_S)
+            await wait_for(exchange.close(), ORPHAN_WAIT_S)
 
     async def result_cache(app: web.Application) -> AsyncIterator[None]:
         yield

@@ -24,6 +24,7 @@ from aiohttp import web
 from glmtts.contract import TTSRequest, check_tts, parse_tts_form
 from glmtts.errors import HTTPDetailError
 from glmtts.form import parse_form
+from glmtts.loop import wait_for
 from glmtts.text import units
 from scheduler.core.deadlines import client_budget
 from scheduler.core.tenants import DEFAULT_TENANT, TenantError
@@ -107,7 +108,7 @@ async def _read_valid(runtime: Runtime, request: web.Request,
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise too_large_body(limits.max_body_bytes)
     try:
-        body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+        body = await wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise too_large_body(limits.max_body_bytes) from None
     except asyncio.TimeoutError:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from glmtts.contract import TTSRequest
+from glmtts.loop import wait_for
 from scheduler.config import CacheConfig
 
 __all__ = ["CachedAnswer", "Copy", "Flight", "ResultCache", "StoppedWaiting", "request_key"]
@@ -255,7 +256,7 @@ class Flight(Generic[T]):
         if within is None:
             return await asyncio.shield(self.task)
         try:
-            return await asyncio.wait_for(asyncio.shield(self.task), max(0.0, within))
+            return await wait_for(asyncio.shield(self.task), max(0.0, within))
         except asyncio.TimeoutError:
             if self.task.done():  # the synthesis' own failure, raised as it is
                 raise

@@ -45,6 +45,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from glmtts.loop import wait_for
 from scheduler.config.callback_urls import (
     MAX_URL_CHARS,
     AddressKind,
@@ -209,8 +210,8 @@ async def deliver(config: CallbacksConfig, url: str, payload: Mapping[str, Any],
     delay = config.backoff_s
     for attempt in range(1, config.attempts + 1):
         try:
-            why = await asyncio.wait_for(_attempt(target, body, secret, config.timeout_s, lookup, send, clock),
-                                         config.timeout_s)
+            why = await wait_for(_attempt(target, body, secret, config.timeout_s, lookup, send, clock),
+                                 config.timeout_s)
         except AddressRefused as exc:
             why = str(exc)
         except asyncio.TimeoutError:

@@ -23,6 +23,7 @@ from typing import Any
 from backend.pool import Backend
 from backend.state import BackendState
 from backend.warmup import WarmupRun
+from glmtts.loop import wait_for
 from glmtts.text import units
 from scheduler.core.admission import Reason, Rejection
 from scheduler.core.concurrency import SlotLimit, SlotPolicy
@@ -294,7 +295,7 @@ class Dispatcher:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle_waiters.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            await wait_for(asyncio.shield(waiter), timeout)
         except asyncio.TimeoutError:
             return False
         return True

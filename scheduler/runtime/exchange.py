@@ -27,6 +27,7 @@ from backend.record import Backend
 from backend.state import BackendState
 from backend.transport import BackendTimeout, BackendUnavailable, Reply
 from glmtts.contract import TTSRequest, upstream_length_class
+from glmtts.loop import wait_for
 from glmtts.responses import succeeded
 from scheduler.core.admission import Rejection
 from scheduler.core.deadlines import shed_message, timeout_message
@@ -286,7 +287,7 @@ class Exchange:
         self._watch(task, permit)
         left = job.deadline_at - runtime.dispatcher.clock()
         try:
-            return await asyncio.wait_for(asyncio.shield(task), max(0.0, left))
+            return await wait_for(asyncio.shield(task), max(0.0, left))
         except asyncio.TimeoutError:
             runtime.dispatcher.answered_early(job)
             self._orphan(task, permit)

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
+from glmtts.loop import wait_for
 from scheduler.config.tenants import RateConfig, TenantsConfig
 from scheduler.core.ratelimit import TokenBucket
 from scheduler.core.tenants import DEFAULT_TENANT
@@ -167,8 +168,8 @@ class RateLimiter:
             return self.local.take(tenant, None, self.clock())
         if link is not None and self._may_ask(link):
             try:
-                wait = await asyncio.wait_for(self.shared.take(link.client, rate_key(cluster, tenant), rate),
-                                              self.redis_timeout_s)
+                wait = await wait_for(self.shared.take(link.client, rate_key(cluster, tenant), rate),
+                                      self.redis_timeout_s)
             except asyncio.TimeoutError:  # caught first: an OSError too, from Python 3.11 on
                 self._failed(f"Redis did not answer within {self.redis_timeout_s:g} s")  # slow, not gone
             except (RedisConnectionError, OSError) as exc:

@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from glmtts.loop import wait_for
 from scheduler.config import TasksConfig
 
 __all__ = ["COMMAND_HEADROOM_S", "EvictingRedis", "RedisLink"]
@@ -103,7 +104,7 @@ class RedisLink:
                 return False
             self._changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+                await wait_for(self._changed.wait(), left)
         return True
 
     async def check_noeviction(self) -> None:
@@ -157,7 +158,7 @@ class RedisLink:
                 backoff = FIRST_BACKOFF_S
                 self._changed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self.ping_interval_s)
+                    await wait_for(self._changed.wait(), self.ping_interval_s)
                 if self.up:
                     await self._ping()
                 continue

@@ -28,6 +28,7 @@ from backend.record import Backend
 from glmtts.contract import parse_tts_form
 from glmtts.errors import GLMTTSError
 from glmtts.form import parse_form
+from glmtts.loop import wait_for
 from scheduler.config import TasksConfig
 from scheduler.core.queue import Job
 from scheduler.errors import DeadlineExpired, NoAudio, SidecarError, UnknownTask
@@ -135,8 +136,8 @@ class ClusterTasks:
             held.work.cancel()
         if self.store is not None and waiting and self.link.up:
             with contextlib.suppress(asyncio.TimeoutError, StoreError):
-                await asyncio.wait_for(asyncio.gather(*(self.store.hand_back(task_id, held.entry, self.wall())
-                                                        for task_id, held in waiting)), HAND_BACK_S)
+                await wait_for(asyncio.gather(*(self.store.hand_back(task_id, held.entry, self.wall())
+                                                for task_id, held in waiting)), HAND_BACK_S)
         works = [held.work for held in self._held.values()]
         background = list(self._background)
         for work in (*works, *background):
@@ -271,7 +272,7 @@ class ClusterTasks:
     async def _wait_for_room(self) -> None:
         self._room.clear()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._room.wait(), CAPACITY_POLL_S)
+            await wait_for(self._room.wait(), CAPACITY_POLL_S)
 
     async def _claim_loop(self, store: RedisTaskStore) -> None:
         while True:

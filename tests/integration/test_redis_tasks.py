@@ -202,6 +202,26 @@ async def test_redis_down_is_a_store_error_and_the_link_reconnects(redis: RedisS
         await link.close()
 
 
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+async def test_a_failure_reported_as_the_link_closes_does_not_hold_the_close_up(redis: RedisServer,
+                                                                                 turns: int) -> None:
+    # A command fails (a request reports it) just as the sidecar shuts down: the watcher, woken by
+    # that report, must still take its cancellation (asyncio.wait_for before 3.12 lost it, and the
+    # close then waited forever).
+    link = RedisLink(redis.url, connect_timeout_s=0.5, reconnect_max_s=0.2)
+    await link.open()
+    assert link.up
+    await asyncio.sleep(0.05)  # the watcher waits on its event
+    link.failed(ConnectionError("reset by peer"))
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    closing = asyncio.ensure_future(link.close())
+    done, _ = await asyncio.wait({closing}, timeout=10.0)
+    assert done, "close() still waits for the watcher"
+    await closing
+    assert not link.up
+
+
 @pytest.mark.parametrize("extra", [(), ("--rename-command", "CONFIG", "")], ids=["config", "info"])
 async def test_a_redis_that_may_evict_is_refused(tmp_path: Path, extra: tuple[str, ...]) -> None:
     with redis_server(tmp_path / "lru", policy="allkeys-lru", extra=extra) as server:
