@@ -237,7 +237,6 @@ def end_own_groups() -> list[int]:
     return [popen.pid for popen in left]
 
 
-
 @dataclass
 class Proc:
     """A process we started, leading its own process group; output in `log_path`."""

@@ -211,7 +211,11 @@ async def test_a_failure_reported_as_the_link_closes_does_not_hold_the_close_up(
     link = RedisLink(redis.url, connect_timeout_s=0.5, reconnect_max_s=0.2)
     await link.open()
     assert link.up
-    await asyncio.sleep(0.05)  # the watcher waits on its event
+    for _ in range(100):  # a few loop turns: until the watcher waits on its event
+        if link._changed._waiters:
+            break
+        await asyncio.sleep(0)
+    assert link._changed._waiters, "the watcher never waited on its event"
     link.failed(ConnectionError("reset by peer"))
     for _ in range(turns):
         await asyncio.sleep(0)
